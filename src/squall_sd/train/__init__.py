@@ -1,0 +1,1 @@
+"""squall_sd.train."""
