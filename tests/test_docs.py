@@ -1,0 +1,31 @@
+"""The documentation builds with warnings as errors and lists the public API."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.mark.slow
+def test_docs_build_warning_free(tmp_path):
+    pytest.importorskip("sphinx", reason="install the test extra: pip install -e '.[test]'")
+    out = tmp_path / "html"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(DOCS), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    api = (out / "api.html").read_text()
+    import squall_sd
+
+    for name in squall_sd.io.__all__:
+        assert f"io.{name}" in api, f"squall.io.{name} missing from the API page"
+    shutil.rmtree(DOCS / "generated", ignore_errors=True)
