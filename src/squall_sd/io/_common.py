@@ -124,13 +124,16 @@ def image_element(
     transformations
         Mapping from coordinate-system name to the transformation of the full-resolution pixel grid.
     scale_factors
-        Pyramid scale factors; by default factor-2 levels down to ~1024 px.
+        Pyramid scale factors; by default factor-2 levels down to ~1024 px (at least one level, so that the
+        element is always multiscale).
     chunks
         Chunk edge in pixels.
     """
     cyx = to_cyx(arr)
     if scale_factors is None:
         scale_factors = pyramid_scale_factors(cyx.shape[1:])
+    if not scale_factors and min(cyx.shape[1:]) >= 2:
+        scale_factors = [2]  # always multiscale (a DataTree), even for small images
     cyx = cyx.rechunk((3, chunks, chunks))
     return Image2DModel.parse(
         cyx,
@@ -161,7 +164,7 @@ def circles_element(
     radius_arr = np.broadcast_to(np.asarray(radius, dtype=float), (len(centers),)).copy()
     kwargs: dict[str, Any] = {"geometry": 0, "radius": radius_arr, "transformations": dict(transformations)}
     if index is not None:
-        kwargs["index"] = np.arange(len(centers))
+        kwargs["index"] = np.asarray(index)
     gdf = ShapesModel.parse(centers, **kwargs)
     return gdf
 

@@ -1,1 +1,41 @@
-"""squall_sd.pp."""
+"""Preprocessing: tissue detection, virtual spots, patches, genes, expression grids and stains.
+
+All sizes are stated in their parameter names or docs: ``*_um`` / ``*_um2`` are microns,
+``*_px`` are pixels, ``mpp`` is µm per pixel. Coordinates are in the ``microns`` coordinate
+system that every :mod:`squall_sd.io` reader registers.
+"""
+
+from __future__ import annotations
+
+from squall_sd.pp._genes import align_genes, normalize_expression, normalize_gene_name
+from squall_sd.pp._patches import PatchDataset, extract_patches
+from squall_sd.pp._rasterize import (
+    ExpressionRasterizer,
+    RegionGrid,
+    TileRegions,
+    rasterize_expression,
+    region_weights,
+)
+from squall_sd.pp._spots import make_spots
+from squall_sd.pp._stain import estimate_white_point, he_stain_jitter, normalize_stain
+from squall_sd.pp._tissue import detect_tissue
+from squall_sd.pp._utils import pyramid_levels
+
+__all__ = [
+    "ExpressionRasterizer",
+    "PatchDataset",
+    "RegionGrid",
+    "TileRegions",
+    "align_genes",
+    "detect_tissue",
+    "estimate_white_point",
+    "extract_patches",
+    "he_stain_jitter",
+    "make_spots",
+    "normalize_expression",
+    "normalize_gene_name",
+    "normalize_stain",
+    "pyramid_levels",
+    "rasterize_expression",
+    "region_weights",
+]

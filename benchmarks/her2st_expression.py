@@ -1,0 +1,319 @@
+"""her2st virtual-expression benchmark (docs/benchmarks/her2st_expression.md; design: evaluation.md §1).
+
+Train on one patient, test on the other (C2–C6 ↔ A1, A2; only these sections have images), per-gene
+Pearson r over the 785 published genes and the 50 most expressed (in training), next to the
+depth-controlled partial r and side-by-side baselines on the same tiles, genes and split.
+
+    python benchmarks/her2st_expression.py                 # full run (~15 min on 2 CPU cores)
+    python benchmarks/her2st_expression.py --quick         # smoke run (~2 min)
+    python benchmarks/her2st_expression.py --model squall-tiny-her2st --model random:squall-tiny
+
+Methods (rows):
+  depth oracle      log total UMI of the TEST spot × each gene's sign from training (uses measured
+                    depth: a reference for what depth alone scores, not an image method)
+  ridge-hand        ridge on hand-made tile features (RGB/HED stats, gradients, LBP)
+  depth-proxy       image → predicted log total UMI (ridge, hand features) → genes (per-gene fit)
+  ridge-emb[M]      frozen encoder M: standardise → PCA 256 → ridge (HEST-Benchmark style)
+  densenet121       ST-Net-style DenseNet-121 regressor trained from scratch
+  squall[M]         model M's own expression head (fine-tuned model), spot-disc aggregation
+Every ridge alpha is picked by leave-one-section-out CV inside the training patient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from functools import reduce
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import _her2st_data as data  # noqa: E402
+import _models as M  # noqa: E402
+import _squall_adapter as SA  # noqa: E402
+
+from squall_sd.tl._evaluate import bh_adjust, partial_pearson_per_gene, pearson_per_gene  # noqa: E402
+
+PATIENT_SECTIONS = {"A": ["A1", "A2"], "C": ["C2", "C3", "C4", "C5", "C6"]}
+SPLITS = {"C→A": ("C", "A"), "A→C": ("A", "C")}
+ALPHAS = np.logspace(-1, 6, 22)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=data.DEFAULT_ROOT, help="her2st folder (../shared/data/her2st)")
+    p.add_argument("--mpp", type=float, default=1.0, help="µm per pixel of the 224-px tiles (default 1.0)")
+    p.add_argument("--tile", type=int, default=224, help="tile edge in pixels (default 224)")
+    p.add_argument("--splits", default="C→A,A→C", help="comma list of C→A, A→C (ASCII: C2A, A2C)")
+    p.add_argument("--model", action="append", default=[],
+                   help="model for the embedding and fine-tuned rows: registered name, checkpoint dir, or "
+                        "random:<config> (random init, sanity baseline). Repeatable. Default: random:squall-tiny")
+    p.add_argument("--cnn-epochs", type=int, default=12, help="DenseNet-121 epochs (0 skips the row)")
+    p.add_argument("--cnn-px", type=int, default=112, help="DenseNet input size: the 224-px tiles resized")
+    p.add_argument("--cnn-minutes", type=float, default=8.0, help="wall-time cap per DenseNet training")
+    p.add_argument("--device", default="cpu", help="torch device for DenseNet / models")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="subset of spots, 1 CNN epoch at 64 px: smoke test")
+    p.add_argument("--no-package", action="store_true", help="read her2st directly instead of squall_sd.io/pp")
+    p.add_argument("--no-black-to-white", action="store_true", help="keep A's blacked-out background black")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=HERE / "results" / "her2st_expression.md")
+    args = p.parse_args(argv)
+    args.splits = [s.strip().replace("2", "→") if "→" not in s else s.strip() for s in args.splits.split(",")]
+    if not args.model:
+        args.model = ["random:squall-tiny"]
+    if args.quick:
+        args.cnn_epochs = min(args.cnn_epochs, 1)
+        args.cnn_px = 64
+    return args
+
+
+# --------------------------------------------------------------------------------- metrics
+def metrics(y: np.ndarray, pred: np.ndarray, depth: np.ndarray) -> dict:
+    r, p = pearson_per_gene(y, pred, return_pvalue=True)
+    q = bh_adjust(p)
+    pr = partial_pearson_per_gene(y, pred, depth)
+    fin = np.isfinite(r)
+    return {
+        "n": int(y.shape[0]),
+        "genes": int(fin.sum()),
+        "mean_r": float(np.nanmean(r)) if fin.any() else float("nan"),
+        "median_r": float(np.nanmedian(r)) if fin.any() else float("nan"),
+        "n_sig": int(np.sum((r > 0) & (q < 0.05))),
+        "mean_partial_r": float(np.nanmean(pr)) if np.isfinite(pr).any() else float("nan"),
+        "r": r,
+    }
+
+
+# ------------------------------------------------------------------------------------ main
+def run(args) -> dict:
+    t_start = time.time()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    log = print
+    names = PATIENT_SECTIONS["A"] + PATIENT_SECTIONS["C"]
+    log(f"loading sections {names} from {args.root}")
+    secs = data.load_sections(names, args.root, use_package=not args.no_package)
+    data.attach_tiles(secs, args.mpp, args.tile, black_to_white=not args.no_black_to_white)
+    t_tiles = time.time() - t_start
+    reader = {s.meta.get("reader") for s in secs.values()}
+    tiler = {s.meta.get("tiles") for s in secs.values()}
+
+    if args.quick:  # fixed random subset of spots per section
+        rng = np.random.default_rng(args.seed)
+        for s in secs.values():
+            keep = np.sort(rng.choice(len(s.counts), size=min(60, len(s.counts)), replace=False))
+            s.counts = s.counts.iloc[keep]
+            s.centres_px = s.centres_px[keep]
+            s.patches = s.patches[keep]
+
+    common = reduce(lambda a, b: a.intersection(b), [s.counts.columns for s in secs.values()])
+    hvg_all = [str(g) for g in np.load(args.root / "hvg785.npy", allow_pickle=True)]
+    hvg = [g for g in hvg_all if g in common]
+    log(f"genes: {len(hvg)} of {len(hvg_all)} hvg785 genes are measured in all 7 sections ({len(common)} common genes)")
+
+    feats_t = time.time()
+    hand = {n: M.hand_features(s.patches, log=lambda *a: None) for n, s in secs.items()}
+    log(f"hand features: {time.time() - feats_t:.1f}s")
+
+    # squall models: load once; embed all tiles once per model
+    model_rows = {}
+    for spec in args.model:
+        try:
+            model = SA.load_model(spec, seed=args.seed)
+            t = time.time()
+            emb = {n: SA.embed_tiles(model, s.patches, args.mpp) for n, s in secs.items()}
+            model_rows[spec] = {"model": model, "emb": emb, "embed_s": time.time() - t, "note": ""}
+            log(f"model {spec}: embedded {sum(len(e) for e in emb.values())} tiles in {time.time() - t:.1f}s "
+                f"(dim {next(iter(emb.values())).shape[1]}, config mpp {model.config.mpp})")
+        except SA.ModelUnavailable as e:
+            model_rows[spec] = {"model": None, "note": str(e)}
+            log(f"model {spec}: skipped — {e}")
+
+    results = {"splits": {}, "genes": {"hvg785_in_data": len(hvg), "common": len(common)}}
+    for split in args.splits:
+        train_p, test_p = SPLITS[split]
+        tr_names, te_names = PATIENT_SECTIONS[train_p], PATIENT_SECTIONS[test_p]
+        log(f"\n=== split {split}: train {tr_names} → test {te_names}")
+        # training-set top-50 by mean CP10k+log1p
+        ytr_common = np.concatenate([data.normalised(secs[n], list(common)) for n in tr_names])
+        top50 = [common[i] for i in np.argsort(-ytr_common.mean(0), kind="stable")[:50]]
+        targets = list(dict.fromkeys(hvg + top50))
+        gidx = {"hvg": np.array([targets.index(g) for g in hvg]), "top50": np.array([targets.index(g) for g in top50])}
+        ytr = np.concatenate([data.normalised(secs[n], targets) for n in tr_names])
+        groups = np.concatenate([[n] * len(secs[n].counts) for n in tr_names])
+        dtr = np.concatenate([np.log1p(secs[n].total_umi) for n in tr_names])
+        te = {n: {"y": data.normalised(secs[n], targets), "depth": np.log1p(secs[n].total_umi)} for n in te_names}
+        Xtr_hand = np.concatenate([hand[n] for n in tr_names])
+        tiles_tr = np.concatenate([secs[n].patches for n in tr_names])
+        preds: dict[str, dict[str, np.ndarray]] = {}
+        notes: dict[str, str] = {}
+        timing: dict[str, float] = {}
+
+        # (0) depth oracle
+        sign = np.sign(pearson_per_gene(ytr, np.tile(dtr[:, None], (1, len(targets)))))
+        sign = np.where(np.isfinite(sign) & (sign != 0), sign, 1.0)
+        preds["depth oracle (measured log UMI × sign)"] = {n: te[n]["depth"][:, None] * sign[None] for n in te_names}
+        notes["depth oracle (measured log UMI × sign)"] = "uses the test spots' MEASURED depth: reference, not an image method"
+
+        # (a) ridge on hand features
+        t = time.time()
+        pipe, alpha, cv = M.ridge_cv(Xtr_hand, ytr, groups, ALPHAS, None, gidx["hvg"])
+        preds["ridge-hand"] = {n: pipe.predict(hand[n], alpha) for n in te_names}
+        timing["ridge-hand"] = time.time() - t
+        notes["ridge-hand"] = f"{Xtr_hand.shape[1]} features, alpha {alpha:.3g} (CV r in {train_p} {cv['cv_best_r']:.3f})"
+
+        # (b) depth proxy: hand features → log UMI → genes
+        t = time.time()
+        dpipe, dalpha, dcv = M.ridge_cv(Xtr_hand, dtr[:, None], groups, ALPHAS, None, None)
+        slope, icpt = np.polyfit(dtr, ytr, 1)  # per-gene linear fit on measured training depth
+        preds["depth-proxy (image → log UMI → genes)"] = {
+            n: icpt[None] + slope[None] * dpipe.predict(hand[n], dalpha) for n in te_names}
+        dr = {n: float(pearson_per_gene(te[n]["depth"], dpipe.predict(hand[n], dalpha)[:, 0])[0]) for n in te_names}
+        timing["depth-proxy (image → log UMI → genes)"] = time.time() - t
+        notes["depth-proxy (image → log UMI → genes)"] = (
+            f"alpha {dalpha:.3g}; r(predicted, measured log UMI) " + ", ".join(f"{k} {v:.2f}" for k, v in dr.items()))
+
+        # (c) frozen embeddings → PCA 256 → ridge; (e) the model's own head
+        for spec, row in model_rows.items():
+            key = f"ridge-emb[{spec}]"
+            if row["model"] is None:
+                notes[key] = "skipped: " + row["note"]
+                continue
+            t = time.time()
+            Xtr = np.concatenate([row["emb"][n] for n in tr_names])
+            epipe, ealpha, ecv = M.ridge_cv(Xtr, ytr, groups, ALPHAS, 256, gidx["hvg"])
+            preds[key] = {n: epipe.predict(row["emb"][n], ealpha) for n in te_names}
+            timing[key] = time.time() - t + row["embed_s"]
+            notes[key] = f"dim {Xtr.shape[1]} → PCA {min(256, Xtr.shape[1], len(Xtr) - 1)}, alpha {ealpha:.3g} (CV r {ecv['cv_best_r']:.3f})"
+            key2 = f"squall head[{spec}]"
+            if spec.startswith("random:"):
+                continue  # a random head predicts noise; only trained models get this row
+            try:
+                t = time.time()
+                out = {}
+                for n in te_names:
+                    p_, known, how = SA.predict_spots(row["model"], secs[n].patches, args.mpp, targets)
+                    full = np.full((len(p_), len(targets)), np.nan)
+                    full[:, [targets.index(g) for g in known]] = p_
+                    out[n] = full
+                preds[key2] = out
+                timing[key2] = time.time() - t
+                notes[key2] = f"{how}; {len(known)} of {len(targets)} target genes in the vocabulary"
+            except SA.ModelUnavailable as e:
+                notes[key2] = "skipped: " + str(e)
+
+        # (d) DenseNet-121 from scratch
+        if args.cnn_epochs > 0:
+            key = "densenet121 (scratch)"
+            t = time.time()
+            predict, rec = M.train_densenet(tiles_tr, ytr, size=args.cnn_px, epochs=args.cnn_epochs,
+                                            max_minutes=args.cnn_minutes, seed=args.seed, device=args.device, log=log)
+            preds[key] = {n: predict(secs[n].patches) for n in te_names}
+            timing[key] = time.time() - t
+            notes[key] = (f"{rec['params_M']:.1f}M params, {rec['input_px']} px input ({args.tile} px tiles at "
+                          f"{args.mpp} µm/px resized → {args.mpp * args.tile / rec['input_px']:.2f} µm/px), "
+                          f"{rec['epochs_run']}/{rec['epochs_planned']} epochs"
+                          + (" (time cap)" if rec["stopped_by_time_cap"] else "")
+                          + f", batch {rec['batch_size']}, AdamW lr {rec['lr']:g} cosine, MSE on z-scored genes, "
+                          f"dihedral aug, {rec['device']}")
+
+        # evaluation: per test section and pooled
+        split_res = {"train": tr_names, "test": te_names, "top50": top50, "methods": {}, "notes": notes, "timing_s": timing}
+        for meth, pm in preds.items():
+            res = {}
+            for label, secs_ in [*[(n, [n]) for n in te_names], (f"pooled {test_p}", te_names)]:
+                y = np.concatenate([te[n]["y"] for n in secs_])
+                pr = np.concatenate([pm[n] for n in secs_])
+                d = np.concatenate([te[n]["depth"] for n in secs_])
+                res[label] = {}
+                for gs in ("hvg", "top50"):
+                    cols = gidx[gs]
+                    ok = np.all(np.isfinite(pr[:, cols]), axis=0)
+                    m = metrics(y[:, cols[ok]], pr[:, cols[ok]], d)
+                    m.pop("r")
+                    res[label][gs] = m
+            split_res["methods"][meth] = res
+        results["splits"][split] = split_res
+        log(table_for_split(split, split_res, len(hvg)))
+
+    results["wall_s"] = time.time() - t_start
+    results["tiles_s"] = t_tiles
+    results["reader"] = sorted(str(r) for r in reader)
+    results["tiler"] = sorted(str(t) for t in tiler)
+    return results
+
+
+def _f(x, nd=3):
+    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
+
+
+def table_for_split(split: str, res: dict, n_hvg: int) -> str:
+    lines = [
+        f"\n**Split {split}: train {', '.join(res['train'])} → test {', '.join(res['test'])}**\n",
+        f"| method | test | spots | mean r ({n_hvg}) | median r | r>0 sig. (BH q<0.05) | mean partial r | "
+        "mean r (top 50) | median r (top 50) | sig. (top 50) | mean partial r (top 50) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for meth, per in res["methods"].items():
+        for label, m in per.items():
+            h, t = m["hvg"], m["top50"]
+            lines.append(
+                f"| {meth} | {label} | {h['n']} | {_f(h['mean_r'])} | {_f(h['median_r'])} | {h['n_sig']}/{h['genes']} | "
+                f"{_f(h['mean_partial_r'])} | {_f(t['mean_r'])} | {_f(t['median_r'])} | {t['n_sig']}/{t['genes']} | "
+                f"{_f(t['mean_partial_r'])} |")
+    lines.append("")
+    for meth, note in res["notes"].items():
+        tm = res["timing_s"].get(meth)
+        lines.append(f"- {meth}: {note}" + (f" [{tm:.0f}s]" if tm is not None else ""))
+    return "\n".join(lines)
+
+
+def write_report(args, results: dict, argv: list[str]) -> str:
+    cmd = "python benchmarks/her2st_expression.py " + " ".join(shlex.quote(a) for a in argv)
+    head = [
+        "# her2st virtual expression — results",
+        "",
+        f"Command: `{cmd}`  ",
+        f"Machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs visible, torch threads "
+        f"{args.threads}, device {args.device}; wall time {results['wall_s'] / 60:.1f} min (tiles "
+        f"{results['tiles_s']:.0f}s){' — QUICK SMOKE RUN (60 spots per section)' if args.quick else ''}.  ",
+        f"Data: her2st A1, A2 (PNG, ≈3.2 µm/px) and C2–C6 (JPG, ≈0.69 µm/px); reader: {', '.join(results['reader'])}; "
+        f"tiles: {', '.join(results['tiler'])}; {args.tile}-px tiles at {args.mpp} µm/px "
+        f"({args.tile * args.mpp:.0f} µm field, spot = 100 µm disc at the centre)"
+        f"{'' if args.no_black_to_white else '; near-black (max channel < 16) pixels set to white'}.  ",
+        f"Genes: {results['genes']['hvg785_in_data']} of the 785 published genes (all measured in every section) "
+        "and the 50 with the highest mean CP10k+log1p in the TRAINING patient. Normalisation CP10k + log1p over all genes.  ",
+        "Metric: per gene Pearson r across the spots of one held-out section (or pooled over the test patient), "
+        "mean / median over genes; 'sig.' = genes with r > 0 and BH q < 0.05 (two-sided t test); partial r controls "
+        "for log1p total UMI of the test spot. Ridge alphas: leave-one-section-out CV inside the training patient only.",
+    ]
+    body = [table_for_split(s, r, results["genes"]["hvg785_in_data"]) for s, r in results["splits"].items()]
+    text = "\n".join(head) + "\n" + "\n".join(body) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    js = {k: v for k, v in results.items()}
+    args.out.with_suffix(".json").write_text(json.dumps(js, indent=1, default=str))
+    return text
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    results = run(args)
+    text = write_report(args, results, argv)
+    print("\n" + text)
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""``squall demo``: read the bundled example, write it as a zarr store and draw an overview figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from squall_sd._constants import IMAGE_KEY, MICRONS, SPOTS_KEY, TABLE_KEY
+from squall_sd._logging import logger
+
+
+def _overview_spatialdata_plot(sdata, png: Path, color: str) -> None:
+    import matplotlib.pyplot as plt
+    import spatialdata_plot  # noqa: F401 - registers the .pl accessor
+
+    fig, ax = plt.subplots(figsize=(7, 7), dpi=110)
+    try:
+        (
+            sdata.pl.render_images(IMAGE_KEY)
+            .pl.render_shapes(SPOTS_KEY, color=color, table_name=TABLE_KEY, cmap="viridis", fill_alpha=0.7)
+            .pl.show(coordinate_systems=MICRONS, ax=ax, title=f"{color} per spot", colorbar=True)
+        )
+        fig.savefig(png, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def _overview_matplotlib(sdata, png: Path, color: str) -> None:
+    """Fallback overview: the coarsest pyramid level with the spots as 100 µm circles, in microns."""
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Circle
+
+    from squall_sd.io._common import get_mpp
+
+    image = sdata.images[IMAGE_KEY]
+    if hasattr(image, "children") and image.children:
+        level = sorted(image.children)[-1]
+        arr = next(iter(image[level].values()))
+    else:
+        level, arr = "scale0", image
+    rgb = np.moveaxis(np.asarray(arr.values), 0, -1)
+    full_h = next(iter(image["scale0"].values())).shape[1] if hasattr(image, "children") else arr.shape[1]
+    mpp = get_mpp(sdata)
+    extent_um = (0, rgb.shape[1] * mpp * full_h / rgb.shape[0], full_h * mpp, 0)
+    adata = sdata.tables[TABLE_KEY]
+    xy = np.asarray(adata.obsm["spatial"])
+    radius_um = float(sdata.attrs.get("squall", {}).get("spot_diameter_um", 100.0)) / 2
+    fig, ax = plt.subplots(figsize=(7, 7), dpi=110)
+    try:
+        ax.imshow(rgb, extent=extent_um)
+        patches = PatchCollection([Circle((x, y), radius_um) for x, y in xy], cmap="viridis", alpha=0.7)
+        patches.set_array(np.asarray(adata.obs[color], dtype=float))
+        ax.add_collection(patches)
+        fig.colorbar(patches, ax=ax, label=color, shrink=0.7)
+        ax.set_xlabel("x (µm)")
+        ax.set_ylabel("y (µm)")
+        ax.set_title(f"{color} per spot")
+        fig.savefig(png, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def run_demo(out: Path, png: Path, overwrite: bool = False) -> Path:
+    """Run the demo on the bundled example (her2st section C2).
+
+    Reads :func:`squall_sd.datasets.example`, writes it to ``out`` with :func:`squall_sd.io.write`
+    (atomically; an existing store is replaced only with ``overwrite=True``) and saves an overview figure
+    (H&E with the spots coloured by total counts, in microns) to ``png``.
+
+    Parameters
+    ----------
+    out
+        Zarr store to write.
+    png
+        Overview figure to write.
+    overwrite
+        Replace existing ``out`` and ``png``.
+
+    Returns
+    -------
+    The path of the written store.
+
+    Raises
+    ------
+    FileExistsError
+        If ``out`` or ``png`` exists and ``overwrite`` is false.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+    from squall_sd.datasets import example
+    from squall_sd.io import write
+
+    out, png = Path(out).expanduser(), Path(png).expanduser()
+    if png.exists() and not overwrite:
+        raise FileExistsError(f"{str(png)!r} already exists. Pass --overwrite to replace it, or choose another path.")
+    if out.exists() and not overwrite:  # checked before any work; write() checks again
+        raise FileExistsError(f"{str(out)!r} already exists. Pass --overwrite to replace it, or choose another path.")
+    for p in (out, png):
+        if not p.parent.is_dir():
+            raise FileNotFoundError(f"The folder {str(p.parent)!r} to write into does not exist.")
+
+    logger.info("reading the bundled example (her2st C2)")
+    sdata = example()
+    adata = sdata.tables[TABLE_KEY]
+    adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(float)
+    adata.obs["n_genes_by_counts"] = np.asarray((adata.X > 0).sum(axis=1)).ravel().astype(int)
+
+    path = write(sdata, out, overwrite=overwrite)
+
+    tmp_png = png.with_name(f".{png.stem}.tmp{png.suffix}")
+    try:
+        try:
+            _overview_spatialdata_plot(sdata, tmp_png, "total_counts")
+        except Exception as e:  # noqa: BLE001 - any plotting failure falls back to plain matplotlib
+            logger.warning("spatialdata-plot overview failed (%s: %s); drawing with matplotlib", type(e).__name__, e)
+            _overview_matplotlib(sdata, tmp_png, "total_counts")
+        tmp_png.replace(png)
+    finally:
+        tmp_png.unlink(missing_ok=True)
+    logger.info("wrote %s and %s (%d spots x %d genes)", path, png, adata.n_obs, adata.n_vars)
+    return path

@@ -1,0 +1,249 @@
+"""Patch extraction at a target µm per pixel from lazily read multiscale H&E images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from scipy import ndimage
+from spatialdata import SpatialData
+
+from squall_sd._logging import logger
+from squall_sd.pp._utils import (
+    Level,
+    centers_from,
+    check_positive,
+    image_levels,
+    pick_level,
+)
+
+#: Value of pixels outside the image (white, like an empty slide).
+PAD_VALUE = 255
+
+
+class PatchDataset:
+    """Square RGB patches around centres given in microns, read lazily from one pyramid level.
+
+    A map-style dataset (``len(ds)``, ``ds[i]``) usable directly with
+    :class:`torch.utils.data.DataLoader`; it does not import torch. Item ``i`` is a ``uint8``
+    array of shape ``(3, patch_px, patch_px)``: the window of the image centred at
+    ``centers_um[i]``, resampled to exactly ``mpp`` µm per pixel and axis-aligned with the
+    ``microns`` coordinate system (row = +y, column = +x). Only the chunks under the window are
+    read, so memory does not grow with the slide. Pixels outside the image are white.
+
+    Build it with :func:`extract_patches`.
+
+    Parameters
+    ----------
+    level
+        The pyramid level to read from.
+    centers_um
+        (n, 2) patch centres, x and y in microns.
+    patch_px
+        Edge of the output patch in pixels.
+    mpp
+        µm per pixel of the output patch.
+    white_point
+        Optional per-channel (r, g, b) white point on the 0–255 scale; each channel is divided by
+        it and clipped (Visium white balance, see :func:`estimate_white_point`).
+    transform
+        Optional callable applied to each ``uint8`` patch before it is returned (augmentation).
+    """
+
+    def __init__(
+        self,
+        level: Level,
+        centers_um: np.ndarray,
+        *,
+        patch_px: int = 224,
+        mpp: float = 0.5,
+        white_point: Sequence[float] | None = None,
+        transform: Callable[[np.ndarray], Any] | None = None,
+    ) -> None:
+        self.level = level
+        self.centers_um = np.asarray(centers_um, dtype=float).reshape(-1, 2)
+        self.patch_px = int(patch_px)
+        if self.patch_px <= 0:
+            raise ValueError(f"Expected `patch_px` to be positive, found {patch_px!r}.")
+        self.mpp = check_positive(mpp, "mpp")
+        self.white_point = None
+        if white_point is not None:
+            wp = np.asarray(white_point, dtype=np.float32).reshape(-1)
+            if wp.shape != (3,) or np.any(wp <= 0):
+                raise ValueError(
+                    f"`white_point` must be 3 positive values (r, g, b, 0-255), got {white_point!r}."
+                )
+            self.white_point = wp
+        self.transform = transform
+        self._inv = np.linalg.inv(level.affine)  # microns (x, y) -> level intrinsic (x, y)
+        ratio = self.mpp / level.mpp
+        #: integer block-average factor applied before the bilinear resampling (anti-aliasing).
+        self.block = max(1, int(np.floor(ratio + 1e-6))) if ratio >= 2 - 1e-6 else 1
+        # output pixel centres relative to the patch centre (microns)
+        off = (np.arange(self.patch_px) + 0.5 - self.patch_px / 2) * self.mpp
+        self._off = off
+
+    # ------------------------------------------------------------------ dataset protocol
+    def __len__(self) -> int:
+        return len(self.centers_um)
+
+    def __getitem__(self, i: int) -> Any:
+        if not -len(self) <= int(i) < len(self):
+            raise IndexError(f"Patch index {i} out of range for {len(self)} patches.")
+        cx, cy = self.centers_um[int(i)]
+        window, (x0, y0) = self._window(cx, cy)
+        data = window.compute(scheduler="synchronous") if hasattr(window, "compute") else window
+        patch = self._resample(data, x0, y0, cx, cy)
+        return self.transform(patch) if self.transform is not None else patch
+
+    def __repr__(self) -> str:
+        return (
+            f"PatchDataset(n={len(self)}, patch_px={self.patch_px}, mpp={self.mpp:g}, "
+            f"level={self.level.name!r} at {self.level.mpp:.4g} µm/px, block={self.block})"
+        )
+
+    # ------------------------------------------------------------------ batch access
+    def get_batch(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """Return the patches ``indices`` (default: all) as one ``uint8`` array (n, 3, patch_px, patch_px).
+
+        The windows are read together with :func:`dask.compute` (in parallel); ``transform`` is not
+        applied.
+        """
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=int).reshape(-1)
+        if len(idx) == 0:
+            return np.zeros((0, 3, self.patch_px, self.patch_px), dtype=np.uint8)
+        wins = [self._window(*self.centers_um[i]) for i in idx]
+        datas = dask.compute(*[w for w, _ in wins])
+        out = np.empty((len(idx), 3, self.patch_px, self.patch_px), dtype=np.uint8)
+        for k, (i, data, (_, (x0, y0))) in enumerate(zip(idx, datas, wins, strict=True)):
+            cx, cy = self.centers_um[i]
+            out[k] = self._resample(np.asarray(data), x0, y0, cx, cy)
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _level_coords(self, cx: float, cy: float) -> tuple[np.ndarray, np.ndarray]:
+        """Continuous level pixel indices (row, col; pixel centres at integers) of the output grid."""
+        inv = self._inv
+        x = cx + self._off  # columns
+        y = cy + self._off  # rows
+        # q = inv @ (x, y, 1) for every (row, col): separable sums
+        qx = inv[0, 0] * x[None, :] + inv[0, 1] * y[:, None] + inv[0, 2]
+        qy = inv[1, 0] * x[None, :] + inv[1, 1] * y[:, None] + inv[1, 2]
+        return qy - 0.5, qx - 0.5
+
+    def _window(self, cx: float, cy: float) -> tuple[Any, tuple[int, int]]:
+        """Return the lazy (c, h, w) window (padded with white) and its level-pixel origin (x0, y0)."""
+        half = self.patch_px * self.mpp / 2
+        corners = np.array(
+            [[cx - half, cy - half, 1], [cx + half, cy - half, 1], [cx - half, cy + half, 1],
+             [cx + half, cy + half, 1]]
+        )
+        q = corners @ self._inv.T
+        f = self.block
+        x0 = int(np.floor((q[:, 0].min() - 2) / f)) * f
+        y0 = int(np.floor((q[:, 1].min() - 2) / f)) * f
+        x1 = int(np.ceil((q[:, 0].max() + 2) / f)) * f
+        y1 = int(np.ceil((q[:, 1].max() + 2) / f)) * f
+        h_img, w_img = self.level.shape_yx
+        xa, xb = max(x0, 0), min(x1, w_img)
+        ya, yb = max(y0, 0), min(y1, h_img)
+        data = self.level.data
+        if xa >= xb or ya >= yb:  # entirely outside the image
+            return np.full((3, y1 - y0, x1 - x0), PAD_VALUE, dtype=data.dtype), (x0, y0)
+        win = data[:3, ya:yb, xa:xb]
+        if (xa, ya, xb, yb) != (x0, y0, x1, y1):
+            win = da.pad(
+                win,
+                ((0, 0), (ya - y0, y1 - yb), (xa - x0, x1 - xb)),
+                mode="constant",
+                constant_values=PAD_VALUE,
+            )
+        return win, (x0, y0)
+
+    def _resample(self, data: np.ndarray, x0: int, y0: int, cx: float, cy: float) -> np.ndarray:
+        f = self.block
+        arr = np.asarray(data, dtype=np.float32)
+        if f > 1:
+            c, h, w = arr.shape
+            arr = arr[:, : h // f * f, : w // f * f].reshape(c, h // f, f, w // f, f).mean(axis=(2, 4))
+        rows, cols = self._level_coords(cx, cy)
+        # window index of level pixel centre r: (r + 0.5 - origin) / f - 0.5
+        rows = (rows + 0.5 - y0) / f - 0.5
+        cols = (cols + 0.5 - x0) / f - 0.5
+        coords = np.stack([rows, cols])
+        out = np.empty((3, self.patch_px, self.patch_px), dtype=np.float32)
+        for ch in range(3):
+            ndimage.map_coordinates(
+                arr[ch], coords, output=out[ch], order=1, mode="nearest", prefilter=False
+            )
+        if self.white_point is not None:
+            out *= (255.0 / self.white_point)[:, None, None]
+        np.clip(np.rint(out, out=out), 0, 255, out=out)
+        return out.astype(np.uint8)
+
+
+def extract_patches(
+    sdata: SpatialData,
+    centers_um: np.ndarray | str | Any,
+    *,
+    image_key: str = "he",
+    patch_px: int = 224,
+    mpp: float = 0.5,
+    scale: str | int | None = "auto",
+    white_point: Sequence[float] | None = None,
+    transform: Callable[[np.ndarray], Any] | None = None,
+) -> PatchDataset:
+    """Return a lazy dataset of RGB patches of ``patch_px`` pixels at ``mpp`` µm/px around centres in microns.
+
+    For every centre the window is read from the pyramid level chosen by ``scale`` (by default the
+    coarsest level whose µm/px is at most ``mpp``; the full resolution when the target is finer),
+    block-averaged by the integer part of the remaining down-sampling factor and resampled
+    bilinearly onto an output grid of exactly ``patch_px`` × ``patch_px`` pixels of ``mpp`` µm,
+    aligned with the ``microns`` axes. Any affine transformation of the image to ``microns``
+    (scale, translation, flips, rotation, shear) is inverted exactly, so the same centre in
+    microns always shows the same tissue. Output pixel ``(i, j)`` covers microns
+    ``[cx - half + j * mpp, cx - half + (j + 1) * mpp)`` in x (likewise rows in y) with
+    ``half = patch_px * mpp / 2``; an image pixel ``k`` covers ``[k, k + 1)`` of its intrinsic
+    coordinates (the spatialdata convention).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData holding the H&E image.
+    centers_um
+        Patch centres in microns: an (n, 2) array of x, y; or the key of a shapes element (or a
+        GeoDataFrame) whose centroids, transformed to ``microns``, are used.
+    image_key
+        Key of the image in ``sdata.images``; it needs a transformation to ``microns``.
+    patch_px
+        Edge of each patch in pixels (224 for SQUALL).
+    mpp
+        µm per pixel of the patches (0.5 for 20× tiles; about 4 for Visium hires-image tiles).
+    scale
+        Pyramid level to read: ``"auto"`` (see above), a level name such as ``"scale1"`` or an index.
+    white_point
+        Optional (r, g, b) white point on the 0–255 scale applied to every patch (Visium white
+        balance); see :func:`estimate_white_point`.
+    transform
+        Optional callable applied to each patch in ``__getitem__`` (e.g. :func:`he_stain_jitter`).
+
+    Returns
+    -------
+    A :class:`PatchDataset`; ``ds[i]`` is a ``uint8`` array ``(3, patch_px, patch_px)`` and
+    ``ds.get_batch(idx)`` reads several patches at once. Divide by 255 for the model input.
+    """
+    patch_px = int(patch_px)
+    if patch_px <= 0:
+        raise ValueError(f"Expected `patch_px` to be positive, found {patch_px!r}.")
+    mpp = check_positive(mpp, "mpp")
+    centers = centers_from(sdata, centers_um)
+    levels = image_levels(sdata, image_key)
+    level = pick_level(levels, mpp, scale)
+    ds = PatchDataset(
+        level, centers, patch_px=patch_px, mpp=mpp, white_point=white_point, transform=transform
+    )
+    logger.info("extract_patches: %r", ds)
+    return ds

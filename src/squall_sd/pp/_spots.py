@@ -1,0 +1,195 @@
+"""Virtual spots, bins and tiles over detected tissue (for H&E-only slides)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+from spatialdata import SpatialData
+from spatialdata.models import ShapesModel
+
+from squall_sd._logging import logger
+from squall_sd.pp._utils import (
+    affine_to_microns,
+    check_key,
+    check_positive,
+    microns_transformations,
+    store_shapes,
+)
+
+#: Default size (µm) per kind: Visium spot diameter, bin edge, tile edge (224 px at 0.5 µm/px).
+DEFAULT_SIZE_UM = {"visium": 55.0, "bins": 16.0, "tiles": 112.0}
+#: Visium centre-to-centre distance / spot diameter (100 µm / 55 µm).
+VISIUM_PITCH_RATIO = 100.0 / 55.0
+
+
+def make_spots(
+    sdata: SpatialData,
+    *,
+    kind: Literal["visium", "bins", "tiles"] = "visium",
+    size_um: float | None = None,
+    pitch_um: float | None = None,
+    image_key: str = "he",
+    tissue_key: str | None = None,
+    key_added: str = "virtual_spots",
+    min_tissue_fraction: float = 0.5,
+    overwrite: bool = False,
+    inplace: bool = True,
+) -> gpd.GeoDataFrame | None:
+    """Lay virtual spots, bins or tiles over the tissue of an H&E slide.
+
+    All sizes are in microns and the result lives in the ``microns`` coordinate system, so the
+    same call gives the same physical layout whatever the scan resolution. Grids are anchored at
+    the ``microns`` origin (so two calls on the same slide give the same grid).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with an image (and its tissue polygons, see ``tissue_key``).
+    kind
+        ``"visium"``: discs of diameter ``size_um`` on a hexagonal lattice whose nearest-neighbour
+        distance is ``pitch_um`` (rows ``pitch_um * sqrt(3) / 2`` apart, every other row shifted by
+        ``pitch_um / 2``), as Visium's 55 µm spots on a 100 µm pitch. ``"bins"``: squares of edge
+        ``size_um`` on a square lattice (Visium HD-like 8 or 16 µm bins). ``"tiles"``: squares of
+        edge ``size_um`` (default 112 µm = 224 px at 0.5 µm/px, a SQUALL tile).
+    size_um
+        Disc diameter or square edge in µm; default 55 (visium), 16 (bins), 112 (tiles).
+    pitch_um
+        Centre-to-centre distance in µm; default ``size_um * 100 / 55`` for visium and
+        ``size_um`` (contiguous) for bins and tiles.
+    image_key
+        The image whose tissue is used (for the default ``tissue_key`` and for the extra
+        coordinate systems of the result).
+    tissue_key
+        Shapes element with the tissue polygons; default ``f"{image_key}_tissue"``, which is
+        computed with :func:`detect_tissue` (and stored) when absent.
+    key_added
+        Name of the new shapes element.
+    min_tissue_fraction
+        Keep a spot when at least this fraction of its area lies on tissue (0–1).
+    overwrite
+        Replace an existing element ``key_added``.
+    inplace
+        Write into ``sdata`` and return ``None``; otherwise return the element only.
+
+    Returns
+    -------
+    With ``inplace=False`` the GeoDataFrame; otherwise ``None`` and
+
+    - ``sdata.shapes[key_added]`` - circles (``radius`` column, µm) for visium, square polygons for
+      bins/tiles, in microns (``Identity`` to ``microns``), with columns ``array_row``,
+      ``array_col`` (lattice indices) and ``tissue_fraction``.
+    """
+    if kind not in DEFAULT_SIZE_UM:
+        raise ValueError(f"`kind` must be one of {sorted(DEFAULT_SIZE_UM)}, got {kind!r}.")
+    size = check_positive(DEFAULT_SIZE_UM[kind] if size_um is None else size_um, "size_um")
+    if pitch_um is None:
+        pitch = size * VISIUM_PITCH_RATIO if kind == "visium" else size
+    else:
+        pitch = check_positive(pitch_um, "pitch_um")
+    if not 0.0 <= float(min_tissue_fraction) <= 1.0:
+        raise ValueError(
+            f"Expected `min_tissue_fraction` in [0, 1], found {min_tissue_fraction!r}."
+        )
+    if inplace and key_added in sdata.shapes and not overwrite:
+        raise ValueError(
+            f"`key_added={key_added!r}` already exists in `sdata.shapes`. Pass `overwrite=True` to "
+            "replace it, or choose another `key_added`."
+        )
+    tissue = _tissue_union(sdata, image_key, tissue_key)
+
+    xmin, ymin, xmax, ymax = tissue.bounds
+    r = size / 2
+    if kind == "visium":
+        dy = pitch * np.sqrt(3) / 2
+        rows = np.arange(np.floor((ymin - r) / dy), np.ceil((ymax + r) / dy) + 1).astype(int)
+        cols = np.arange(np.floor((xmin - r) / pitch) - 1, np.ceil((xmax + r) / pitch) + 1).astype(int)
+        rr, cc = np.meshgrid(rows, cols, indexing="ij")
+        rr, cc = rr.ravel(), cc.ravel()
+        cx = (cc + 0.5 * (rr % 2)) * pitch
+        cy = rr * dy
+        shapes = shapely.buffer(shapely.points(cx, cy), r, quad_segs=16)
+    else:
+        rows = np.arange(np.floor((ymin - r) / pitch), np.ceil((ymax + r) / pitch) + 1).astype(int)
+        cols = np.arange(np.floor((xmin - r) / pitch), np.ceil((xmax + r) / pitch) + 1).astype(int)
+        rr, cc = np.meshgrid(rows, cols, indexing="ij")
+        rr, cc = rr.ravel(), cc.ravel()
+        cx = (cc + 0.5) * pitch
+        cy = (rr + 0.5) * pitch
+        shapes = shapely.box(cx - r, cy - r, cx + r, cy + r)
+    frac = _tissue_fraction(tissue, shapes)
+    keep = frac >= float(min_tissue_fraction) - 1e-9
+    keep &= frac > 0
+    if not keep.any():
+        raise ValueError(
+            f"No {kind} of {size:g} µm has at least {min_tissue_fraction:g} of its area on tissue. "
+            "Lower `min_tissue_fraction` or `size_um`, or check the tissue polygons."
+        )
+    meta = pd.DataFrame(
+        {
+            "array_row": rr[keep],
+            "array_col": cc[keep],
+            "tissue_fraction": frac[keep].astype(np.float32),
+        }
+    )
+    transformations = microns_transformations(sdata, image_key)
+    if kind == "visium":
+        centers = np.column_stack([cx[keep], cy[keep]])
+        gdf = ShapesModel.parse(
+            centers,
+            geometry=0,
+            radius=np.full(int(keep.sum()), r),
+            index=np.arange(int(keep.sum())),
+            transformations=transformations,
+        )
+        for col in meta:
+            gdf[col] = meta[col].to_numpy()
+    else:
+        gdf = gpd.GeoDataFrame(meta, geometry=shapes[keep])
+        gdf = ShapesModel.parse(gdf, transformations=transformations)
+    logger.info(
+        "make_spots: %d %s of %g µm (pitch %g µm) over tissue", len(gdf), kind, size, pitch
+    )
+    if not inplace:
+        return gdf
+    store_shapes(sdata, key_added, gdf, overwrite=overwrite)
+    return None
+
+
+def _tissue_union(sdata: SpatialData, image_key: str, tissue_key: str | None) -> shapely.Geometry:
+    """Return the union of the tissue polygons in microns (detecting tissue when needed)."""
+    if tissue_key is None:
+        tissue_key = f"{image_key}_tissue"
+        if tissue_key not in sdata.shapes:
+            from squall_sd.pp._tissue import detect_tissue
+
+            logger.info("make_spots: no %r yet, running detect_tissue", tissue_key)
+            detect_tissue(sdata, image_key=image_key, key_added=tissue_key)
+    gdf = check_key(sdata, tissue_key, "shapes")
+    m = affine_to_microns(gdf)
+    geoms = gdf.geometry.to_numpy()
+    if "radius" in gdf.columns:  # circles as tissue (unusual, but allowed)
+        geoms = shapely.buffer(geoms, gdf["radius"].to_numpy(dtype=float))
+    coeffs = [m[0, 0], m[0, 1], m[1, 0], m[1, 1], m[0, 2], m[1, 2]]
+    from shapely import affinity
+
+    union = shapely.union_all([affinity.affine_transform(g, coeffs) for g in geoms])
+    if union.is_empty:
+        raise ValueError(f"The tissue element {tissue_key!r} is empty.")
+    return union
+
+
+def _tissue_fraction(tissue: shapely.Geometry, shapes: np.ndarray) -> np.ndarray:
+    """Fraction of each shape's area that lies inside ``tissue``."""
+    shapely.prepare(tissue)
+    frac = np.zeros(len(shapes), dtype=float)
+    inside = shapely.contains_properly(tissue, shapes)
+    frac[inside] = 1.0
+    edge = ~inside & shapely.intersects(tissue, shapes)
+    if edge.any():
+        sub = shapes[edge]
+        frac[edge] = shapely.area(shapely.intersection(sub, tissue)) / shapely.area(sub)
+    return frac

@@ -1,0 +1,496 @@
+"""Spatial niches: neighbourhood aggregation over a squidpy graph + Gaussian mixture or Leiden."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import product
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from threadpoolctl import threadpool_limits
+
+from squall_sd._logging import logger
+from squall_sd.tl._utils import (
+    aggregate_neighbors,
+    build_spatial_graph,
+    check_no_cross_library_edges,
+    get_connectivities,
+    get_representation,
+    provenance,
+    resolve_adata,
+)
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+__all__ = ["niche_enrichment", "niches"]
+
+_DEFAULT_RANGE = range(2, 11)
+
+
+def _fit_gmm(X: np.ndarray, k: int, seed: int, covariance_type: str) -> Any:
+    from sklearn.mixture import GaussianMixture
+
+    gmm = GaussianMixture(
+        n_components=k,
+        covariance_type=covariance_type,
+        reg_covar=1e-3,
+        max_iter=200,
+        tol=1e-3,
+        init_params="k-means++",
+        random_state=seed,
+    )
+    gmm.fit(X)
+    return gmm
+
+
+def _stability_select(
+    X: np.ndarray,
+    ks: list[int],
+    *,
+    n_runs: int,
+    random_state: int,
+    covariance_type: str,
+) -> tuple[int, Any, pd.DataFrame]:
+    """Choose the number of mixture components by clustering stability (CellCharter's idea).
+
+    Every ``k`` in ``ks`` (plus its neighbours ``min(ks) - 1`` and ``max(ks) + 1``) is fitted
+    ``n_runs`` times with different seeds. The stability of ``k`` is the mean adjusted Rand index
+    between the labels at ``k`` of one run and the labels at ``k - 1`` and ``k + 1`` of every other
+    run: a real structure persists when one more or one fewer component is allowed, and across
+    initialisations. The ``k`` with the highest stability wins; its model is the run with the
+    highest likelihood.
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    grid = sorted(set(ks))
+    ext = ([grid[0] - 1] if grid[0] - 1 >= 2 else []) + grid + [grid[-1] + 1]
+    ext = [k for k in ext if k <= X.shape[0] - 1]
+    labels: dict[int, list[np.ndarray]] = {k: [] for k in ext}
+    best: dict[int, Any] = {}
+    for run, k in product(range(n_runs), ext):
+        gmm = _fit_gmm(X, k, random_state + run, covariance_type)
+        labels[k].append(gmm.predict(X))
+        if k not in best or gmm.lower_bound_ > best[k].lower_bound_:
+            best[k] = gmm
+    pairs = [(r, s) for r in range(n_runs) for s in range(n_runs) if r != s] or [(0, 0)]
+    rows = []
+    for k in grid:
+        if k not in labels:
+            continue
+        across = [
+            adjusted_rand_score(labels[k][r], labels[kk][s])
+            for kk in (k - 1, k + 1)
+            if kk in labels
+            for r, s in pairs
+        ]
+        within = [adjusted_rand_score(labels[k][r], labels[k][s]) for r, s in pairs if r < s]
+        rows.append(
+            {
+                "n_niches": k,
+                "stability": float(np.mean(across)) if across else np.nan,
+                "stability_within_k": float(np.mean(within)) if within else np.nan,
+                "log_likelihood": float(best[k].lower_bound_),
+            }
+        )
+    curve = pd.DataFrame(rows)
+    if curve.empty or curve["stability"].isna().all():
+        raise ValueError(f"Could not evaluate any `n_niches` in {ks} on {X.shape[0]} observations.")
+    k_best = int(curve.loc[curve["stability"].idxmax(), "n_niches"])
+    return k_best, best[k_best], curve
+
+
+def _relabel_by_size(labels: np.ndarray) -> pd.Categorical:
+    """Relabel clusters ``0..k-1`` by decreasing size (deterministic names)."""
+    uniq, counts = np.unique(labels, return_counts=True)
+    order = uniq[np.argsort(-counts, kind="stable")]
+    mapping = {old: new for new, old in enumerate(order)}
+    new = np.fromiter((mapping[x] for x in labels), dtype=int, count=len(labels))
+    cats = [str(i) for i in range(len(order))]
+    return pd.Categorical(new.astype(str), categories=cats)
+
+
+def niches(
+    data: AnnData | SpatialData,
+    *,
+    use_rep: str = "X_pca",
+    table_key: str | None = None,
+    library_key: str | None = None,
+    spatial_key: str = "spatial",
+    connectivity_key: str | None = None,
+    graph: Literal["radius", "knn", "delaunay"] = "radius",
+    radius: float | None = None,
+    n_neighs: int = 6,
+    n_hops: int = 3,
+    n_pcs: int | None = 10,
+    method: Literal["gmm", "leiden"] = "gmm",
+    n_niches: int | Sequence[int] | None = None,
+    n_runs: int = 5,
+    covariance_type: Literal["full", "diag"] = "full",
+    subsample: int | None = 20_000,
+    resolution: float = 1.0,
+    key_added: str = "squall_niche",
+    random_state: int = 0,
+    n_jobs: int | None = 1,
+    copy: bool = False,
+) -> AnnData | None:
+    """Find spatial niches: clusters of neighbourhood-aggregated expression or embeddings.
+
+    The procedure follows CellCharter: (1) a squidpy spatial graph, built per section so sections
+    never connect; (2) each observation's representation concatenated with the mean
+    representation of its neighbours at exactly 1, 2, …, ``n_hops`` hops; (3) clustering of the
+    standardised aggregate, either by a Gaussian mixture whose number of components is chosen by
+    stability across runs, or by Leiden on a kNN graph of the aggregate. Several sections in one
+    AnnData (``library_key``) share one model, so niche labels mean the same in all of them.
+
+    Parameters
+    ----------
+    data
+        AnnData, or SpatialData whose table ``table_key`` is used.
+    use_rep
+        Representation to aggregate: a key of ``obsm`` (``"X_pca"``, ``"X_squall"`` embeddings, …),
+        ``"X"`` or a key of ``layers`` (e.g. predicted expression). Gene matrices are reduced to
+        ``n_pcs`` principal components first; they should be normalised (e.g. log1p CP10k).
+    table_key
+        Table of a SpatialData input (default ``"table"``).
+    library_key
+        Column of ``obs`` naming the section of each observation; the graph is built per section.
+    spatial_key
+        Key of the coordinates in ``obsm`` (``squall.io`` readers store microns).
+    connectivity_key
+        Existing graph in ``obsp`` to use. ``None`` (default) builds one with ``graph`` and writes
+        it to ``obsp[f"{key_added}_connectivities"]``.
+    graph
+        How to build the graph: ``"radius"`` (all neighbours within ``radius``), ``"knn"``
+        (``n_neighs`` nearest) or ``"delaunay"`` (triangulation, edges longer than ``radius``
+        dropped if given).
+    radius
+        Radius in the units of ``obsm[spatial_key]`` (microns for ``squall.io`` data). ``None``
+        with ``graph="radius"``: 1.5 × the median nearest-neighbour distance.
+    n_neighs
+        Number of neighbours of the ``"knn"`` graph.
+    n_hops
+        Number of hops ``L`` aggregated.
+    n_pcs
+        Leading components of the representation used (or principal components computed for a
+        gene matrix). ``None``: all columns.
+    method
+        ``"gmm"`` (Gaussian mixture, CellCharter-style) or ``"leiden"`` (scanpy).
+    n_niches
+        For ``"gmm"``: a number of niches, or candidates (e.g. ``range(2, 11)``, the default when
+        ``None``) among which the most stable is chosen. Ignored by ``"leiden"``.
+    n_runs
+        Mixture fits per candidate (different seeds) for the stability curve, or initialisations
+        when ``n_niches`` is a single number.
+    covariance_type
+        Covariance of the mixture components.
+    subsample
+        Fit the mixtures on at most this many randomly drawn observations (all observations are
+        labelled). ``None``: fit on all.
+    resolution
+        Leiden resolution.
+    key_added
+        Name of the outputs.
+    random_state
+        Seed of the PCA, the subsample, the mixtures and Leiden.
+    n_jobs
+        Threads for the linear algebra of the clustering (``None``: all cores). Small mixtures
+        run fastest on one thread.
+    copy
+        Return a modified copy of the table instead of writing in place.
+
+    Returns
+    -------
+    ``None``, or the modified copy of the table when ``copy=True``. Writes
+
+    - :attr:`anndata.AnnData.obs` ``[key_added]`` - niche labels (categorical, ``"0"`` the largest),
+    - :attr:`anndata.AnnData.obsm` ``[f"X_{key_added}"]`` - the standardised aggregated features,
+    - :attr:`anndata.AnnData.obsp` ``[f"{key_added}_connectivities"]`` /
+      ``[f"{key_added}_distances"]`` - the graph, when it was built here,
+    - :attr:`anndata.AnnData.uns` ``[key_added]`` - parameters, provenance and (``gmm`` with
+      candidates) the stability curve.
+
+    Raises
+    ------
+    KeyError
+        If ``use_rep``, ``library_key``, ``spatial_key`` or ``connectivity_key`` is missing.
+
+    Examples
+    --------
+    >>> import scanpy as sc
+    >>> import squall_sd as squall
+    >>> adata = squall.datasets.example().tables["table"]  # doctest: +SKIP
+    >>> sc.pp.normalize_total(adata); sc.pp.log1p(adata); sc.pp.pca(adata)  # doctest: +SKIP
+    >>> squall.tl.niches(adata, n_niches=range(3, 9))  # doctest: +SKIP
+    """
+    adata = resolve_adata(data, table_key)
+    if copy:
+        adata = adata.copy()
+    if method not in ("gmm", "leiden"):
+        raise ValueError(f"Expected `method` to be 'gmm' or 'leiden', found {method!r}.")
+    if n_runs < 1:
+        raise ValueError(f"Expected `n_runs` to be >= 1, found {n_runs}.")
+    if adata.n_obs < 3:
+        raise ValueError(f"Need at least 3 observations to find niches, found {adata.n_obs}.")
+
+    # 1. representation (fail early, before building anything)
+    rep, rep_desc = get_representation(adata, use_rep, n_pcs=n_pcs, random_state=random_state)
+
+    # 2. graph
+    if library_key is not None and library_key not in adata.obs:
+        raise KeyError(
+            f"`library_key={library_key!r}` not found in `adata.obs`; available: {list(adata.obs.columns)}."
+        )
+    if connectivity_key is None:
+        graph_params = build_spatial_graph(
+            adata,
+            graph=graph,
+            radius=radius,
+            n_neighs=n_neighs,
+            library_key=library_key,
+            spatial_key=spatial_key,
+            key_added=key_added,
+        )
+        conn_key = f"{key_added}_connectivities"
+        adj = get_connectivities(adata, conn_key)
+    else:
+        adj = get_connectivities(adata, connectivity_key)
+        conn_key = connectivity_key if connectivity_key in adata.obsp else f"{connectivity_key}_connectivities"
+        graph_params = {"graph": "existing", "connectivity_key": conn_key}
+        if library_key is not None:
+            check_no_cross_library_edges(adj, adata.obs[library_key].to_numpy())
+    n_isolated = int(np.count_nonzero(np.diff(adj.indptr) == 0))
+    if n_isolated:
+        logger.warning(
+            "%d of %d observations have no spatial neighbours; their niche follows their own profile "
+            "(increase `radius` / `n_neighs` if this is unexpected).",
+            n_isolated,
+            adata.n_obs,
+        )
+
+    # 3. aggregation + standardisation
+    feats = aggregate_neighbors(rep, adj, n_hops)
+    sd = feats.std(0)
+    feats = (feats - feats.mean(0)) / np.where(sd > 0, sd, 1.0)
+    feats = feats.astype(np.float32)
+
+    # 4. clustering
+    params: dict[str, Any] = {
+        "use_rep": use_rep,
+        "representation": rep_desc,
+        "n_features": int(feats.shape[1]),
+        "n_hops": int(n_hops),
+        "n_pcs": n_pcs,
+        "library_key": library_key,
+        "connectivity_key": conn_key,
+        "graph_params": graph_params,
+        "method": method,
+        "random_state": int(random_state),
+    }
+    with threadpool_limits(limits=n_jobs):
+        labels, extra = _cluster(
+            feats,
+            method=method,
+            n_niches=n_niches,
+            n_runs=n_runs,
+            covariance_type=covariance_type,
+            subsample=subsample,
+            resolution=resolution,
+            random_state=random_state,
+            n_jobs=n_jobs,
+        )
+    params.update(extra)
+
+    adata.obs[key_added] = _relabel_by_size(labels)
+    adata.obsm[f"X_{key_added}"] = feats
+    adata.uns[key_added] = provenance(**params)
+    logger.info(
+        "Adding `adata.obs[%r]` (%d niches), `adata.obsm['X_%s']`, `adata.uns[%r]`",
+        key_added,
+        params["n_niches"],
+        key_added,
+        key_added,
+    )
+    return adata if copy else None
+
+
+def _cluster(
+    feats: np.ndarray,
+    *,
+    method: str,
+    n_niches: int | Sequence[int] | None,
+    n_runs: int,
+    covariance_type: str,
+    subsample: int | None,
+    resolution: float,
+    random_state: int,
+    n_jobs: int | None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Cluster the aggregated features; return labels and parameters for ``uns``."""
+    n_obs = feats.shape[0]
+    params: dict[str, Any] = {}
+    rng = np.random.default_rng(random_state)
+    if method == "gmm":
+        fit_idx = np.arange(n_obs)
+        if subsample is not None and n_obs > subsample:
+            fit_idx = np.sort(rng.choice(n_obs, size=subsample, replace=False))
+            logger.info("Fitting the mixtures on %d of %d observations", subsample, n_obs)
+        X_fit = feats[fit_idx]
+        if n_niches is None:
+            n_niches = _DEFAULT_RANGE
+        if isinstance(n_niches, int | np.integer):
+            k = int(n_niches)
+            if not 1 <= k < X_fit.shape[0]:
+                raise ValueError(f"Expected `n_niches` in [1, {X_fit.shape[0] - 1}], found {k}.")
+            models = [_fit_gmm(X_fit, k, random_state + r, covariance_type) for r in range(n_runs)]
+            model = max(models, key=lambda m: m.lower_bound_)
+            curve = None
+        else:
+            ks = [int(k) for k in n_niches]
+            if not ks or min(ks) < 2:
+                raise ValueError(f"Expected candidate `n_niches` >= 2, found {list(n_niches)}.")
+            k, model, curve = _stability_select(
+                X_fit, ks, n_runs=n_runs, random_state=random_state, covariance_type=covariance_type
+            )
+            logger.info("Chose %d niches by stability (candidates %s)", k, ks)
+        labels = model.predict(feats)
+        params.update(
+            {
+                "n_niches": int(k),
+                "n_niches_candidates": None if curve is None else [int(x) for x in curve["n_niches"]],
+                "n_runs": int(n_runs),
+                "covariance_type": covariance_type,
+                "subsample": None if len(fit_idx) == n_obs else int(len(fit_idx)),
+            }
+        )
+        if curve is not None:
+            params["stability"] = {c: curve[c].to_numpy() for c in curve.columns}
+    else:
+        import scanpy as sc
+        from sklearn.neighbors import kneighbors_graph
+
+        knn = kneighbors_graph(feats, n_neighbors=min(15, n_obs - 1), include_self=False, n_jobs=n_jobs)
+        knn = ((knn + knn.T) > 0).astype(np.float32)
+        tmp = AnnData(np.zeros((n_obs, 0), dtype=np.float32))
+        sc.tl.leiden(
+            tmp,
+            resolution=resolution,
+            adjacency=knn,
+            flavor="igraph",
+            n_iterations=2,
+            directed=False,
+            random_state=random_state,
+            key_added="leiden",
+        )
+        labels = tmp.obs["leiden"].astype(int).to_numpy()
+        params.update({"resolution": float(resolution), "n_niches": int(len(np.unique(labels)))})
+    return labels, params
+
+
+def niche_enrichment(
+    data: AnnData | SpatialData,
+    *,
+    niche_key: str = "squall_niche",
+    cluster_key: str | None = None,
+    table_key: str | None = None,
+    library_key: str | None = None,
+    connectivity_key: str | None = None,
+    normalize: Literal["niche", "cluster", "total"] = "niche",
+    n_perms: int = 200,
+    seed: int = 0,
+    copy: bool = False,
+) -> dict[str, pd.DataFrame] | None:
+    """Describe niches: their composition in ``cluster_key`` and which niches border which.
+
+    Parameters
+    ----------
+    data
+        AnnData, or SpatialData whose table ``table_key`` is used.
+    niche_key
+        Column of ``obs`` with niche labels (from :func:`squall_sd.tl.niches`).
+    cluster_key
+        Column of ``obs`` with cell types / clusters / regions. ``None``: no composition table.
+    table_key
+        Table of a SpatialData input (default ``"table"``).
+    library_key
+        Column of ``obs`` with sections; squidpy then permutes labels within each section.
+    connectivity_key
+        Graph in ``obsp`` for the neighbourhood enrichment. ``None``: the graph recorded in
+        ``uns[niche_key]`` by :func:`squall_sd.tl.niches`, else ``"spatial_connectivities"``.
+    normalize
+        Composition normalisation: rows sum to one (``"niche"``: what each niche is made of),
+        columns sum to one (``"cluster"``: where each cluster lies) or all entries sum to one.
+    n_perms
+        Permutations of squidpy's neighbourhood enrichment test.
+    seed
+        Seed of the permutations.
+    copy
+        Return the tables instead of writing them to ``uns``.
+
+    Returns
+    -------
+    With ``copy=True`` a dict with ``"composition"`` (if ``cluster_key``), ``"zscore"`` and
+    ``"count"`` DataFrames; otherwise ``None`` and writes
+
+    - :attr:`anndata.AnnData.uns` ``[f"{niche_key}_composition"]`` - niches × clusters table,
+    - :attr:`anndata.AnnData.uns` ``[f"{niche_key}_nhood_enrichment"]`` - squidpy's ``zscore`` and
+      ``count`` between niches.
+
+    Raises
+    ------
+    KeyError
+        If ``niche_key``, ``cluster_key`` or the graph is missing.
+    """
+    import squidpy as sq
+
+    adata = resolve_adata(data, table_key)
+    for key, what in ((niche_key, "niche_key"), (cluster_key, "cluster_key"), (library_key, "library_key")):
+        if key is not None and key not in adata.obs:
+            hint = " Run `squall.tl.niches(adata)` first." if what == "niche_key" else ""
+            raise KeyError(f"`{what}={key!r}` not found in `adata.obs`.{hint}")
+    if normalize not in ("niche", "cluster", "total"):
+        raise ValueError(f"Expected `normalize` to be 'niche', 'cluster' or 'total', found {normalize!r}.")
+    if connectivity_key is None:
+        connectivity_key = adata.uns.get(niche_key, {}).get("connectivity_key", "spatial_connectivities")
+    get_connectivities(adata, connectivity_key)  # raises with the next step if missing
+    if not isinstance(adata.obs[niche_key].dtype, pd.CategoricalDtype):
+        adata.obs[niche_key] = adata.obs[niche_key].astype(str).astype("category")
+
+    out: dict[str, pd.DataFrame] = {}
+    if cluster_key is not None:
+        norm = {"niche": "index", "cluster": "columns", "total": "all"}[normalize]
+        comp = pd.crosstab(adata.obs[niche_key], adata.obs[cluster_key], normalize=norm)
+        comp.index = comp.index.astype(str)
+        comp.columns = comp.columns.astype(str)
+        out["composition"] = comp
+
+    res = sq.gr.nhood_enrichment(
+        adata,
+        cluster_key=niche_key,
+        connectivity_key=connectivity_key,
+        library_key=library_key,
+        n_perms=n_perms,
+        seed=seed,
+        copy=True,
+        n_jobs=1,
+        show_progress_bar=False,
+    )
+    zscore, count = res[0], res[1]  # NhoodEnrichmentResult(zscore, counts) or a plain tuple
+    cats = list(adata.obs[niche_key].cat.categories.astype(str))
+    out["zscore"] = pd.DataFrame(np.asarray(zscore), index=cats, columns=cats)
+    out["count"] = pd.DataFrame(np.asarray(count), index=cats, columns=cats)
+    if copy:
+        return out
+    if "composition" in out:
+        adata.uns[f"{niche_key}_composition"] = out["composition"]
+    adata.uns[f"{niche_key}_nhood_enrichment"] = {
+        "zscore": out["zscore"].to_numpy(),
+        "count": out["count"].to_numpy(),
+        "params": provenance(connectivity_key=connectivity_key, n_perms=int(n_perms), seed=int(seed)),
+    }
+    logger.info(
+        "Adding `adata.uns['%s_composition']`, `adata.uns['%s_nhood_enrichment']`", niche_key, niche_key
+    )
+    return None

@@ -1,0 +1,542 @@
+"""Streaming access to prepared shards: :class:`ShardDataset`, augmentation, collation, DataModule.
+
+The sample order of an epoch is a pure function of ``(seed, epoch)``: shards are visited in a
+shuffled order, tiles pass through a shuffle buffer, the stream is dealt round-robin to the DDP
+ranks (each rank gets the same number of tiles) and then batch by batch to the DataLoader workers
+(batch ``j`` of a rank is built by worker ``j % num_workers``, so the batches are identical for any
+number of workers). Augmentations draw from a generator seeded by ``(seed, epoch, tile)``. A run
+resumed mid-epoch therefore skips exactly the batches it had already seen and continues with the
+same data it would have had without the interruption.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from squall_sd._logging import logger
+from squall_sd.train._prepare import read_manifest
+
+__all__ = ["ShardDataset", "ShardDataModule", "collate_tiles", "augment_tile"]
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) & 0xFFFFFFFF for k in keys])
+
+
+def stain_jitter(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Jitter the haematoxylin / eosin / DAB concentrations of a (3, h, w) uint8 tile.
+
+    Uses :func:`squall_sd.pp.he_stain_jitter` when the package provides it; otherwise scales and
+    shifts each colour-deconvolution (HED) channel by ``1 + U(-s, s)`` and ``U(-s, s)``.
+
+    Parameters
+    ----------
+    rgb
+        Tile, (3, h, w) uint8.
+    strength
+        Jitter amplitude ``s`` (0 disables it).
+    rng
+        Random generator.
+
+    Returns
+    -------
+    The jittered tile (uint8, same shape).
+    """
+    if strength <= 0:
+        return rgb
+    try:
+        from squall_sd.pp import he_stain_jitter
+    except ImportError:
+        he_stain_jitter = None
+    if he_stain_jitter is not None:
+        try:
+            return np.asarray(he_stain_jitter(rgb, strength=strength, rng=rng), dtype=np.uint8)
+        except TypeError:  # different signature: fall back to the internal version
+            pass
+    from skimage.color import hed2rgb, rgb2hed
+
+    img = np.moveaxis(rgb, 0, -1).astype(np.float32) / 255.0
+    hed = rgb2hed(img)
+    alpha = 1.0 + rng.uniform(-strength, strength, size=3)
+    beta = rng.uniform(-strength, strength, size=3) * 0.05
+    out = hed2rgb(hed * alpha + beta)
+    out = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(out, -1, 0))
+
+
+def augment_tile(
+    sample: dict[str, Any],
+    rng: np.random.Generator,
+    *,
+    flips: bool = True,
+    rot90: bool = True,
+    stain: float = 0.0,
+) -> dict[str, Any]:
+    """Apply the same random flip / 90° rotation to a tile's RGB and expression grids, then stain jitter.
+
+    Parameters
+    ----------
+    sample
+        A sample of :class:`ShardDataset` (``rgb`` (3, P, P), ``cell_spot``/``cell_weight`` (g, g) and
+        optionally ``expr`` (G, g, g)).
+    rng
+        Random generator.
+    flips
+        Random horizontal flip.
+    rot90
+        Random multiple of 90°.
+    stain
+        Stain-jitter strength (0 disables it).
+
+    Returns
+    -------
+    The augmented sample (a new dict).
+    """
+    out = dict(sample)
+    k = int(rng.integers(4)) if rot90 else 0
+    flip = bool(rng.random() < 0.5) if flips else False
+    for key, axes in (("rgb", (1, 2)), ("cell_spot", (0, 1)), ("cell_weight", (0, 1)), ("expr", (1, 2))):
+        if key not in out or out[key] is None:
+            continue
+        a = out[key]
+        if k:
+            a = np.rot90(a, k, axes=axes)
+        if flip:
+            a = np.flip(a, axis=axes[1])
+        out[key] = np.ascontiguousarray(a)
+    if stain > 0:
+        out["rgb"] = stain_jitter(out["rgb"], stain, rng)
+    return out
+
+
+class _Shard:
+    """Lazy handle on one shard (zarr group) with its spot table cached on first use."""
+
+    def __init__(self, path: Path) -> None:
+        import zarr
+
+        self.path = path
+        self.group = zarr.open_group(path, mode="r")
+        self._spots: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._meta: dict[str, np.ndarray] = {}
+
+    def meta(self, key: str) -> np.ndarray:
+        if key not in self._meta:
+            self._meta[key] = np.asarray(self.group[key][:])
+        return self._meta[key]
+
+    def spots(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._spots is None:
+            g = self.group
+            self._spots = (
+                np.asarray(g["spot_indptr"][:]),
+                np.asarray(g["spot_indices"][:]),
+                np.asarray(g["spot_log1p"][:]),
+            )
+        return self._spots
+
+
+class ShardDataset(IterableDataset):
+    """Tiles of one or more prepared datasets, streamed shard by shard (a :class:`~torch.utils.data.IterableDataset`).
+
+    Parameters
+    ----------
+    sources
+        One or several folders written by :func:`squall_sd.train.prepare` (they must share the tile
+        geometry and gene vocabulary).
+    batch_size
+        Batch size of the DataLoader that will read it (the dataset deals whole batches to workers).
+    shuffle
+        Shuffle shards and tiles each epoch.
+    shuffle_buffer
+        Size of the shuffle buffer (tiles).
+    seed
+        Base seed of the order and the augmentations.
+    augment
+        ``{"flips": bool, "rot90": bool, "stain_jitter": float}``, or ``None`` for no augmentation.
+    drop_last
+        Drop the last incomplete batch of each rank.
+    max_tiles
+        Use only the first ``max_tiles`` tiles (in storage order).
+    rank, world_size
+        DDP rank and number of ranks (default: from ``torch.distributed`` when initialised).
+    tiles
+        Optional explicit list of global tile indices to use (e.g. one slide), in this order.
+
+    Notes
+    -----
+    Each item is a dict of numpy arrays: ``rgb`` uint8 (3, P, P), ``res``, ``slide``, ``label``,
+    ``index`` (global tile index), ``center_um`` (2,), ``cell_spot`` int (g, g) (tile-local spot
+    index or -1), ``cell_weight`` float32 (g, g), and the tile's spots as a small CSR
+    (``spot_indptr``, ``spot_indices``, ``spot_log1p``); ``expr`` (G, g, g) when the shards hold dense
+    grids. Use :func:`collate_tiles` to batch them.
+    """
+
+    def __init__(
+        self,
+        sources: str | os.PathLike | Sequence[str | os.PathLike],
+        *,
+        batch_size: int = 8,
+        shuffle: bool = True,
+        shuffle_buffer: int = 512,
+        seed: int = 0,
+        augment: Mapping[str, Any] | None = None,
+        drop_last: bool = True,
+        max_tiles: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        tiles: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(sources, (str, os.PathLike)):
+            sources = [sources]
+        self.manifests = [read_manifest(s) for s in sources]
+        if not self.manifests:
+            raise ValueError("No prepared dataset given.")
+        ref = self.manifests[0]
+        for m in self.manifests[1:]:
+            for key in ("img_size", "expr_size", "mpp", "genes"):
+                if m[key] != ref[key]:
+                    raise ValueError(
+                        f"Prepared datasets {ref['root']!r} and {m['root']!r} differ in {key!r}; prepare "
+                        "them for the same model."
+                    )
+        self.genes: list[str] = list(ref["genes"])
+        self.img_size = int(ref["img_size"])
+        self.expr_size = int(ref["expr_size"])
+        self.mpp = float(ref["mpp"])
+        self.shard_paths: list[Path] = []
+        self.shard_slide_offset: list[int] = []
+        self.slides: list[dict[str, Any]] = []
+        counts = []
+        for m in self.manifests:
+            off = len(self.slides)
+            self.slides.extend({**s, "source": m["root"]} for s in m["slides"])
+            for sh in m["shards"]:
+                self.shard_paths.append(Path(m["root"]) / sh["path"])
+                self.shard_slide_offset.append(off)
+                counts.append(int(sh["n_tiles"]))
+        self.shard_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        n_all = int(self.shard_start[-1])
+        self.tiles = None if tiles is None else np.asarray(tiles, dtype=np.int64)
+        if self.tiles is not None and (self.tiles.min(initial=0) < 0 or self.tiles.max(initial=-1) >= n_all):
+            raise IndexError(f"Tile indices must lie in [0, {n_all}).")
+        if max_tiles is not None:
+            base = np.arange(n_all) if self.tiles is None else self.tiles
+            self.tiles = base[: int(max_tiles)]
+        self.n_tiles = n_all if self.tiles is None else len(self.tiles)
+        self.label_categories = ref.get("labels", {}).get("categories")
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.shuffle_buffer = max(1, int(shuffle_buffer))
+        self.seed = int(seed)
+        self.augment = dict(augment) if augment else None
+        self.drop_last = bool(drop_last)
+        self._rank = rank
+        self._world = world_size
+        self.epoch = 0
+        self.skip_batches = 0
+        self._open: OrderedDict[int, _Shard] = OrderedDict()
+
+    # --------------------------------------------------------------------------- distribution
+    @property
+    def rank(self) -> int:
+        """DDP rank of this process."""
+        if self._rank is not None:
+            return self._rank
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank()
+        return 0
+
+    @property
+    def world_size(self) -> int:
+        """Number of DDP ranks."""
+        if self._world is not None:
+            return self._world
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size()
+        return 1
+
+    def set_distributed(self, rank: int, world_size: int) -> None:
+        """Set the DDP rank and world size explicitly."""
+        self._rank, self._world = int(rank), int(world_size)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch (order and augmentations) and how many of its batches to skip (resume)."""
+        self.epoch = int(epoch)
+        self.skip_batches = int(skip_batches)
+
+    def _per_rank(self) -> int:
+        return self.n_tiles // self.world_size if self.world_size > 1 else self.n_tiles
+
+    def n_batches(self) -> int:
+        """Batches per epoch on this rank."""
+        n = self._per_rank()
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __len__(self) -> int:
+        n = self._per_rank()
+        return self.n_batches() * self.batch_size if self.drop_last else n
+
+    # --------------------------------------------------------------------------- order
+    def epoch_order(self, epoch: int | None = None) -> np.ndarray:
+        """Global tile indices of this rank's stream for ``epoch``, in order."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        rng = _rng(self.seed, epoch, 0x5EED)
+        if self.tiles is not None:
+            stream = self.tiles.copy()
+            if self.shuffle:
+                stream = _buffer_shuffle(stream, self.shuffle_buffer, rng)
+        else:
+            n_sh = len(self.shard_paths)
+            order = rng.permutation(n_sh) if self.shuffle else np.arange(n_sh)
+            stream = np.concatenate(
+                [np.arange(self.shard_start[s], self.shard_start[s + 1]) for s in order]
+            ).astype(np.int64)
+            if self.shuffle:
+                stream = _buffer_shuffle(stream, self.shuffle_buffer, rng)
+        world, rank = self.world_size, self.rank
+        n = self._per_rank()
+        return stream[rank : n * world : world] if world > 1 else stream
+
+    def __iter__(self):
+        order = self.epoch_order()
+        info = get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        bs = self.batch_size
+        nb = self.n_batches()
+        for j in range(self.skip_batches, nb):
+            if j % nw != wid:
+                continue
+            for pos in range(j * bs, min((j + 1) * bs, len(order))):
+                yield self.get(int(order[pos]), augment=True)
+
+    # --------------------------------------------------------------------------- access
+    def _locate(self, index: int) -> tuple[int, int]:
+        s = int(np.searchsorted(self.shard_start, index, side="right") - 1)
+        return s, int(index - self.shard_start[s])
+
+    def _shard(self, s: int) -> _Shard:
+        if s in self._open:
+            self._open.move_to_end(s)
+            return self._open[s]
+        sh = _Shard(self.shard_paths[s])
+        self._open[s] = sh
+        while len(self._open) > 2:
+            self._open.popitem(last=False)
+        return sh
+
+    def get(self, index: int, *, augment: bool = False) -> dict[str, Any]:
+        """Read global tile ``index`` (with this epoch's augmentation when ``augment``)."""
+        s, i = self._locate(index)
+        sh = self._shard(s)
+        g = sh.group
+        cell_spot = np.asarray(g["cell_spot"][i]).astype(np.int64)
+        cell_weight = np.asarray(g["cell_weight"][i]).astype(np.float32)
+        uniq = np.unique(cell_spot[cell_spot >= 0])
+        local = np.full(cell_spot.shape, -1, dtype=np.int64)
+        for k, u in enumerate(uniq):
+            local[cell_spot == u] = k
+        indptr, indices, vals = sh.spots()
+        rows_ptr = [0]
+        rows_idx, rows_val = [], []
+        for u in uniq:
+            a, b = int(indptr[u]), int(indptr[u + 1])
+            rows_idx.append(indices[a:b])
+            rows_val.append(vals[a:b])
+            rows_ptr.append(rows_ptr[-1] + (b - a))
+        sample: dict[str, Any] = {
+            "rgb": np.asarray(g["rgb"][i]),
+            "res": np.float32(sh.meta("res")[i]),
+            "slide": np.int64(sh.meta("slide")[i] + self.shard_slide_offset[s]),
+            "label": np.int64(sh.meta("label")[i]),
+            "center_um": sh.meta("center_um")[i].astype(np.float32),
+            "index": np.int64(index),
+            "cell_spot": local,
+            "cell_weight": cell_weight,
+            "spot_indptr": np.asarray(rows_ptr, dtype=np.int64),
+            "spot_indices": np.concatenate(rows_idx).astype(np.int64) if rows_idx else np.zeros(0, np.int64),
+            "spot_log1p": np.concatenate(rows_val).astype(np.float32) if rows_val else np.zeros(0, np.float32),
+        }
+        if "expr_dense" in g:
+            sample["expr"] = np.asarray(g["expr_dense"][i]).astype(np.float32)
+        if augment and self.augment:
+            rng = _rng(self.seed, self.epoch, index, 0xA06)
+            sample = augment_tile(
+                sample,
+                rng,
+                flips=bool(self.augment.get("flips", True)),
+                rot90=bool(self.augment.get("rot90", True)),
+                stain=float(self.augment.get("stain_jitter", 0.0) or 0.0),
+            )
+        return sample
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()  # zarr handles are reopened in each worker
+        return state
+
+
+def _buffer_shuffle(stream: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Shuffle ``stream`` through a buffer of ``size`` items (only nearby items get mixed)."""
+    if size >= len(stream):
+        return stream[rng.permutation(len(stream))]
+    out = np.empty_like(stream)
+    buf = list(stream[:size])
+    picks = rng.integers(0, size, size=len(stream))
+    k = 0
+    for x in stream[size:]:
+        j = picks[k]
+        out[k] = buf[j]
+        buf[j] = x
+        k += 1
+    rest = np.asarray(buf)[rng.permutation(size)]
+    out[k:] = rest
+    return out
+
+
+def collate_tiles(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """Batch samples of :class:`ShardDataset`.
+
+    Parameters
+    ----------
+    samples
+        Items of the dataset.
+
+    Returns
+    -------
+    ``rgb`` uint8 (B, 3, P, P); ``res``, ``slide``, ``label``, ``index`` (B,); ``center_um`` (B, 2);
+    ``cell_spot`` (B, g, g) indexing the batch's spots (-1: none); ``cell_weight`` (B, g, g);
+    ``spot_tile`` (S,) the tile of each spot; ``spot_crow``, ``spot_col``, ``spot_log1p``: a CSR of
+    the S spots × G genes with log1p(CP10k) values (binary = nonzero); ``expr`` (B, G, g, g) when
+    the shards are dense.
+    """
+    out: dict[str, torch.Tensor] = {
+        "rgb": torch.from_numpy(np.stack([s["rgb"] for s in samples])),
+        "res": torch.tensor([float(s["res"]) for s in samples], dtype=torch.float32),
+        "slide": torch.tensor([int(s["slide"]) for s in samples], dtype=torch.long),
+        "label": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
+        "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),
+        "center_um": torch.from_numpy(np.stack([s["center_um"] for s in samples])),
+        "cell_weight": torch.from_numpy(np.stack([s["cell_weight"] for s in samples])),
+    }
+    cell_spot, crow, cols, vals, spot_tile = [], [0], [], [], []
+    offset = 0
+    for b, s in enumerate(samples):
+        cs = s["cell_spot"].copy()
+        n_sp = len(s["spot_indptr"]) - 1
+        cs[cs >= 0] += offset
+        cell_spot.append(cs)
+        crow.extend((s["spot_indptr"][1:] + crow[-1]).tolist())
+        cols.append(s["spot_indices"])
+        vals.append(s["spot_log1p"])
+        spot_tile.extend([b] * n_sp)
+        offset += n_sp
+    out["cell_spot"] = torch.from_numpy(np.stack(cell_spot))
+    out["spot_tile"] = torch.tensor(spot_tile, dtype=torch.long)
+    out["spot_crow"] = torch.tensor(crow, dtype=torch.long)
+    out["spot_col"] = torch.from_numpy(np.concatenate(cols)) if cols else torch.zeros(0, dtype=torch.long)
+    out["spot_log1p"] = torch.from_numpy(np.concatenate(vals)) if vals else torch.zeros(0)
+    if all("expr" in s for s in samples):
+        out["expr"] = torch.from_numpy(np.stack([s["expr"] for s in samples]))
+    return out
+
+
+def spot_matrix(batch: Mapping[str, torch.Tensor], n_genes: int, *, binary: bool) -> torch.Tensor:
+    """Dense (S, G) spot matrix of a batch: binary detection or log1p(CP10k)."""
+    crow, col, val = batch["spot_crow"], batch["spot_col"], batch["spot_log1p"]
+    n_sp = crow.numel() - 1
+    dense = torch.zeros(n_sp, n_genes, device=val.device, dtype=torch.float32)
+    if n_sp and col.numel():
+        rows = torch.repeat_interleave(torch.arange(n_sp, device=val.device), crow[1:] - crow[:-1])
+        dense[rows, col] = torch.ones_like(val) if binary else val.float()
+    return dense
+
+
+def expression_grid(batch: Mapping[str, torch.Tensor], n_genes: int) -> torch.Tensor:
+    """The binary expression target (B, G, g, g) of a batch (spec §4.10), on the batch's device."""
+    if "expr" in batch:
+        return batch["expr"].float()
+    spots = spot_matrix(batch, n_genes, binary=True)
+    cs = batch["cell_spot"]
+    w = batch["cell_weight"].float() * (cs >= 0)
+    if spots.shape[0] == 0:
+        b, g = cs.shape[0], cs.shape[-1]
+        return torch.zeros(b, n_genes, g, g, device=w.device)
+    grid = spots[cs.clamp(min=0)] * w[..., None]  # (B, g, g, G)
+    return grid.permute(0, 3, 1, 2).contiguous()
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """LightningDataModule over prepared shards, configured by the ``data`` section of a training config.
+
+    Parameters
+    ----------
+    cfg
+        Resolved configuration (see :func:`squall_sd.train.load_config`); uses ``seed`` and
+        ``data.{train, val, batch_size, num_workers, shuffle_buffer, augment, drop_last, max_tiles}``.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg["data"]
+        if d["train"] is None:
+            raise ValueError("data.train is not set: give the folder written by `squall prepare`.")
+        self.train_ds: ShardDataset | None = None
+        self.val_ds: ShardDataset | None = None
+
+    def _make(self, src: Any, *, train: bool) -> ShardDataset:
+        d = self.cfg["data"]
+        return ShardDataset(
+            src,
+            batch_size=int(d["batch_size"]),
+            shuffle=train,
+            shuffle_buffer=int(d["shuffle_buffer"]),
+            seed=int(self.cfg["seed"]),
+            augment=d["augment"] if train else None,
+            drop_last=bool(d["drop_last"]) if train else False,
+            max_tiles=d["max_tiles"],
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        d = self.cfg["data"]
+        if self.train_ds is None:
+            self.train_ds = self._make(d["train"], train=True)
+        if d["val"] is not None and self.val_ds is None:
+            self.val_ds = self._make(d["val"], train=False)
+        if self.trainer is not None:
+            for ds in (self.train_ds, self.val_ds):
+                if ds is not None:
+                    ds.set_distributed(self.trainer.global_rank, self.trainer.world_size)
+        logger.info("data: %d training tiles", self.train_ds.n_tiles)
+
+    def _loader(self, ds: ShardDataset) -> DataLoader:
+        d = self.cfg["data"]
+        nw = int(d["num_workers"])
+        return DataLoader(
+            ds,
+            batch_size=ds.batch_size,
+            num_workers=nw,
+            collate_fn=collate_tiles,
+            drop_last=ds.drop_last,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+            prefetch_factor=4 if nw > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_ds)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_ds) if self.val_ds is not None else []

@@ -1,0 +1,100 @@
+"""Fast inference: aggregation inside the forward, gene subsets, input handling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import squall_sd.models as sm
+
+from .conftest import micro_config, randomize_
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize_(sm.Squall(micro_config()), seed=7).eval()
+
+
+@pytest.fixture(scope="module")
+def rgb():
+    return torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def dense(model, rgb):
+    with torch.no_grad():
+        return model.forward_rgb_to_expr(rgb, [0.5, 1.0])
+
+
+def test_predict_dense_equals_forward(model, rgb, dense):
+    out = model.predict(rgb, [0.5, 1.0])
+    assert out.dtype == torch.float32 and out.shape == dense.shape
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_tile_aggregation_equals_dense_then_sum(model, rgb, dense):
+    torch.testing.assert_close(model.predict(rgb, [0.5, 1.0], aggregate="tile"), dense.sum((1, 2)), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        model.predict(rgb, [0.5, 1.0], aggregate="tile", reduce="mean"), dense.mean((1, 2)), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_region_weights_equal_dense_then_weighted_sum(model, rgb, dense):
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(2, 5, 56, 56, generator=g) * (torch.rand(2, 5, 56, 56, generator=g) > 0.5)
+    expected = torch.einsum("brij,bijg->brg", w, dense)
+    torch.testing.assert_close(model.predict(rgb, [0.5, 1.0], aggregate=w), expected, rtol=1e-4, atol=1e-3)
+    mean = expected / w.sum((2, 3))[..., None]
+    torch.testing.assert_close(model.predict(rgb, [0.5, 1.0], aggregate=w, reduce="mean"), mean, rtol=1e-4, atol=1e-4)
+    # boolean masks shared by all tiles, e.g. spots rasterised on the grid
+    masks = torch.zeros(3, 56, 56, dtype=torch.bool)
+    masks[0, :10, :10] = True
+    masks[1, 20:40, 5:50] = True
+    masks[2] = True
+    out = model.predict(rgb, [0.5, 1.0], aggregate=masks)
+    expected = torch.einsum("rij,bijg->brg", masks.float(), dense)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="Region weights"):
+        model.predict(rgb, 0.5, aggregate=torch.ones(2, 3, 28, 28))
+
+
+def test_gene_subset_equals_slicing(model, rgb, dense):
+    genes = ["G5", "G0", "G17"]
+    idx = [5, 0, 17]
+    torch.testing.assert_close(model.predict(rgb, [0.5, 1.0], genes=genes), dense[..., idx], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model.forward_rgb_to_expr(rgb, [0.5, 1.0], genes=genes).detach(), dense[..., idx], rtol=1e-5, atol=1e-5
+    )
+    w = torch.rand(2, 4, 56, 56)
+    full = model.predict(rgb, [0.5, 1.0], aggregate=w)
+    sub = model.predict(rgb, [0.5, 1.0], aggregate=w, genes=idx)  # channel indices work too
+    torch.testing.assert_close(sub, full[..., idx], rtol=1e-5, atol=1e-4)
+    with pytest.raises(KeyError, match="not in the model vocabulary"):
+        model.predict(rgb, 0.5, genes=["G5", "NOTAGENE"])
+
+
+def test_input_conventions(model, rgb):
+    ref = model.predict(rgb, 0.5, aggregate="tile")
+    u8 = (rgb * 255).round().to(torch.uint8)
+    from_u8 = model.predict(u8.permute(0, 2, 3, 1), 0.5, aggregate="tile")  # uint8, channel last
+    torch.testing.assert_close(from_u8, model.predict(u8.float() / 255, 0.5, aggregate="tile"))
+    assert torch.allclose(from_u8, ref, rtol=0.05, atol=0.5)
+    assert torch.equal(model.predict(rgb, None, aggregate="tile"), model.predict(rgb, 0.5, aggregate="tile"))
+    assert not torch.allclose(model.predict(rgb, 4.0, aggregate="tile"), ref)  # res matters
+    with pytest.raises(TypeError, match="uint8"):
+        model.predict(rgb.to(torch.int32), 0.5)
+
+
+def test_bf16_autocast_cpu_close(model, rgb):
+    ref = model.predict(rgb, 0.5, aggregate="tile", reduce="mean")
+    bf = model.predict(rgb, 0.5, aggregate="tile", reduce="mean", autocast=True)
+    assert bf.dtype == torch.float32
+    torch.testing.assert_close(bf, ref, rtol=0.05, atol=0.05)
+
+
+def test_embed(model, rgb):
+    e = model.embed(rgb, 0.5)
+    assert e.shape == (2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(e, model.forward_rgb(rgb, 0.5).mean(1))
+    assert model.embed(rgb, 0.5, pool=None).shape == (2, 196, 32)

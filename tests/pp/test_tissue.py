@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import shapely
+from spatialdata.transformations import Affine, Identity, get_transformation
+
+import squall_sd as squall
+from squall_sd.io._common import image_element, make_sdata, microns_scale
+
+
+def _spots_um(sdata, key="spots"):
+    gdf = sdata.shapes[key]
+    m = get_transformation(gdf, "microns").to_affine_matrix(("x", "y"), ("x", "y"))
+    xy = np.column_stack([gdf.geometry.x, gdf.geometry.y])
+    return xy @ m[:2, :2].T + m[:2, 2]
+
+
+def _inside(tissue, xy):
+    return shapely.contains_xy(tissue.union_all(), xy[:, 0], xy[:, 1])
+
+
+def test_detect_tissue_her2st(c2_sdata):
+    squall.pp.detect_tissue(c2_sdata)
+    tissue = c2_sdata.shapes["he_tissue"]
+    assert isinstance(get_transformation(tissue, "microns"), Identity)
+    area_mm2 = tissue["area_um2"].sum() / 1e6
+    # C2 is a ~3 x 4 mm piece on a ~6.4 x 6.8 mm image
+    assert 3.0 < area_mm2 < 15.0
+    inside = _inside(tissue, _spots_um(c2_sdata))
+    assert inside.mean() > 0.9
+
+
+def test_detect_tissue_mob(mob_sdata):
+    gdf = squall.pp.detect_tissue(mob_sdata, inplace=False)
+    assert "he_tissue" not in mob_sdata.shapes  # inplace=False leaves sdata alone
+    assert 1.0 < gdf["area_um2"].sum() / 1e6 < 10.0
+    assert _inside(gdf, _spots_um(mob_sdata)).mean() > 0.9
+
+
+def test_detect_tissue_flipped_transformation(mob_raw):
+    """An image stored flipped in x, with an Affine that flips back, gives the same tissue in microns."""
+    arr = mob_raw[0]
+    w = arr.shape[1]
+    plain = make_sdata(image=image_element(arr, {"microns": microns_scale(3.0)}))
+    flip = Affine(
+        np.array([[-3.0, 0, w * 3.0], [0, 3.0, 0], [0, 0, 1]]),
+        input_axes=("x", "y"),
+        output_axes=("x", "y"),
+    )
+    flipped = make_sdata(image=image_element(arr[:, ::-1].copy(), {"microns": flip}))
+    a = squall.pp.detect_tissue(plain, inplace=False).union_all()
+    b = squall.pp.detect_tissue(flipped, inplace=False).union_all()
+    assert a.symmetric_difference(b).area / a.area < 0.02
+
+
+def test_no_tissue_raises(mob_raw):
+    white = np.full((600, 600, 3), 255, dtype=np.uint8)
+    sdata = make_sdata(image=image_element(white, {"microns": microns_scale(3.0)}))
+    with pytest.raises(ValueError, match="no tissue detected in image 'he'"):
+        squall.pp.detect_tissue(sdata)
+    # a real patch of empty slide (top left of MOB1) has no tissue either
+    background = mob_raw[0][:500, :450]
+    sdata = make_sdata(image=image_element(background, {"microns": microns_scale(3.0)}))
+    with pytest.raises(ValueError, match="lower min_area_um2"):
+        squall.pp.detect_tissue(sdata)
+
+
+def test_detect_tissue_keys(mob_sdata):
+    squall.pp.detect_tissue(mob_sdata, key_added="tissue")
+    with pytest.raises(ValueError, match="already exists"):
+        squall.pp.detect_tissue(mob_sdata, key_added="tissue")
+    squall.pp.detect_tissue(mob_sdata, key_added="tissue", overwrite=True, min_area_um2=1e6)
+    assert (mob_sdata.shapes["tissue"]["area_um2"] >= 1e6).all()
+    with pytest.raises(KeyError, match="not found in `sdata.images`"):
+        squall.pp.detect_tissue(mob_sdata, image_key="nope")
