@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from squall_sd.tl._evaluate import pearson_per_gene
+
+def pearson_per_gene(a, b):  # lazy: importing squall_sd pulls spatialdata; the GPU job has only torch/numpy
+    from squall_sd.tl._evaluate import pearson_per_gene as f
+
+    return f(a, b)
 
 # ----------------------------------------------------------------------- hand-made features
 HAND_FEATURE_NAMES: list[str] = []
@@ -268,6 +272,7 @@ def train_densenet(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     t0 = time.time()
     done = 0
+    steps = 0
     stopped = False
     for ep in range(epochs):
         model.train()
@@ -285,12 +290,15 @@ def train_densenet(
             opt.step()
             sched.step()
             losses.append(float(loss))
+            steps += 1
+            if max_minutes is not None and time.time() - t0 > max_minutes * 60:
+                stopped = True
+                break
         done = ep + 1
         el = time.time() - t0
         log(f"    densenet epoch {done}/{epochs}: loss {np.mean(losses):.4f} ({el:.0f}s)")
-        if max_minutes is not None and el > max_minutes * 60 and done < epochs:
-            stopped = True
-            log(f"    densenet: time cap {max_minutes} min reached after {done} epochs")
+        if stopped:
+            log(f"    densenet: time cap {max_minutes} min reached in epoch {done} (step {steps}/{total})")
             break
 
     @torch.no_grad()
@@ -302,7 +310,8 @@ def train_densenet(
         return np.concatenate(outs) * ysd + ymean
 
     record = {
-        "input_px": size, "epochs_planned": epochs, "epochs_run": done, "stopped_by_time_cap": stopped,
+        "input_px": size, "epochs_planned": epochs, "epochs_run": done, "steps_run": steps,
+        "steps_planned": total, "stopped_by_time_cap": stopped,
         "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seconds": time.time() - t0,
         "device": device, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
     }

@@ -55,11 +55,15 @@ def parse_args(argv=None):
     p.add_argument("--splits", default="C→A,A→C", help="comma list of C→A, A→C (ASCII: C2A, A2C)")
     p.add_argument("--model", action="append", default=[],
                    help="model for the embedding and fine-tuned rows: registered name, checkpoint dir, or "
-                        "random:<config> (random init, sanity baseline). Repeatable. Default: random:squall-tiny")
+                        "random:<config> (random init, sanity baseline), or none. Repeatable. Default: random:squall-tiny")
     p.add_argument("--cnn-epochs", type=int, default=12, help="DenseNet-121 epochs (0 skips the row)")
     p.add_argument("--cnn-px", type=int, default=112, help="DenseNet input size: the 224-px tiles resized")
     p.add_argument("--cnn-minutes", type=float, default=8.0, help="wall-time cap per DenseNet training")
     p.add_argument("--device", default="cpu", help="torch device for DenseNet / models")
+    p.add_argument("--cnn-export", type=Path, default=None,
+                   help="write tiles + training targets + splits to this .npz for benchmarks/_cnn_job.py (GPU)")
+    p.add_argument("--cnn-preds", type=Path, action="append", default=[],
+                   help="DenseNet predictions written by benchmarks/_cnn_job.py from a --cnn-export pack (repeatable)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="subset of spots, 1 CNN epoch at 64 px: smoke test")
     p.add_argument("--no-package", action="store_true", help="read her2st directly instead of squall_sd.io/pp")
@@ -70,6 +74,7 @@ def parse_args(argv=None):
     args.splits = [s.strip().replace("2", "→") if "→" not in s else s.strip() for s in args.splits.split(",")]
     if not args.model:
         args.model = ["random:squall-tiny"]
+    args.model = [m for m in args.model if m != "none"]
     if args.quick:
         args.cnn_epochs = min(args.cnn_epochs, 1)
         args.cnn_px = 64
@@ -140,6 +145,12 @@ def run(args) -> dict:
             log(f"model {spec}: skipped — {e}")
 
     results = {"splits": {}, "genes": {"hvg785_in_data": len(hvg), "common": len(common)}}
+    pack: dict = {"sections": names, "n_per_section": [len(secs[n].counts) for n in names], "splits": {}}
+    pack_arrays: dict[str, np.ndarray] = {}
+    cnn_preds = []
+    for path in args.cnn_preds:
+        z = np.load(path, allow_pickle=False)
+        cnn_preds.append((path, json.loads(str(z["records"])), {k: z[k] for k in z.files if k != "records"}))
     for split in args.splits:
         train_p, test_p = SPLITS[split]
         tr_names, te_names = PATIENT_SECTIONS[train_p], PATIENT_SECTIONS[test_p]
@@ -158,6 +169,9 @@ def run(args) -> dict:
         preds: dict[str, dict[str, np.ndarray]] = {}
         notes: dict[str, str] = {}
         timing: dict[str, float] = {}
+        tag = f"{train_p}2{test_p}"
+        pack["splits"][split] = {"tag": tag, "train": tr_names, "test": te_names, "targets": targets}
+        pack_arrays[f"ytr_{tag}"] = ytr.astype(np.float32)
 
         # (0) depth oracle
         sign = np.sign(pearson_per_gene(ytr, np.tile(dtr[:, None], (1, len(targets)))))
@@ -227,6 +241,26 @@ def run(args) -> dict:
                           + f", batch {rec['batch_size']}, AdamW lr {rec['lr']:g} cosine, MSE on z-scored genes, "
                           f"dihedral aug, {rec['device']}")
 
+        for path, records, arrs in cnn_preds:
+            rec = records.get(split)
+            if rec is None:
+                continue
+            key = f"densenet121 (scratch, {rec['input_px']} px, {rec['device']})"
+            preds[key] = {}
+            for n in te_names:
+                a = arrs[f"{tag}__{n}"].astype(np.float64)
+                if a.shape != te[n]["y"].shape:
+                    raise ValueError(f"{path}: predictions for {n} have shape {a.shape}, expected {te[n]['y'].shape} "
+                                     "(export the pack with the same options, e.g. without --quick)")
+                preds[key][n] = a
+            timing[key] = rec["seconds"]
+            notes[key] = (f"{rec['params_M']:.1f}M params, {rec['input_px']} px input at "
+                          f"{args.mpp * args.tile / rec['input_px']:.2f} µm/px (tiles JPEG q95 for transport), "
+                          f"{rec['epochs_run']}/{rec['epochs_planned']} epochs"
+                          + (" (time cap)" if rec["stopped_by_time_cap"] else "")
+                          + f", batch {rec['batch_size']}, AdamW lr {rec['lr']:g} cosine, MSE on z-scored genes, "
+                          f"dihedral aug, trained by benchmarks/_cnn_job.py on {rec.get('gpu') or rec['device']}")
+
         # evaluation: per test section and pooled
         split_res = {"train": tr_names, "test": te_names, "top50": top50, "methods": {}, "notes": notes, "timing_s": timing}
         for meth, pm in preds.items():
@@ -246,6 +280,14 @@ def run(args) -> dict:
         results["splits"][split] = split_res
         log(table_for_split(split, split_res, len(hvg)))
 
+    if args.cnn_export is not None:
+        import _cnn_job
+
+        blob, lens = _cnn_job.encode_tiles(np.concatenate([secs[n].patches for n in names]))
+        args.cnn_export.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.cnn_export, blob=blob, lens=lens, meta=json.dumps(pack), **pack_arrays)
+        log(f"pack for benchmarks/_cnn_job.py written to {args.cnn_export} "
+            f"({args.cnn_export.stat().st_size / 1e6:.1f} MB)")
     results["wall_s"] = time.time() - t_start
     results["tiles_s"] = t_tiles
     results["reader"] = sorted(str(r) for r in reader)

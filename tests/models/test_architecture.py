@@ -68,13 +68,18 @@ def test_registry_and_configs():
 @pytest.mark.parametrize("name", ["squall-base", "squall-small"])
 def test_larger_configs_shapes(name):
     m = _meta(name)
-    rgb = torch.empty(1, 3, 224, 224, device="meta")
-    assert m.encoder.forward_rgb(rgb, torch.ones(1, device="meta")).shape == (1, 196, m.config.embed_dim)
-    assert m.decoder.increase_dim_rgb.fc2.weight.shape == (15757, m.config.embed_dim // 4)
+    c = m.config
+    assert m.encoder.patch_embed_rgb.proj.weight.shape == (c.embed_dim, 3, 16, 16)
+    assert m.decoder.increase_dim_rgb.fc2.weight.shape == (15757, c.embed_dim // 4)
+    assert m.decoder.increase_dim_rgb.fc1.weight.shape == (4 * c.embed_dim, c.embed_dim)
+    assert len(m.encoder.blocks.blocks) == c.depth and len(m.decoder.decoder_rgb.blocks) == c.decoder_depth
+    assert hasattr(m.encoder.blocks.blocks[c.merge_layer_depth - 1].mlp, "mlp_rgb")
+    assert hasattr(m.encoder.blocks.blocks[c.merge_layer_depth].mlp, "mlp")
 
 
 def test_tiny_forward_shapes_and_no_nan(tiles):
-    m = sm.create("squall-tiny").eval()
+    torch.manual_seed(0)
+    m = sm.create("squall-tiny", init="trunc_normal").eval()
     with torch.no_grad():
         e = m.forward_rgb_to_expr(tiles, 0.5)
         z = m.forward_rgb(tiles.permute(0, 2, 3, 1), [0.5, 4.0])  # channel last accepted

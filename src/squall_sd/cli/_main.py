@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--png", default="squall_demo.png", help="overview figure (default: %(default)s)")
     demo.add_argument("--overwrite", action="store_true", help="replace an existing store")
     demo.set_defaults(func=_demo)
+
+    from squall_sd.cli._train import add_train_parsers
+
+    add_train_parsers(sub)
     return parser
 
 

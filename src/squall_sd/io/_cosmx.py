@@ -16,7 +16,14 @@ from spatialdata.models import PointsModel, ShapesModel
 
 from squall_sd._constants import CELLS_KEY, MICRONS, TABLE_KEY
 from squall_sd._logging import logger
-from squall_sd.io._common import check_path, make_sdata, microns_scale, set_attrs, table_element, validate_mpp
+from squall_sd.io._common import (
+    check_path,
+    make_sdata,
+    microns_scale,
+    set_attrs,
+    table_element,
+    validate_mpp,
+)
 from squall_sd.io._tenx import as_counts_matrix, check_overlap, polygons_from_vertices
 
 __all__ = ["cosmx"]
@@ -34,7 +41,11 @@ _SUFFIXES = {
 
 def _find(root: Path, key: str, dataset_id: str | None) -> Path | None:
     suffix = _SUFFIXES[key]
-    hits = sorted(p for p in root.iterdir() if p.is_file() and re.search(rf"{re.escape(suffix)}(\.gz)?$", p.name))
+    hits = sorted(
+        p
+        for p in root.iterdir()
+        if p.is_file() and re.search(rf"{re.escape(suffix)}(\.gz)?$", p.name)
+    )
     if dataset_id is not None:
         hits = [p for p in hits if p.name.startswith(dataset_id)]
     if len(hits) > 1:
@@ -89,6 +100,7 @@ def cosmx(
         When the folder, or both the counts and the transcripts, are missing.
     ValueError
         When the counts' cells match no row of the metadata.
+
     """
     root = check_path(path, "CosMx flat-file folder", kind="dir")
     pixel_size = validate_mpp(pixel_size, source="CosMx coordinates")
@@ -112,7 +124,10 @@ def cosmx(
                 f"{str(root)!r} has counts but no *metadata_file.csv (cell positions) and no transcripts to place "
                 "the cells with. Add the metadata file of the export."
             )
-        logger.info("No counts + metadata files in %s; counts and cell positions from the transcripts.", root)
+        logger.info(
+            "No counts + metadata files in %s; counts and cell positions from the transcripts.",
+            root,
+        )
         adata, centers, area = _from_transcripts(tx)
 
     n = adata.n_obs
@@ -132,16 +147,27 @@ def cosmx(
             if miss.any():
                 import shapely
 
-                logger.info("%d cells have no polygon; drawn as circles of their area.", int(miss.sum()))
+                logger.info(
+                    "%d cells have no polygon; drawn as circles of their area.", int(miss.sum())
+                )
                 geoms[miss] = shapely.buffer(shapely.points(centers[miss]), radius[miss])
             cells = ShapesModel.parse(
-                gpd.GeoDataFrame(geometry=list(geoms), index=np.arange(n)), transformations={MICRONS: to_microns}
+                gpd.GeoDataFrame(geometry=list(geoms), index=np.arange(n)),
+                transformations={MICRONS: to_microns},
             )
             cell_shape = "polygons"
         else:
-            logger.warning("The polygons file matches few cells of the counts; cells drawn as circles.")
+            logger.warning(
+                "The polygons file matches few cells of the counts; cells drawn as circles."
+            )
     if cells is None:
-        cells = ShapesModel.parse(centers, geometry=0, radius=radius, index=np.arange(n), transformations={MICRONS: to_microns})
+        cells = ShapesModel.parse(
+            centers,
+            geometry=0,
+            radius=radius,
+            index=np.arange(n),
+            transformations={MICRONS: to_microns},
+        )
 
     adata.obsm["spatial"] = centers * pixel_size
     adata.uns["spatial_unit"] = "microns"
@@ -177,7 +203,9 @@ def cosmx(
 
 def _from_counts(counts_file: Path, meta_file: Path, fov_pos: pd.DataFrame | None):
     counts = pd.read_csv(counts_file)
-    counts = counts[counts["cell_ID"].astype(int) != 0]  # cell 0 holds each FOV's unassigned transcripts
+    counts = counts[
+        counts["cell_ID"].astype(int) != 0
+    ]  # cell 0 holds each FOV's unassigned transcripts
     counts.index = _cell_key(counts.pop("fov"), counts.pop("cell_ID"))
     meta = pd.read_csv(meta_file)
     meta.index = _cell_key(meta["fov"], meta["cell_ID"])
@@ -200,7 +228,11 @@ def _from_counts(counts_file: Path, meta_file: Path, fov_pos: pd.DataFrame | Non
             f"{meta_file.name} has no CenterX_global_px / CenterY_global_px (nor local centres with a FOV positions "
             "file): cannot place the cells."
         )
-    area = meta["Area"].to_numpy(float) if "Area" in meta else np.full(len(meta), np.pi * (5 / COSMX_PIXEL_SIZE) ** 2)
+    area = (
+        meta["Area"].to_numpy(float)
+        if "Area" in meta
+        else np.full(len(meta), np.pi * (5 / COSMX_PIXEL_SIZE) ** 2)
+    )
     obs = meta.drop(columns=[c for c in meta.columns if c.startswith("Center")])
     obs["fov"] = obs["fov"].astype(int)
     obs["cell_ID"] = obs["cell_ID"].astype(int)
@@ -215,7 +247,9 @@ def _from_transcripts(tx: pd.DataFrame):
     key = _cell_key(t["fov"], t["cell_ID"])
     cells, ci = np.unique(key, return_inverse=True)
     genes, gi = np.unique(t["target"].astype(str).to_numpy(), return_inverse=True)
-    x = sparse.csr_matrix((np.ones(len(t), dtype=np.float32), (ci, gi)), shape=(len(cells), len(genes)))
+    x = sparse.csr_matrix(
+        (np.ones(len(t), dtype=np.float32), (ci, gi)), shape=(len(cells), len(genes))
+    )
     x.sum_duplicates()
     xy = t[["x_global_px", "y_global_px"]].to_numpy(float)
     cnt = np.bincount(ci, minlength=len(cells)).astype(float)
@@ -223,7 +257,20 @@ def _from_transcripts(tx: pd.DataFrame):
     # disc whose mean squared distance to the centre (R²/2) matches that of the cell's transcripts
     msd = np.bincount(ci, ((xy - centers[ci]) ** 2).sum(axis=1)) / cnt
     area = np.pi * 2 * msd
-    first = pd.DataFrame({"key": key, "fov": t["fov"].astype(int).to_numpy(), "cell_ID": t["cell_ID"].astype(int).to_numpy()})
+    first = pd.DataFrame(
+        {
+            "key": key,
+            "fov": t["fov"].astype(int).to_numpy(),
+            "cell_ID": t["cell_ID"].astype(int).to_numpy(),
+        }
+    )
     first = first.drop_duplicates("key").set_index("key").loc[cells]
-    obs = pd.DataFrame({"fov": first["fov"].to_numpy(), "cell_ID": first["cell_ID"].to_numpy(), "n_transcripts": cnt.astype(int)}, index=cells)
+    obs = pd.DataFrame(
+        {
+            "fov": first["fov"].to_numpy(),
+            "cell_ID": first["cell_ID"].to_numpy(),
+            "n_transcripts": cnt.astype(int),
+        },
+        index=cells,
+    )
     return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=genes)), centers, area

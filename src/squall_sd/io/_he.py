@@ -23,6 +23,7 @@ from squall_sd.io._common import (
     image_element,
     make_sdata,
     microns_scale,
+    pyramid_scale_factors,
     set_attrs,
     validate_mpp,
 )
@@ -87,14 +88,23 @@ def _plausible(mpp: float | None, source: str, path: Path) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------- PIL
-def _pil_decode(path: str) -> np.ndarray:
-    """Decode a JPEG/PNG to a (y, x, 3) uint8 array (called only when dask computes)."""
+def _pil_decode(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode a JPEG/PNG to a (y, x, 3) uint8 array, optionally resized to ``size`` = (width, height).
+
+    Called only when dask computes. For a reduced ``size`` a JPEG is decoded directly at a reduced
+    scale (libjpeg DCT scaling), so coarse pyramid levels cost a fraction of a full decode.
+    """
     from PIL import Image
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            if size is not None and tuple(size) != im.size:
+                im.draft("RGB", tuple(size))  # no-op for non-JPEG
+            rgb = im.convert("RGB")
+    if size is not None and rgb.size != tuple(size):
+        rgb = rgb.resize(tuple(size), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    return np.asarray(rgb)
 
 
 def _open_pil(path: Path) -> LazyImage:
@@ -113,11 +123,14 @@ def _open_pil(path: Path) -> LazyImage:
             ) from None
         except OSError as e:
             raise ValueError(f"Could not read {str(path)!r} as an image: {e}") from None
-    arr = da.from_delayed(
-        dask.delayed(_pil_decode, pure=True)(str(path)), shape=(height, width, 3), dtype=np.uint8
-    )
+    # one delayed decode per pyramid level (factor 2), each decoding only what it needs
+    levels = []
+    for k in range(len(pyramid_scale_factors((height, width))) + 1):
+        size = (max(1, width >> k), max(1, height >> k))
+        task = dask.delayed(_pil_decode, pure=True)(str(path), None if k == 0 else size)
+        levels.append(da.from_delayed(task, shape=(size[1], size[0], 3), dtype=np.uint8))
     # JPEG/PNG resolution fields are nearly always screen placeholders (72/96 dpi), so they are not trusted.
-    return LazyImage(levels=[arr], mpp=None, mpp_source=None, path=path, extra={"format": fmt})
+    return LazyImage(levels=levels, mpp=None, mpp_source=None, path=path, extra={"format": fmt})
 
 
 # ------------------------------------------------------------------------------------------ tifffile

@@ -227,6 +227,11 @@ def legacy_st(
     section = section or counts_path.name.split(".")[0]
 
     table = read_spot_table(spots_path)
+    scale = 1.0 if image_scale is None else float(image_scale)
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"`image_scale` must be a positive number, got {image_scale!r}.")
+    if img is not None:  # fail fast (before reading the counts) when the spots do not fit the image
+        _check_spots_fit_image(table, scale, img)
     cnt = read_st_counts(counts_path)
     if cnt.index.duplicated().any():
         raise ValueError(f"The counts file {counts_path.name} has duplicate spot ids {_examples(cnt.index[cnt.index.duplicated()])}.")
@@ -265,9 +270,6 @@ def legacy_st(
     spot_rows = table.loc[keep]
 
     # --- geometry: pixel positions in the image frame and µm/px
-    scale = 1.0 if image_scale is None else float(image_scale)
-    if not np.isfinite(scale) or scale <= 0:
-        raise ValueError(f"`image_scale` must be a positive number, got {image_scale!r}.")
     unit_um = float(array_unit_um) if array_unit_um is not None else _guess_unit(table)
     if mpp is None:
         # fit on all spots of the table (on and off tissue): more points, same array
@@ -292,13 +294,6 @@ def legacy_st(
     if img is not None:
         height, width = img.shape_yx
         inside = (centers[:, 0] >= 0) & (centers[:, 0] < width) & (centers[:, 1] >= 0) & (centers[:, 1] < height)
-        if inside.mean() < 0.5:
-            raise ValueError(
-                f"{int((~inside).sum())} of {len(centers)} spot centres fall outside the image {img.path.name} "
-                f"({width} x {height} px; spot pixel_x up to {centers[:, 0].max():.0f}, pixel_y up to "
-                f"{centers[:, 1].max():.0f}). If the image is a resized copy of the full-resolution H&E, pass "
-                "`image_scale=` (image px per full-resolution px, e.g. coord_scale_to_image of her2st's sections.csv)."
-            )
         if not inside.all():
             logger.warning("%s: %d spot centres fall outside the image", section, int((~inside).sum()))
         if img.mpp is not None and mpp_source != "argument" and abs(img.mpp - mpp) / mpp > 0.05:
@@ -379,3 +374,17 @@ def _guess_unit(table: pd.DataFrame) -> float:
     layout = "2k (checkerboard)" if unit == ST_2K_UNIT_UM else "1k"
     logger.info("array layout: %s -> %g µm per array unit", layout, unit)
     return unit
+
+
+def _check_spots_fit_image(table: pd.DataFrame, scale: float, img) -> None:
+    sel = table[table["selected"].to_numpy() == 1]
+    centers = sel[["pixel_x", "pixel_y"]].to_numpy(float) * scale
+    height, width = img.shape_yx
+    inside = (centers[:, 0] >= 0) & (centers[:, 0] < width) & (centers[:, 1] >= 0) & (centers[:, 1] < height)
+    if len(centers) and inside.mean() < 0.5:
+        raise ValueError(
+            f"{int((~inside).sum())} of {len(centers)} spot centres fall outside the image {img.path.name} "
+            f"({width} x {height} px; spot pixel_x up to {centers[:, 0].max():.0f}, pixel_y up to "
+            f"{centers[:, 1].max():.0f}). If the image is a resized copy of the full-resolution H&E, pass "
+            "`image_scale=` (image px per full-resolution px, e.g. coord_scale_to_image of her2st's sections.csv)."
+        )

@@ -52,7 +52,17 @@ def read_image_lazy(path: str | os.PathLike) -> da.Array:
     with Image.open(p) as im:
         width, height = im.size
         mode = im.mode
-    n_channels = {"L": 1, "I;16": 1, "I": 1, "F": 1, "LA": 2, "RGB": 3, "RGBA": 4, "P": 3, "CMYK": 3}.get(mode, 3)
+    n_channels = {
+        "L": 1,
+        "I;16": 1,
+        "I": 1,
+        "F": 1,
+        "LA": 2,
+        "RGB": 3,
+        "RGBA": 4,
+        "P": 3,
+        "CMYK": 3,
+    }.get(mode, 3)
     dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}.get(mode, np.uint8)
 
     def _load(file: Path) -> np.ndarray:
@@ -84,7 +94,9 @@ def read_10x_counts(counts: Path, *, gex_only: bool = True) -> ad.AnnData:
 
     if counts.is_dir():
         try:
-            adata = sc.read_10x_mtx(counts, var_names="gene_symbols", make_unique=True, gex_only=gex_only)
+            adata = sc.read_10x_mtx(
+                counts, var_names="gene_symbols", make_unique=True, gex_only=gex_only
+            )
         except FileNotFoundError:  # e.g. uncompressed v3 files (features.tsv, matrix.mtx)
             adata = _read_mex_plain(counts, gex_only=gex_only)
     else:
@@ -111,12 +123,16 @@ def _read_mex_plain(folder: Path, *, gex_only: bool = True) -> ad.AnnData:
             for cand in (folder / n, folder / f"{n}.gz"):
                 if cand.exists():
                     return cand
-        raise FileNotFoundError(f"No {' / '.join(names)} (optionally .gz) in the MEX folder {str(folder)!r}.")
+        raise FileNotFoundError(
+            f"No {' / '.join(names)} (optionally .gz) in the MEX folder {str(folder)!r}."
+        )
 
     x = sparse.csr_matrix(mmread(_pick("matrix.mtx")).T)
     barcodes = pd.read_csv(_pick("barcodes.tsv"), header=None, sep="\t")[0].astype(str).to_numpy()
     feats = pd.read_csv(_pick("features.tsv", "genes.tsv"), header=None, sep="\t")
-    var = pd.DataFrame({"gene_ids": feats[0].astype(str).to_numpy()}, index=feats[1].astype(str).to_numpy())
+    var = pd.DataFrame(
+        {"gene_ids": feats[0].astype(str).to_numpy()}, index=feats[1].astype(str).to_numpy()
+    )
     if feats.shape[1] > 2:
         var["feature_types"] = feats[2].astype(str).to_numpy()
     adata = ad.AnnData(X=x, obs=pd.DataFrame(index=barcodes), var=var)
@@ -216,12 +232,19 @@ def polygons_from_vertices(df: pd.DataFrame, id_col: str, x_col: str, y_col: str
         else:
             parts = [p for p in getattr(g, "geoms", []) if p.geom_type == "Polygon"]
             if not parts:
-                parts = [q for p in getattr(g, "geoms", []) if p.geom_type == "MultiPolygon" for q in p.geoms]
+                parts = [
+                    q
+                    for p in getattr(g, "geoms", [])
+                    if p.geom_type == "MultiPolygon"
+                    for q in p.geoms
+                ]
             out.append(max(parts, key=lambda q: q.area) if parts else g.convex_hull)
     return pd.Series(out, index=pd.Index(uniques, name=id_col))
 
 
-def check_overlap(counts_ids: Sequence[str], position_ids: Sequence[str], *, what: str, fix: str) -> np.ndarray:
+def check_overlap(
+    counts_ids: Sequence[str], position_ids: Sequence[str], *, what: str, fix: str
+) -> np.ndarray:
     """Return the boolean mask of ``counts_ids`` found in ``position_ids``; raise ``ValueError`` when none are."""
     mask = pd.Index(counts_ids).isin(pd.Index(position_ids))
     if not mask.any():
@@ -232,5 +255,10 @@ def check_overlap(counts_ids: Sequence[str], position_ids: Sequence[str], *, wha
         )
     n_missing = int((~mask).sum())
     if n_missing:
-        logger.warning("%d of %d counts rows have no position in the %s; they are dropped.", n_missing, len(mask), what)
+        logger.warning(
+            "%d of %d counts rows have no position in the %s; they are dropped.",
+            n_missing,
+            len(mask),
+            what,
+        )
     return mask

@@ -49,8 +49,18 @@ _COUNTS_CANDIDATES = (
     "*_raw_feature_bc_matrix.h5",
     "raw_feature_bc_matrix",
 )
-_POSITIONS_CANDIDATES = ("tissue_positions.csv", "tissue_positions_list.csv", "tissue_positions.parquet")
-_POSITION_COLUMNS = ["in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+_POSITIONS_CANDIDATES = (
+    "tissue_positions.csv",
+    "tissue_positions_list.csv",
+    "tissue_positions.parquet",
+)
+_POSITION_COLUMNS = [
+    "in_tissue",
+    "array_row",
+    "array_col",
+    "pxl_row_in_fullres",
+    "pxl_col_in_fullres",
+]
 
 
 def _resolve(outs: Path, file: str | os.PathLike) -> Path:
@@ -84,10 +94,15 @@ def read_positions(file: Path) -> pd.DataFrame:
     return df
 
 
-def spot_grid_mpp(positions: pd.DataFrame, *, row_pitch_um: float, col_pitch_um: float) -> tuple[float | None, np.ndarray | None]:
+def spot_grid_mpp(
+    positions: pd.DataFrame, *, row_pitch_um: float, col_pitch_um: float
+) -> tuple[float | None, np.ndarray | None]:
     """Fit full-resolution pixel positions on array positions; return (µm/px, 2×3 µm→px matrix)."""
     grid_um = np.column_stack(
-        [positions["array_col"].to_numpy(float) * col_pitch_um, positions["array_row"].to_numpy(float) * row_pitch_um]
+        [
+            positions["array_col"].to_numpy(float) * col_pitch_um,
+            positions["array_row"].to_numpy(float) * row_pitch_um,
+        ]
     )
     px = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
     m = fit_grid(grid_um, px)
@@ -155,6 +170,7 @@ def visium(
         When ``path``, the counts, the positions or the scale factors are missing.
     ValueError
         When no barcode of the counts table is found in the tissue positions.
+
     """
     outs = check_path(path, "Space Ranger outs folder", kind="dir")
 
@@ -171,7 +187,9 @@ def visium(
             )
     spatial = outs / "spatial"
     if tissue_positions_file is not None:
-        positions_file = check_path(_resolve(outs, tissue_positions_file), "tissue positions file", kind="file")
+        positions_file = check_path(
+            _resolve(outs, tissue_positions_file), "tissue positions file", kind="file"
+        )
     else:
         check_path(spatial, "spatial/ folder of the Space Ranger outs", kind="dir")
         positions_file = first_existing(spatial, _POSITIONS_CANDIDATES)
@@ -181,14 +199,18 @@ def visium(
                 "Pass `tissue_positions_file=`."
             )
     sf_file = check_path(
-        _resolve(outs, scalefactors_file) if scalefactors_file is not None else spatial / "scalefactors_json.json",
+        _resolve(outs, scalefactors_file)
+        if scalefactors_file is not None
+        else spatial / "scalefactors_json.json",
         "scale factors file",
         kind="file",
     )
     scalefactors = read_json(sf_file)
 
     if dataset_id is None:
-        if counts.name.endswith("_filtered_feature_bc_matrix.h5") or counts.name.endswith("_raw_feature_bc_matrix.h5"):
+        if counts.name.endswith("_filtered_feature_bc_matrix.h5") or counts.name.endswith(
+            "_raw_feature_bc_matrix.h5"
+        ):
             dataset_id = counts.name.rsplit("_", 3)[0]
         else:
             dataset_id = outs.parent.name if outs.name == "outs" else outs.name
@@ -214,7 +236,9 @@ def visium(
     sf_mpp = None
     if scalefactors.get("spot_diameter_fullres"):
         sf_mpp = SCALEFACTOR_SPOT_UM / float(scalefactors["spot_diameter_fullres"])
-    grid_mpp, _ = spot_grid_mpp(positions, row_pitch_um=SPOT_PITCH_UM * np.sqrt(3) / 2, col_pitch_um=SPOT_PITCH_UM / 2)
+    grid_mpp, _ = spot_grid_mpp(
+        positions, row_pitch_um=SPOT_PITCH_UM * np.sqrt(3) / 2, col_pitch_um=SPOT_PITCH_UM / 2
+    )
     if mpp is not None:
         fullres_mpp = validate_mpp(mpp, source="the full-resolution image")
     elif grid_mpp is not None:
@@ -227,7 +251,9 @@ def visium(
             )
     elif sf_mpp is not None:
         fullres_mpp = sf_mpp
-        logger.info("Too few spots to fit the lattice; µm/px from spot_diameter_fullres (65 µm spot).")
+        logger.info(
+            "Too few spots to fit the lattice; µm/px from spot_diameter_fullres (65 µm spot)."
+        )
     else:
         raise ValueError(
             f"Cannot determine µm per pixel: {sf_file.name} has no spot_diameter_fullres and the positions are "
@@ -237,15 +263,26 @@ def visium(
 
     # --- elements -----------------------------------------------------------------------------
     spots = circles_element(
-        centers_px, SPOT_DIAMETER_UM / 2 / fullres_mpp, {MICRONS: to_microns}, index=np.arange(adata.n_obs)
+        centers_px,
+        SPOT_DIAMETER_UM / 2 / fullres_mpp,
+        {MICRONS: to_microns},
+        index=np.arange(adata.n_obs),
     )
     adata.obsm["spatial"] = centers_px * fullres_mpp
     adata.uns["spatial_unit"] = "microns"
     table = table_element(adata, SPOTS_KEY)
 
-    image, image_mpp, image_source = _visium_image(outs, fullres_image_file, scalefactors, fullres_mpp, centers_px)
+    image, image_mpp, image_source = _visium_image(
+        outs, fullres_image_file, scalefactors, fullres_mpp, centers_px
+    )
 
-    sdata = make_sdata(image=image, shapes={SPOTS_KEY: spots}, table=table, table_key=TABLE_KEY, image_key=IMAGE_KEY)
+    sdata = make_sdata(
+        image=image,
+        shapes={SPOTS_KEY: spots},
+        table=table,
+        table_key=TABLE_KEY,
+        image_key=IMAGE_KEY,
+    )
     return set_attrs(
         sdata,
         mpp=image_mpp,
@@ -258,9 +295,16 @@ def visium(
     )
 
 
-def _read_counts_and_positions(outs: Path, counts: Path, positions_file: Path, dataset_id: str) -> ad.AnnData:
-    """Counts as AnnData (barcodes as obs_names); via spatialdata-io where it can read them."""
-    if counts.is_file() and counts.suffix == ".h5" and counts.parent == outs and positions_file.suffix == ".csv":
+def _read_counts_and_positions(
+    outs: Path, counts: Path, positions_file: Path, dataset_id: str
+) -> ad.AnnData:
+    """Read the counts as AnnData (barcodes as obs_names), via spatialdata-io where it can."""
+    if (
+        counts.is_file()
+        and counts.suffix == ".h5"
+        and counts.parent == outs
+        and positions_file.suffix == ".csv"
+    ):
         try:
             import spatialdata_io
 
@@ -268,13 +312,23 @@ def _read_counts_and_positions(outs: Path, counts: Path, positions_file: Path, d
                 outs,
                 dataset_id=dataset_id,
                 counts_file=counts.name,
-                tissue_positions_file=positions_file.relative_to(outs) if positions_file.is_relative_to(outs) else None,
+                tissue_positions_file=positions_file.relative_to(outs)
+                if positions_file.is_relative_to(outs)
+                else None,
             )
             adata = sd0.tables["table"]
-            adata = ad.AnnData(X=as_counts_matrix(adata.X), obs=pd.DataFrame(index=adata.obs_names), var=adata.var.copy())
+            adata = ad.AnnData(
+                X=as_counts_matrix(adata.X),
+                obs=pd.DataFrame(index=adata.obs_names),
+                var=adata.var.copy(),
+            )
             return adata
         except Exception as err:  # noqa: BLE001 - any failure of the stock reader falls back to ours
-            logger.warning("spatialdata_io.visium could not read %s (%s); reading the files directly.", outs, err)
+            logger.warning(
+                "spatialdata_io.visium could not read %s (%s); reading the files directly.",
+                outs,
+                err,
+            )
     else:
         logger.info(
             "spatialdata_io.visium does not read %s (%s); reading it with scanpy.",
@@ -282,7 +336,9 @@ def _read_counts_and_positions(outs: Path, counts: Path, positions_file: Path, d
             "MEX folder" if counts.is_dir() else "non-standard layout",
         )
     adata = read_10x_counts(counts)
-    return ad.AnnData(X=adata.X, obs=pd.DataFrame(index=adata.obs_names.astype(str)), var=adata.var.copy())
+    return ad.AnnData(
+        X=adata.X, obs=pd.DataFrame(index=adata.obs_names.astype(str)), var=adata.var.copy()
+    )
 
 
 def _visium_image(
@@ -294,7 +350,9 @@ def _visium_image(
 ):
     """Return (image element or None, µm/px of that image or None, source name)."""
     if fullres_image_file is not None:
-        file = check_path(_resolve(outs, fullres_image_file), "full-resolution H&E image", kind="file")
+        file = check_path(
+            _resolve(outs, fullres_image_file), "full-resolution H&E image", kind="file"
+        )
         arr = read_image_lazy(file)
         yx = arr.shape[:2] if arr.shape[-1] in (3, 4) and arr.ndim == 3 else arr.shape[-2:]
         hi = np.nanmax(centers_px, axis=0) if len(centers_px) else np.zeros(2)
@@ -308,11 +366,21 @@ def _visium_image(
                 yx[0],
             )
         return image_element(arr, {MICRONS: microns_scale(fullres_mpp)}), fullres_mpp, "fullres"
-    for name, key in (("tissue_hires_image.png", "tissue_hires_scalef"), ("tissue_lowres_image.png", "tissue_lowres_scalef")):
+    for name, key in (
+        ("tissue_hires_image.png", "tissue_hires_scalef"),
+        ("tissue_lowres_image.png", "tissue_lowres_scalef"),
+    ):
         file = outs / "spatial" / name
         if file.exists() and scalefactors.get(key):
             image_mpp = fullres_mpp / float(scalefactors[key])
             logger.info("No full-resolution image given; using %s (%.3f µm/px).", name, image_mpp)
-            return image_element(read_image_lazy(file), {MICRONS: microns_scale(image_mpp)}), image_mpp, name
-    logger.warning("No H&E image found in %s/spatial and no `fullres_image_file` given; reading without image.", outs)
+            return (
+                image_element(read_image_lazy(file), {MICRONS: microns_scale(image_mpp)}),
+                image_mpp,
+                name,
+            )
+    logger.warning(
+        "No H&E image found in %s/spatial and no `fullres_image_file` given; reading without image.",
+        outs,
+    )
     return None, None, None

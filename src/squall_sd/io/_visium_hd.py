@@ -101,6 +101,7 @@ def visium_hd(
         When the bin folder, counts, positions or scale factors are missing.
     ValueError
         When no barcode of the counts table is found in the tissue positions.
+
     """
     root = check_path(path, "Visium HD outs folder", kind="dir")
     bin_dir = _find_bin_dir(root, bin_size)
@@ -120,10 +121,16 @@ def visium_hd(
         outs / "spatial", ("scalefactors_json.json",)
     )
     if sf_file is None:
-        raise FileNotFoundError(f"No scalefactors_json.json in {str(spatial)!r} or {str(outs / 'spatial')!r}.")
+        raise FileNotFoundError(
+            f"No scalefactors_json.json in {str(spatial)!r} or {str(outs / 'spatial')!r}."
+        )
     scalefactors = read_json(sf_file)
-    if "bin_size_um" in scalefactors and not np.isclose(float(scalefactors["bin_size_um"]), bin_size):
-        logger.warning("%s says bin_size_um=%s, not %s.", sf_file, scalefactors["bin_size_um"], bin_size)
+    if "bin_size_um" in scalefactors and not np.isclose(
+        float(scalefactors["bin_size_um"]), bin_size
+    ):
+        logger.warning(
+            "%s says bin_size_um=%s, not %s.", sf_file, scalefactors["bin_size_um"], bin_size
+        )
 
     if mpp is not None:
         fullres_mpp = validate_mpp(mpp, source="the full-resolution image")
@@ -161,21 +168,34 @@ def visium_hd(
         v = v / np.linalg.norm(v) if np.linalg.norm(v) > 0 else np.array([-u[1], u[0]])
         fitted_mpp = 1 / np.sqrt(abs(np.linalg.det(grid[:, :2])))
         if abs(fitted_mpp / fullres_mpp - 1) > 0.05:
-            logger.warning("Bin grid implies %.4f µm/px but the scale factors say %.4f.", fitted_mpp, fullres_mpp)
+            logger.warning(
+                "Bin grid implies %.4f µm/px but the scale factors say %.4f.",
+                fitted_mpp,
+                fullres_mpp,
+            )
     else:
         u, v = np.array([1.0, 0.0]), np.array([0.0, 1.0])
     polys = squares(centers_px, np.stack([u * half_px, v * half_px]))
     to_microns = microns_scale(fullres_mpp)
     shapes_key = bins_key(bin_size)
     bins = ShapesModel.parse(
-        gpd.GeoDataFrame(geometry=polys, index=np.arange(adata.n_obs)), transformations={MICRONS: to_microns}
+        gpd.GeoDataFrame(geometry=polys, index=np.arange(adata.n_obs)),
+        transformations={MICRONS: to_microns},
     )
     adata.obsm["spatial"] = centers_px * fullres_mpp
     adata.uns["spatial_unit"] = "microns"
     table = table_element(adata, shapes_key)
 
-    image, image_mpp, image_source = _hd_image(root, outs, bin_dir, fullres_image_file, scalefactors, fullres_mpp)
-    sdata = make_sdata(image=image, shapes={shapes_key: bins}, table=table, table_key=TABLE_KEY, image_key=IMAGE_KEY)
+    image, image_mpp, image_source = _hd_image(
+        root, outs, bin_dir, fullres_image_file, scalefactors, fullres_mpp
+    )
+    sdata = make_sdata(
+        image=image,
+        shapes={shapes_key: bins},
+        table=table,
+        table_key=TABLE_KEY,
+        image_key=IMAGE_KEY,
+    )
     return set_attrs(
         sdata,
         mpp=image_mpp,
@@ -189,7 +209,7 @@ def visium_hd(
 
 
 def _read_hd_counts(outs: Path, bin_size: int, counts: Path) -> ad.AnnData:
-    """Counts of one bin size; via spatialdata-io when ``feature_slice.h5`` is there, else with scanpy."""
+    """Read the counts of one bin size (spatialdata-io with ``feature_slice.h5``, else scanpy)."""
     has_slice = first_existing(outs, ("feature_slice.h5", "*_feature_slice.h5")) is not None
     if has_slice:
         try:
@@ -198,19 +218,34 @@ def _read_hd_counts(outs: Path, bin_size: int, counts: Path) -> ad.AnnData:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 sd0 = spatialdata_io.visium_hd(
-                    outs, bin_size=int(bin_size), load_segmentations_only=False, load_all_images=False
+                    outs,
+                    bin_size=int(bin_size),
+                    load_segmentations_only=False,
+                    load_all_images=False,
                 )
             key = f"square_{int(bin_size):03d}um"
             tab = sd0.tables[key]
-            return ad.AnnData(X=as_counts_matrix(tab.X), obs=pd.DataFrame(index=tab.obs_names.astype(str)), var=tab.var.copy())
+            return ad.AnnData(
+                X=as_counts_matrix(tab.X),
+                obs=pd.DataFrame(index=tab.obs_names.astype(str)),
+                var=tab.var.copy(),
+            )
         except Exception as err:  # noqa: BLE001 - fall back to reading the binned folder directly
-            logger.warning("spatialdata_io.visium_hd could not read %s (%s); reading the binned files.", outs, err)
+            logger.warning(
+                "spatialdata_io.visium_hd could not read %s (%s); reading the binned files.",
+                outs,
+                err,
+            )
     else:
         logger.info(
-            "No feature_slice.h5 in %s (spatialdata_io.visium_hd needs it); reading %s directly.", outs, counts
+            "No feature_slice.h5 in %s (spatialdata_io.visium_hd needs it); reading %s directly.",
+            outs,
+            counts,
         )
     adata = read_10x_counts(counts)
-    return ad.AnnData(X=adata.X, obs=pd.DataFrame(index=adata.obs_names.astype(str)), var=adata.var.copy())
+    return ad.AnnData(
+        X=adata.X, obs=pd.DataFrame(index=adata.obs_names.astype(str)), var=adata.var.copy()
+    )
 
 
 def _hd_image(root, outs, bin_dir, fullres_image_file, scalefactors, fullres_mpp):
@@ -219,12 +254,27 @@ def _hd_image(root, outs, bin_dir, fullres_image_file, scalefactors, fullres_mpp
         if not p.is_absolute() and not p.exists():
             p = root / p
         file = check_path(p, "full-resolution H&E image", kind="file")
-        return image_element(read_image_lazy(file), {MICRONS: microns_scale(fullres_mpp)}), fullres_mpp, "fullres"
-    for name, key in (("tissue_hires_image.png", "tissue_hires_scalef"), ("tissue_lowres_image.png", "tissue_lowres_scalef")):
-        file = first_existing(outs / "spatial", (name,)) or first_existing(bin_dir / "spatial", (name,))
+        return (
+            image_element(read_image_lazy(file), {MICRONS: microns_scale(fullres_mpp)}),
+            fullres_mpp,
+            "fullres",
+        )
+    for name, key in (
+        ("tissue_hires_image.png", "tissue_hires_scalef"),
+        ("tissue_lowres_image.png", "tissue_lowres_scalef"),
+    ):
+        file = first_existing(outs / "spatial", (name,)) or first_existing(
+            bin_dir / "spatial", (name,)
+        )
         if file is not None and scalefactors.get(key):
             image_mpp = fullres_mpp / float(scalefactors[key])
             logger.info("No full-resolution image given; using %s (%.3f µm/px).", file, image_mpp)
-            return image_element(read_image_lazy(file), {MICRONS: microns_scale(image_mpp)}), image_mpp, name
-    logger.warning("No H&E image found for %s and no `fullres_image_file` given; reading without image.", root)
+            return (
+                image_element(read_image_lazy(file), {MICRONS: microns_scale(image_mpp)}),
+                image_mpp,
+                name,
+            )
+    logger.warning(
+        "No H&E image found for %s and no `fullres_image_file` given; reading without image.", root
+    )
     return None, None, None

@@ -19,7 +19,14 @@ from spatialdata.transformations import Affine, Identity, Scale, Sequence
 
 from squall_sd._constants import CELLS_KEY, IMAGE_KEY, MICRONS, TABLE_KEY
 from squall_sd._logging import logger
-from squall_sd.io._common import check_path, image_element, make_sdata, set_attrs, table_element, validate_mpp
+from squall_sd.io._common import (
+    check_path,
+    image_element,
+    make_sdata,
+    set_attrs,
+    table_element,
+    validate_mpp,
+)
 from squall_sd.io._tenx import (
     as_counts_matrix,
     check_overlap,
@@ -37,7 +44,15 @@ DEFAULT_PIXEL_SIZE = 0.2125
 #: Transcript ``cell_id`` values that mean "not assigned to a cell".
 _UNASSIGNED = {"UNASSIGNED", "-1", "0", ""}
 #: Feature-name prefixes of control probes / codewords (dropped from the counts with ``gex_only``).
-_CONTROL_PREFIXES = ("NegControl", "BLANK", "Unassigned", "Deprecated", "antisense", "Intergenic", "UnassignedCodeword")
+_CONTROL_PREFIXES = (
+    "NegControl",
+    "BLANK",
+    "Unassigned",
+    "Deprecated",
+    "antisense",
+    "Intergenic",
+    "UnassignedCodeword",
+)
 #: Transcripts at or above this Phred quality are kept (as Xenium Onboard Analysis does for counts).
 MIN_QV = 20.0
 
@@ -58,6 +73,7 @@ def read_alignment(file: str | os.PathLike) -> np.ndarray:
     ------
     ValueError
         When the file does not hold an invertible 3×3 affine matrix.
+
     """
     p = check_path(file, "H&E alignment CSV", kind="file")
     try:
@@ -76,7 +92,9 @@ def read_alignment(file: str | os.PathLike) -> np.ndarray:
         if np.allclose(m[2, :2], 0, atol=1e-6) and m[2, 2] != 0:
             m = m / m[2, 2]
         else:
-            raise ValueError(f"The alignment in {str(p)!r} is projective (last row {m[2].tolist()}); expected an affine.")
+            raise ValueError(
+                f"The alignment in {str(p)!r} is projective (last row {m[2].tolist()}); expected an affine."
+            )
     if abs(np.linalg.det(m[:2, :2])) < 1e-12:
         raise ValueError(f"The alignment matrix in {str(p)!r} is singular.")
     return m
@@ -130,6 +148,7 @@ def xenium(
         When the folder or all of counts / transcripts are missing.
     ValueError
         When the counts' cell ids match no cell position, or the alignment file is malformed.
+
     """
     root = check_path(path, "Xenium output folder", kind="dir")
     specs_file = root / "experiment.xenium"
@@ -140,7 +159,20 @@ def xenium(
         pixel_size = float(specs["pixel_size"])
     else:
         pixel_size = DEFAULT_PIXEL_SIZE
-        logger.info("experiment.xenium missing in %s; assuming %.4f µm per morphology pixel.", root, pixel_size)
+        logger.info(
+            "experiment.xenium missing in %s; assuming %.4f µm per morphology pixel.",
+            root,
+            pixel_size,
+        )
+
+    if he_alignment is not None and he_image is None:
+        raise ValueError(
+            "`he_alignment` was given without `he_image`; pass the H&E image the alignment belongs to."
+        )
+    if he_image is not None:  # check the H&E inputs before the (slow) read of the Xenium data
+        check_path(he_image, "H&E image", kind="file")
+        if he_alignment is not None:
+            read_alignment(he_alignment)
 
     parts = _read_stock(root, transcripts, gex_only)
     if parts is None:
@@ -159,17 +191,27 @@ def xenium(
         polys = boundaries.reindex(cell_ids).to_numpy()
         missing = pd.isna(polys)
         if missing.any():
-            logger.info("%d cells have no boundary polygon; drawn as circles of their area.", int(missing.sum()))
+            logger.info(
+                "%d cells have no boundary polygon; drawn as circles of their area.",
+                int(missing.sum()),
+            )
             polys[missing] = shapely.buffer(shapely.points(centroids[missing]), radius[missing])
         cells = ShapesModel.parse(
-            gpd.GeoDataFrame(geometry=list(polys), index=np.arange(n)), transformations={MICRONS: Identity()}
+            gpd.GeoDataFrame(geometry=list(polys), index=np.arange(n)),
+            transformations={MICRONS: Identity()},
         )
         cell_shape = "polygons"
     else:
         if boundaries is not None:
-            logger.warning("Cell boundaries do not match the cell ids of the counts; cells drawn as circles.")
+            logger.warning(
+                "Cell boundaries do not match the cell ids of the counts; cells drawn as circles."
+            )
         cells = ShapesModel.parse(
-            centroids, geometry=0, radius=radius, index=np.arange(n), transformations={MICRONS: Identity()}
+            centroids,
+            geometry=0,
+            radius=radius,
+            index=np.arange(n),
+            transformations={MICRONS: Identity()},
         )
         cell_shape = "circles"
     adata.obsm["spatial"] = centroids
@@ -183,11 +225,14 @@ def xenium(
     image, he_mpp = None, None
     if he_image is not None:
         image, he_mpp = _he_element(he_image, he_alignment, pixel_size)
-    elif he_alignment is not None:
-        raise ValueError("`he_alignment` was given without `he_image`; pass the H&E image the alignment belongs to.")
 
     sdata = make_sdata(
-        image=image, shapes={CELLS_KEY: cells}, table=table, points=points, table_key=TABLE_KEY, image_key=IMAGE_KEY
+        image=image,
+        shapes={CELLS_KEY: cells},
+        table=table,
+        points=points,
+        table_key=TABLE_KEY,
+        image_key=IMAGE_KEY,
     )
     return set_attrs(
         sdata,
@@ -207,19 +252,31 @@ def _he_element(he_image, he_alignment, pixel_size: float):
         t = Sequence([Affine(a, input_axes=("x", "y"), output_axes=("x", "y")), to_morph_px])
         mpp = pixel_size * float(np.sqrt(abs(np.linalg.det(a[:2, :2]))))
     else:
-        logger.info("No `he_alignment`: assuming %s is registered to the morphology image (%.4f µm/px).", file, pixel_size)
+        logger.info(
+            "No `he_alignment`: assuming %s is registered to the morphology image (%.4f µm/px).",
+            file,
+            pixel_size,
+        )
         t, mpp = to_morph_px, pixel_size
     return image_element(read_image_lazy(file), {MICRONS: t}), mpp
 
 
 def _read_stock(root: Path, transcripts: bool, gex_only: bool):
     """Read with spatialdata-io when its required files exist; ``None`` otherwise (logged)."""
-    need = ["experiment.xenium", "cells.zarr.zip", "cell_feature_matrix.h5", "cells.parquet", "cell_boundaries.parquet"]
+    need = [
+        "experiment.xenium",
+        "cells.zarr.zip",
+        "cell_feature_matrix.h5",
+        "cells.parquet",
+        "cell_boundaries.parquet",
+    ]
     if transcripts:
         need.append("transcripts.parquet")
     missing = [f for f in need if not (root / f).exists()]
     if missing:
-        logger.info("spatialdata_io.xenium needs %s, missing in %s; reading the plain files.", missing, root)
+        logger.info(
+            "spatialdata_io.xenium needs %s, missing in %s; reading the plain files.", missing, root
+        )
         return None
     try:
         import spatialdata_io
@@ -242,7 +299,11 @@ def _read_stock(root: Path, transcripts: bool, gex_only: bool):
         tab = sd0.tables["table"]
         obs = tab.obs.drop(columns=[c for c in ("region",) if c in tab.obs]).copy()
         obs["cell_id"] = obs["cell_id"].astype(str)
-        adata = ad.AnnData(X=as_counts_matrix(tab.X), obs=obs.set_index(obs["cell_id"].to_numpy()), var=tab.var.copy())
+        adata = ad.AnnData(
+            X=as_counts_matrix(tab.X),
+            obs=obs.set_index(obs["cell_id"].to_numpy()),
+            var=tab.var.copy(),
+        )
         adata.obs.index.name = None
         centroids = np.asarray(tab.obsm["spatial"], dtype=float)
         bounds = sd0.shapes["cell_boundaries"]
@@ -255,7 +316,9 @@ def _read_stock(root: Path, transcripts: bool, gex_only: bool):
             set_transformation(pts, {MICRONS: Identity()}, set_all=True)
         return adata, centroids, boundaries, pts
     except Exception as err:  # noqa: BLE001 - fall back to the plain files
-        logger.warning("spatialdata_io.xenium failed on %s (%s); reading the plain files.", root, err)
+        logger.warning(
+            "spatialdata_io.xenium failed on %s (%s); reading the plain files.", root, err
+        )
         return None
 
 
@@ -273,9 +336,16 @@ def _read_table_file(file: Path) -> pd.DataFrame:
 def _read_files(root: Path, transcripts: bool, gex_only: bool):
     counts = first_existing(root, ("cell_feature_matrix.h5", "cell_feature_matrix"))
     cells_file = first_existing(root, ("cells.parquet", "cells.csv.gz", "cells.csv"))
-    bounds_file = first_existing(root, ("cell_boundaries.parquet", "cell_boundaries.csv.gz", "cell_boundaries.csv"))
+    bounds_file = first_existing(
+        root, ("cell_boundaries.parquet", "cell_boundaries.csv.gz", "cell_boundaries.csv")
+    )
     tx_file = first_existing(root, ("transcripts.parquet", "transcripts.csv.gz", "transcripts.csv"))
-    for what, f in (("counts", counts), ("cells", cells_file), ("cell boundaries", bounds_file), ("transcripts", tx_file)):
+    for what, f in (
+        ("counts", counts),
+        ("cells", cells_file),
+        ("cell boundaries", bounds_file),
+        ("transcripts", tx_file),
+    ):
         if f is None:
             logger.info("Xenium %s file not found in %s.", what, root)
     if counts is None and tx_file is None:
@@ -293,9 +363,13 @@ def _read_files(root: Path, transcripts: bool, gex_only: bool):
     if counts is not None:
         adata = read_10x_counts(counts, gex_only=gex_only)
     else:
-        logger.info("No cell_feature_matrix in %s; counting transcripts per cell (qv >= %s).", root, MIN_QV)
+        logger.info(
+            "No cell_feature_matrix in %s; counting transcripts per cell (qv >= %s).", root, MIN_QV
+        )
         adata = _counts_from_transcripts(tx, gex_only)
-    adata = ad.AnnData(X=adata.X, obs=pd.DataFrame(index=adata.obs_names.astype(str)), var=adata.var.copy())
+    adata = ad.AnnData(
+        X=adata.X, obs=pd.DataFrame(index=adata.obs_names.astype(str)), var=adata.var.copy()
+    )
 
     # cell positions: cells table, else boundary centroids, else transcript means
     if cells_file is not None:
@@ -303,7 +377,10 @@ def _read_files(root: Path, transcripts: bool, gex_only: bool):
         meta.index = meta.index.astype(str)
         pos_ids = meta.index
     elif boundaries is not None:
-        logger.info("No cells.parquet / cells.csv.gz in %s; cell centroids and areas from the boundaries.", root)
+        logger.info(
+            "No cells.parquet / cells.csv.gz in %s; cell centroids and areas from the boundaries.",
+            root,
+        )
         meta = pd.DataFrame(
             {
                 "cell_id": boundaries.index,
@@ -315,8 +392,14 @@ def _read_files(root: Path, transcripts: bool, gex_only: bool):
         )
         pos_ids = meta.index
     else:
-        logger.info("No cells or boundaries in %s; cell centroids from the mean transcript position.", root)
-        g = tx[~tx["cell_id"].isin(_UNASSIGNED)].groupby("cell_id")[["x_location", "y_location"]].mean()
+        logger.info(
+            "No cells or boundaries in %s; cell centroids from the mean transcript position.", root
+        )
+        g = (
+            tx[~tx["cell_id"].isin(_UNASSIGNED)]
+            .groupby("cell_id")[["x_location", "y_location"]]
+            .mean()
+        )
         meta = g.rename(columns={"x_location": "x_centroid", "y_location": "y_centroid"})
         meta["cell_id"] = meta.index.astype(str)
         meta.index = meta.index.astype(str)
@@ -351,7 +434,9 @@ def _counts_from_transcripts(tx: pd.DataFrame, gex_only: bool) -> ad.AnnData:
         t = t[~t["feature_name"].astype(str).str.startswith(_CONTROL_PREFIXES)]
     cells, ci = np.unique(t["cell_id"].to_numpy(), return_inverse=True)
     genes, gi = np.unique(t["feature_name"].astype(str).to_numpy(), return_inverse=True)
-    x = sparse.csr_matrix((np.ones(len(t), dtype=np.float32), (ci, gi)), shape=(len(cells), len(genes)))
+    x = sparse.csr_matrix(
+        (np.ones(len(t), dtype=np.float32), (ci, gi)), shape=(len(cells), len(genes))
+    )
     x.sum_duplicates()
     return ad.AnnData(X=x, obs=pd.DataFrame(index=cells.astype(str)), var=pd.DataFrame(index=genes))
 
@@ -362,14 +447,21 @@ def _points(tx_file: Path, tx: pd.DataFrame | None):
         sample = ddf.head(1)
         for col in ("feature_name", "cell_id"):
             if col in sample and len(sample) and isinstance(sample[col].iloc[0], bytes):
-                ddf[col] = ddf[col].map_partitions(lambda s: s.str.decode("utf-8"), meta=(col, "object"))
+                ddf[col] = ddf[col].map_partitions(
+                    lambda s: s.str.decode("utf-8"), meta=(col, "object")
+                )
         cats = ddf["feature_name"].drop_duplicates().compute()
-        ddf["feature_name"] = ddf["feature_name"].astype(pd.CategoricalDtype(categories=sorted(cats.astype(str))))
+        ddf["feature_name"] = ddf["feature_name"].astype(
+            pd.CategoricalDtype(categories=sorted(cats.astype(str)))
+        )
         data = ddf
     else:
         data = tx.copy()
         data["feature_name"] = data["feature_name"].astype(str).astype("category")
-    data = data[[c for c in data.columns if c != "z_location"] + (["z_location"] if "z_location" in data.columns else [])]
+    data = data[
+        [c for c in data.columns if c != "z_location"]
+        + (["z_location"] if "z_location" in data.columns else [])
+    ]
     return PointsModel.parse(
         data,
         coordinates={"x": "x_location", "y": "y_location"},

@@ -334,7 +334,9 @@ def _instantiate(cfg: SquallConfig, state: Mapping[str, torch.Tensor], source: s
         model = Squall(cfg, init_weights=False)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     _check_keys(expected, state, source)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    # copy into fresh (aligned) memory: tensors of a memory-mapped file are not aligned the way
+    # freshly allocated ones are, which changes BLAS summation order in the last bits
+    state = {k: v.to(dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
@@ -440,12 +442,12 @@ def _load_official(
     overrides = {} if mpp is None else {"mpp": float(mpp)}
     cfg = config_from_state_dict(state, img_size=img_size, **overrides)
     vocab = _read_vocab(genes_file, cfg.n_genes, gene_order)
+    model = _instantiate(cfg, state, str(path), dtype)
     if vocab is None:
         logger.warning(
             "Loaded %s without a gene-order file: output channels are unnamed (0..%d). Pass "
             "genes_file='gene_token_homologs.csv' to name them.", path.name, cfg.n_genes - 1,
         )
-    model = _instantiate(cfg, state, str(path), dtype)
     if vocab is not None:
         model.set_vocabulary(vocab)
     model.weights_sha256 = _sha256(path)

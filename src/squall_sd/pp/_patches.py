@@ -17,6 +17,7 @@ from squall_sd.pp._utils import (
     centers_from,
     check_positive,
     image_levels,
+    is_axis_aligned,
     pick_level,
 )
 
@@ -51,6 +52,11 @@ class PatchDataset:
         it and clipped (Visium white balance, see :func:`estimate_white_point`).
     transform
         Optional callable applied to each ``uint8`` patch before it is returned (augmentation).
+    cache_mb
+        A level of at most this many megabytes is read into memory once, on first access, and
+        patches are then cut from memory (small JPEG / PNG images are decoded in one piece, so
+        reading them window by window would decode the whole file for every patch). Larger levels
+        are always read window by window. ``0`` never caches.
     """
 
     def __init__(
@@ -62,8 +68,11 @@ class PatchDataset:
         mpp: float = 0.5,
         white_point: Sequence[float] | None = None,
         transform: Callable[[np.ndarray], Any] | None = None,
+        cache_mb: float = 64.0,
     ) -> None:
         self.level = level
+        self.cache_mb = float(cache_mb)
+        self._cache: np.ndarray | None = None
         self.centers_um = np.asarray(centers_um, dtype=float).reshape(-1, 2)
         self.patch_px = int(patch_px)
         if self.patch_px <= 0:
@@ -85,6 +94,7 @@ class PatchDataset:
         # output pixel centres relative to the patch centre (microns)
         off = (np.arange(self.patch_px) + 0.5 - self.patch_px / 2) * self.mpp
         self._off = off
+        self._separable = is_axis_aligned(self._inv)
 
     # ------------------------------------------------------------------ dataset protocol
     def __len__(self) -> int:
@@ -94,6 +104,7 @@ class PatchDataset:
         if not -len(self) <= int(i) < len(self):
             raise IndexError(f"Patch index {i} out of range for {len(self)} patches.")
         cx, cy = self.centers_um[int(i)]
+        self._fill_cache()
         window, (x0, y0) = self._window(cx, cy)
         data = window.compute(scheduler="synchronous") if hasattr(window, "compute") else window
         patch = self._resample(data, x0, y0, cx, cy)
@@ -115,8 +126,9 @@ class PatchDataset:
         idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=int).reshape(-1)
         if len(idx) == 0:
             return np.zeros((0, 3, self.patch_px, self.patch_px), dtype=np.uint8)
+        self._fill_cache()
         wins = [self._window(*self.centers_um[i]) for i in idx]
-        datas = dask.compute(*[w for w, _ in wins])
+        datas = dask.compute(*[w for w, _ in wins], scheduler="threads")
         out = np.empty((len(idx), 3, self.patch_px, self.patch_px), dtype=np.uint8)
         for k, (i, data, (_, (x0, y0))) in enumerate(zip(idx, datas, wins, strict=True)):
             cx, cy = self.centers_um[i]
@@ -124,6 +136,16 @@ class PatchDataset:
         return out
 
     # ------------------------------------------------------------------ internals
+    @property
+    def cached(self) -> bool:
+        """Whether the level has been read into memory (see ``cache_mb``)."""
+        return self._cache is not None
+
+    def _fill_cache(self) -> None:
+        if self._cache is None and self.level.data[:3].nbytes <= self.cache_mb * 1e6:
+            self._cache = np.asarray(self.level.data[:3].compute())
+            logger.debug("PatchDataset: level %s read into memory", self.level.name)
+
     def _level_coords(self, cx: float, cy: float) -> tuple[np.ndarray, np.ndarray]:
         """Continuous level pixel indices (row, col; pixel centres at integers) of the output grid."""
         inv = self._inv
@@ -150,12 +172,13 @@ class PatchDataset:
         h_img, w_img = self.level.shape_yx
         xa, xb = max(x0, 0), min(x1, w_img)
         ya, yb = max(y0, 0), min(y1, h_img)
-        data = self.level.data
+        data = self.level.data if self._cache is None else self._cache
         if xa >= xb or ya >= yb:  # entirely outside the image
             return np.full((3, y1 - y0, x1 - x0), PAD_VALUE, dtype=data.dtype), (x0, y0)
         win = data[:3, ya:yb, xa:xb]
+        pad = da.pad if isinstance(win, da.Array) else np.pad
         if (xa, ya, xb, yb) != (x0, y0, x1, y1):
-            win = da.pad(
+            win = pad(
                 win,
                 ((0, 0), (ya - y0, y1 - yb), (xa - x0, x1 - xb)),
                 mode="constant",
@@ -169,20 +192,42 @@ class PatchDataset:
         if f > 1:
             c, h, w = arr.shape
             arr = arr[:, : h // f * f, : w // f * f].reshape(c, h // f, f, w // f, f).mean(axis=(2, 4))
-        rows, cols = self._level_coords(cx, cy)
-        # window index of level pixel centre r: (r + 0.5 - origin) / f - 0.5
-        rows = (rows + 0.5 - y0) / f - 0.5
-        cols = (cols + 0.5 - x0) / f - 0.5
-        coords = np.stack([rows, cols])
-        out = np.empty((3, self.patch_px, self.patch_px), dtype=np.float32)
-        for ch in range(3):
-            ndimage.map_coordinates(
-                arr[ch], coords, output=out[ch], order=1, mode="nearest", prefilter=False
-            )
+        if self._separable:
+            # axis-aligned (scale / flip / translation): bilinear resampling as two small matmuls
+            inv = self._inv
+            rows = (inv[1, 1] * (cy + self._off) + inv[1, 2] - y0) / f - 0.5
+            cols = (inv[0, 0] * (cx + self._off) + inv[0, 2] - x0) / f - 0.5
+            wy = _bilinear_matrix(rows, arr.shape[1])
+            wx = _bilinear_matrix(cols, arr.shape[2])
+            out = np.matmul(np.matmul(wy[None], arr), wx.T[None])
+        else:
+            rows, cols = self._level_coords(cx, cy)
+            # window index of level pixel centre r: (r + 0.5 - origin) / f - 0.5
+            rows = (rows + 0.5 - y0) / f - 0.5
+            cols = (cols + 0.5 - x0) / f - 0.5
+            coords = np.stack([rows, cols])
+            out = np.empty((3, self.patch_px, self.patch_px), dtype=np.float32)
+            for ch in range(3):
+                ndimage.map_coordinates(
+                    arr[ch], coords, output=out[ch], order=1, mode="nearest", prefilter=False
+                )
         if self.white_point is not None:
             out *= (255.0 / self.white_point)[:, None, None]
         np.clip(np.rint(out, out=out), 0, 255, out=out)
         return out.astype(np.uint8)
+
+
+def _bilinear_matrix(pos: np.ndarray, n: int) -> np.ndarray:
+    """(len(pos), n) linear-interpolation weights at fractional indices ``pos`` (edges clamped)."""
+    pos = np.clip(pos, 0, n - 1)
+    i0 = np.minimum(np.floor(pos).astype(np.int64), max(n - 2, 0))
+    t = (pos - i0).astype(np.float32)
+    w = np.zeros((len(pos), n), dtype=np.float32)
+    k = np.arange(len(pos))
+    w[k, i0] = 1 - t
+    if n > 1:
+        w[k, i0 + 1] += t
+    return w
 
 
 def extract_patches(
@@ -195,6 +240,7 @@ def extract_patches(
     scale: str | int | None = "auto",
     white_point: Sequence[float] | None = None,
     transform: Callable[[np.ndarray], Any] | None = None,
+    cache_mb: float = 64.0,
 ) -> PatchDataset:
     """Return a lazy dataset of RGB patches of ``patch_px`` pixels at ``mpp`` µm/px around centres in microns.
 
@@ -229,6 +275,10 @@ def extract_patches(
         balance); see :func:`estimate_white_point`.
     transform
         Optional callable applied to each patch in ``__getitem__`` (e.g. :func:`he_stain_jitter`).
+    cache_mb
+        Read the chosen level into memory once when it is at most this many megabytes (fast for
+        small JPEG / PNG images); larger levels are always read window by window, so memory stays
+        flat for whole-slide images. ``0`` disables the cache.
 
     Returns
     -------
@@ -243,7 +293,13 @@ def extract_patches(
     levels = image_levels(sdata, image_key)
     level = pick_level(levels, mpp, scale)
     ds = PatchDataset(
-        level, centers, patch_px=patch_px, mpp=mpp, white_point=white_point, transform=transform
+        level,
+        centers,
+        patch_px=patch_px,
+        mpp=mpp,
+        white_point=white_point,
+        transform=transform,
+        cache_mb=cache_mb,
     )
     logger.info("extract_patches: %r", ds)
     return ds

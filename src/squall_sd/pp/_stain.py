@@ -47,15 +47,17 @@ def he_stain_jitter(
     rgb: np.ndarray,
     *,
     sigma: float = 0.05,
-    bias: float = 0.01,
+    bias: float = 0.05,
     rng: np.random.Generator | int | None = None,
 ) -> np.ndarray:
     """Randomly perturb the haematoxylin, eosin and DAB intensities of an RGB image (augmentation).
 
-    The image is converted to HED stain space (:func:`skimage.color.rgb2hed`); each stain channel
+    The image is converted to optical density and unmixed into H, E and DAB concentrations with
+    the Ruifrok & Johnston stain matrix (:data:`skimage.color.hed_from_rgb`); each concentration
     ``s`` becomes ``alpha * s + beta`` with ``alpha ~ U(1 - sigma, 1 + sigma)`` and
-    ``beta ~ U(-bias, bias)`` (one draw per channel per call), and the result is converted back
-    (:func:`skimage.color.hed2rgb`).
+    ``beta ~ U(-bias, bias)`` (one draw per stain per call), and the image is re-rendered
+    (:data:`skimage.color.rgb_from_hed`). Unlike :func:`skimage.color.rgb2hed`, negative
+    concentrations are kept, so ``sigma = bias = 0`` returns the image unchanged.
 
     Parameters
     ----------
@@ -64,7 +66,7 @@ def he_stain_jitter(
     sigma
         Half-width of the multiplicative jitter per stain.
     bias
-        Half-width of the additive jitter per stain, in skimage's HED units.
+        Half-width of the additive jitter per stain, in optical-density units (natural log).
     rng
         Random generator or seed.
 
@@ -76,8 +78,10 @@ def he_stain_jitter(
     rng = np.random.default_rng(rng)
     alpha = rng.uniform(1 - sigma, 1 + sigma, size=3)
     beta = rng.uniform(-bias, bias, size=3)
-    hed = color.rgb2hed(_as_float(hwc))
-    out = color.hed2rgb(hed * alpha + beta)
+    img = _as_float(hwc)
+    od = -np.log(np.clip(img, 1.0 / 512, 1.0))
+    hed = od @ color.hed_from_rgb
+    out = np.exp(-((hed * alpha + beta) @ color.rgb_from_hed))
     return _from_float(out, hwc, cf)
 
 

@@ -535,7 +535,16 @@ class ShardDataModule(pl.LightningDataModule):
             prefetch_factor=4 if nw > 0 else None,
         )
 
+    def sync_position(self, batches_seen: int) -> None:
+        """Point the training stream at batch ``batches_seen`` (epoch = quotient, skip = remainder)."""
+        if self.train_ds is None:
+            return
+        nb = max(1, self.train_ds.n_batches())
+        self.train_ds.set_epoch(batches_seen // nb, batches_seen % nb)
+
     def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None and self.trainer.lightning_module is not None:
+            self.sync_position(int(getattr(self.trainer.lightning_module, "batches_seen", 0)))
         return self._loader(self.train_ds)
 
     def val_dataloader(self) -> DataLoader | list:

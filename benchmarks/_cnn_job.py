@@ -1,0 +1,79 @@
+"""Train the ST-Net-style DenseNet-121 rows of the her2st benchmark from an exported pack.
+
+The main script writes the pack (``--cnn-export``: the same JPEG-q95-encoded tiles, training
+targets and splits) so that the from-scratch CNN can be trained where there is a GPU; its
+predictions come back with ``--cnn-preds``. Needs only numpy, pillow and torch:
+
+    python benchmarks/_cnn_job.py PACK.npz PREDS.npz --device cuda --epochs 30 --px 224
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _models as M  # noqa: E402
+
+
+def encode_tiles(tiles: np.ndarray, quality: int = 95) -> np.ndarray:
+    out = []
+    for t in tiles:
+        buf = io.BytesIO()
+        Image.fromarray(t).save(buf, format="JPEG", quality=quality)
+        out.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+    lens = np.array([len(b) for b in out])
+    return np.concatenate(out), lens
+
+
+def decode_tiles(blob: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    offs = np.concatenate([[0], np.cumsum(lens)])
+    return np.stack([np.asarray(Image.open(io.BytesIO(blob[offs[i]:offs[i + 1]].tobytes())).convert("RGB"))
+                     for i in range(len(lens))])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("pack")
+    p.add_argument("out")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--px", type=int, default=224)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--minutes", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    import torch
+
+    z = np.load(a.pack, allow_pickle=False)
+    meta = json.loads(str(z["meta"]))
+    tiles = decode_tiles(z["blob"], z["lens"])
+    sections = meta["sections"]
+    offs = np.concatenate([[0], np.cumsum(meta["n_per_section"])])
+    sec_tiles = {s: tiles[offs[i]:offs[i + 1]] for i, s in enumerate(sections)}
+    out, records = {}, {}
+    for split, sp in meta["splits"].items():
+        tr = np.concatenate([sec_tiles[s] for s in sp["train"]])
+        ytr = z[f"ytr_{sp['tag']}"]
+        t = time.time()
+        predict, rec = M.train_densenet(tr, ytr, size=a.px, epochs=a.epochs, max_minutes=a.minutes,
+                                        batch_size=a.batch, lr=a.lr, seed=a.seed, device=a.device)
+        for s in sp["test"]:
+            out[f"{sp['tag']}__{s}"] = predict(sec_tiles[s]).astype(np.float32)
+        rec["seconds"] = time.time() - t
+        rec["gpu"] = torch.cuda.get_device_name() if a.device.startswith("cuda") else ""
+        records[split] = rec
+        print(split, rec, flush=True)
+    np.savez(a.out, records=json.dumps(records), **out)
+
+
+if __name__ == "__main__":
+    main()
