@@ -180,6 +180,15 @@ def _extract_tiles_package(sec: Section, mpp: float, size: int, black_to_white: 
     return tiles
 
 
+def _has_pp() -> bool:
+    try:
+        import squall_sd
+
+        return hasattr(squall_sd.pp, "extract_patches")
+    except ImportError:
+        return False
+
+
 def cache_key(names: list[str], mpp: float, size: int, black_to_white: bool, extra: str = "") -> str:
     """Short hash of everything that determines a section's tiles."""
     payload = json.dumps([sorted(names), round(mpp, 4), size, black_to_white, extra, 2])
@@ -200,7 +209,8 @@ def attach_tiles(
     for name, sec in sections.items():
         if sec.image_path is None:
             continue
-        key = cache_key([name], mpp, size, black_to_white, sec.meta.get("reader", ""))
+        tiler = "pp" if sec.meta.get("sdata") is not None and _has_pp() else "direct"
+        key = cache_key([name], mpp, size, black_to_white, sec.meta.get("reader", "") + tiler)
         path = CACHE / f"her2st_{name}_{mpp:g}mpp_{size}px_{key}.npz"
         if cache and path.exists():
             z = np.load(path, allow_pickle=False)

@@ -13,9 +13,7 @@ import squall_sd as squall
 from squall_sd.datasets._datasets import _bundle_dir
 from squall_sd.io import _he
 
-SVS_DESCRIPTION = (
-    "Aperio Image Library v12.0.15 \n1536x1536 [0,0 1536x1536] (256x256) RGB|AppMag = 20|MPP = 0.4990"
-)
+SVS_DESCRIPTION = "Aperio Image Library v12.0.15 \n1536x1536 [0,0 1536x1536] (256x256) RGB|AppMag = 20|MPP = 0.4990"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +35,12 @@ def test_ome_tiff_pyramid(crop, tmp_path):
     path = tmp_path / "slide.ome.tif"
     with tifffile.TiffWriter(path, ome=True) as tw:
         opts = dict(tile=(256, 256), compression="zlib", photometric="rgb")
-        tw.write(crop, subifds=2, metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}, **opts)
+        tw.write(
+            crop,
+            subifds=2,
+            metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
+            **opts,
+        )
         tw.write(crop[::2, ::2], subfiletype=1, **opts)
         tw.write(crop[::4, ::4], subfiletype=1, **opts)
     sdata = squall.io.he(path)
@@ -48,7 +51,9 @@ def test_ome_tiff_pyramid(crop, tmp_path):
     assert len(_levels(sdata)) == 3
     img = _scale0(sdata)
     assert isinstance(img.data, da.Array) and img.shape == (3, 1536, 1536)
-    np.testing.assert_array_equal(img.data[:, 300:400, 500:600].compute(), np.moveaxis(crop[300:400, 500:600], -1, 0))
+    np.testing.assert_array_equal(
+        img.data[:, 300:400, 500:600].compute(), np.moveaxis(crop[300:400, 500:600], -1, 0)
+    )
     coarse = sdata.images["he"]["scale2"]["image"]
     assert coarse.shape == (3, 384, 384)
     t = get_transformation(coarse, to_coordinate_system="microns")
@@ -59,7 +64,14 @@ def test_ome_tiff_pyramid(crop, tmp_path):
 
 def test_tiff_resolution_centimeter(crop, tmp_path):
     path = tmp_path / "slide.tif"
-    tifffile.imwrite(path, crop, photometric="rgb", tile=(256, 256), resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        crop,
+        photometric="rgb",
+        tile=(256, 256),
+        resolution=(1e4 / 0.25, 1e4 / 0.25),
+        resolutionunit="CENTIMETER",
+    )
     sdata = squall.io.he(path)
     assert sdata.attrs["squall"]["mpp"] == pytest.approx(0.25)
     assert sdata.attrs["squall"]["mpp_source"] == "TIFF XResolution/ResolutionUnit"
@@ -116,7 +128,13 @@ def test_jpeg_needs_mpp_and_is_lazy(crop, tmp_path, monkeypatch):
 
 def test_given_mpp_overrides_metadata(crop, tmp_path):
     path = tmp_path / "slide.tif"
-    tifffile.imwrite(path, crop, photometric="rgb", resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        crop,
+        photometric="rgb",
+        resolution=(1e4 / 0.25, 1e4 / 0.25),
+        resolutionunit="CENTIMETER",
+    )
     sdata = squall.io.he(path, mpp=0.3)
     assert sdata.attrs["squall"]["mpp"] == 0.3 and sdata.attrs["squall"]["mpp_source"] == "argument"
 

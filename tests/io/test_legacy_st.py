@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import logging
 
 import dask.array as da
 import numpy as np
@@ -21,7 +20,9 @@ A1_SCALE = 0.2876042565429968  # coord_scale_to_image of A1 in sections.csv
 
 def _her2st(shared, sec, **kw):
     d = shared / "her2st"
-    return squall.io.legacy_st(d / "counts" / f"{sec}.tsv.gz", d / "spots" / f"{sec}_selection.tsv", **kw)
+    return squall.io.legacy_st(
+        d / "counts" / f"{sec}.tsv.gz", d / "spots" / f"{sec}_selection.tsv", **kw
+    )
 
 
 @pytest.fixture(scope="module", params=["C2", "C3"])
@@ -33,13 +34,17 @@ def c_section(request, shared_data):
 
 @pytest.fixture(scope="module")
 def a1(shared_data):
-    return _her2st(shared_data, "A1", image=shared_data / "her2st" / "images" / "A1.png", image_scale=A1_SCALE)
+    return _her2st(
+        shared_data, "A1", image=shared_data / "her2st" / "images" / "A1.png", image_scale=A1_SCALE
+    )
 
 
 @pytest.fixture(scope="module")
 def mob1(shared_data):
     d = shared_data / "mob"
-    return squall.io.legacy_st(d / "MOB1.tsv", d / "alignment_table_MOB1.tsv", d / "MOB1.jpg", on_unmatched="drop")
+    return squall.io.legacy_st(
+        d / "MOB1.tsv", d / "alignment_table_MOB1.tsv", d / "MOB1.jpg", on_unmatched="drop"
+    )
 
 
 def _array_neighbour_distances(adata, steps):
@@ -85,7 +90,9 @@ def test_c_section_structure(c_section, shared_data):
     assert sparse.issparse(adata.X) and adata.X.format == "csr"
     assert np.issubdtype(adata.X.dtype, np.integer)
     assert {"array_x", "array_y"} <= set(adata.obs.columns)
-    assert list(adata.obs_names[:3]) == [f"{x}x{y}" for x, y in adata.obs[["array_x", "array_y"]].to_numpy()[:3]]
+    assert list(adata.obs_names[:3]) == [
+        f"{x}x{y}" for x, y in adata.obs[["array_x", "array_y"]].to_numpy()[:3]
+    ]
     assert set(sdata.images) == {"he"} and set(sdata.shapes) == {"spots"}
     assert sdata.tables["table"].uns["spatialdata_attrs"]["region"] == "spots"
 

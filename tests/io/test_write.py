@@ -58,7 +58,9 @@ def test_round_trip_identical(example, written):
     assert b.uns["spatialdata_attrs"] == a.uns["spatialdata_attrs"]
     # shapes
     sa, sb = example.shapes["spots"], back.shapes["spots"]
-    np.testing.assert_allclose(sa.geometry.get_coordinates().to_numpy(), sb.geometry.get_coordinates().to_numpy())
+    np.testing.assert_allclose(
+        sa.geometry.get_coordinates().to_numpy(), sb.geometry.get_coordinates().to_numpy()
+    )
     np.testing.assert_allclose(sa["radius"].to_numpy(), sb["radius"].to_numpy())
     # images: every level, pixel for pixel
     ia, ib = example.images["he"], back.images["he"]
@@ -66,7 +68,11 @@ def test_round_trip_identical(example, written):
     for level in ia.children:
         np.testing.assert_array_equal(ia[level]["image"].values, ib[level]["image"].values)
     # transformations (same map; the stored axis order may differ) and attrs
-    for ea, eb in ((sa, sb), (ia["scale0"]["image"], ib["scale0"]["image"]), (ia["scale1"]["image"], ib["scale1"]["image"])):
+    for ea, eb in (
+        (sa, sb),
+        (ia["scale0"]["image"], ib["scale0"]["image"]),
+        (ia["scale1"]["image"], ib["scale1"]["image"]),
+    ):
         np.testing.assert_allclose(_affine(ea), _affine(eb))
     assert back.attrs["squall"] == example.attrs["squall"]
     assert squall.io.get_mpp(back) == pytest.approx(squall.io.get_mpp(example))
@@ -81,11 +87,10 @@ def test_existing_store_needs_overwrite(example, written):
 
 def test_overwrite_replaces(example, tmp_path):
     path = tmp_path / "s.zarr"
-    squall.io.write(example, path)
-    small = sd.SpatialData(shapes={"spots": example.shapes["spots"]})
-    squall.io.write(small, path, overwrite=True)
+    squall.io.write(sd.SpatialData(shapes={"spots": example.shapes["spots"]}), path)
+    squall.io.write(sd.SpatialData(tables={"table": example.tables["table"]}), path, overwrite=True)
     back = sd.read_zarr(path)
-    assert set(back.shapes) == {"spots"} and not back.images and not back.tables
+    assert set(back.tables) == {"table"} and not back.shapes and not back.images
     assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]  # no temp or old copies left
 
 

@@ -117,15 +117,19 @@ def test_binary_grouped_and_outcomes_from_obs(tiles):
     adata, out = tiles
     adata = adata.copy()
     adata.obs["responder"] = out["responder"].reindex(adata.obs["slide"]).to_numpy()
-    adata.obs["patient_id"] = adata.obs["patient"].astype(str)
     model = squall.tl.fit_outcome(
-        adata, embeddings="X_emb", response="responder", task="binary", cv=3, groups="patient_id", epochs=60
-    )  # outcomes read from obs; folds never split a patient
-    slides = model.cv_results
-    assert slides.groupby("patient_id")["fold"].nunique().max() == 1
+        adata, embeddings="X_emb", response="responder", task="binary", cv=3, epochs=60
+    )  # outcomes read from obs (constant within each slide)
     assert model.metrics["auc"]["pooled"] > 0.6
     pred = model.predict(adata, copy=True)
     assert pred["probability"].between(0, 1).all()
+    # grouped folds never split a patient (three patients here: leave-one-patient-out)
+    adata.obs["patient_id"] = adata.obs["patient"].astype(str)
+    grouped = squall.tl.fit_outcome(
+        adata, embeddings="X_emb", response="responder", task="binary", cv=3, groups="patient_id", epochs=5
+    )
+    assert grouped.cv_results.groupby("patient_id")["fold"].nunique().max() == 1
+    assert grouped.cv_results["fold"].nunique() == 3
 
 
 def test_errors(tiles):

@@ -18,9 +18,13 @@ def _overview_spatialdata_plot(sdata, png: Path, color: str) -> None:
     try:
         (
             sdata.pl.render_images(IMAGE_KEY)
-            .pl.render_shapes(SPOTS_KEY, color=color, table_name=TABLE_KEY, cmap="viridis", fill_alpha=0.7)
+            .pl.render_shapes(
+                SPOTS_KEY, color=color, table_name=TABLE_KEY, cmap="viridis", fill_alpha=0.7
+            )
             .pl.show(coordinate_systems=MICRONS, ax=ax, title=f"{color} per spot", colorbar=True)
         )
+        ax.set_xlabel("x (µm)")
+        ax.set_ylabel("y (µm)")
         fig.savefig(png, bbox_inches="tight")
     finally:
         plt.close(fig)
@@ -41,7 +45,11 @@ def _overview_matplotlib(sdata, png: Path, color: str) -> None:
     else:
         level, arr = "scale0", image
     rgb = np.moveaxis(np.asarray(arr.values), 0, -1)
-    full_h = next(iter(image["scale0"].values())).shape[1] if hasattr(image, "children") else arr.shape[1]
+    full_h = (
+        next(iter(image["scale0"].values())).shape[1]
+        if hasattr(image, "children")
+        else arr.shape[1]
+    )
     mpp = get_mpp(sdata)
     extent_um = (0, rgb.shape[1] * mpp * full_h / rgb.shape[0], full_h * mpp, 0)
     adata = sdata.tables[TABLE_KEY]
@@ -50,7 +58,9 @@ def _overview_matplotlib(sdata, png: Path, color: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 7), dpi=110)
     try:
         ax.imshow(rgb, extent=extent_um)
-        patches = PatchCollection([Circle((x, y), radius_um) for x, y in xy], cmap="viridis", alpha=0.7)
+        patches = PatchCollection(
+            [Circle((x, y), radius_um) for x, y in xy], cmap="viridis", alpha=0.7
+        )
         patches.set_array(np.asarray(adata.obs[color], dtype=float))
         ax.add_collection(patches)
         fig.colorbar(patches, ax=ax, label=color, shrink=0.7)
@@ -86,6 +96,7 @@ def run_demo(out: Path, png: Path, overwrite: bool = False) -> Path:
     ------
     FileExistsError
         If ``out`` or ``png`` exists and ``overwrite`` is false.
+
     """
     import matplotlib
 
@@ -96,9 +107,13 @@ def run_demo(out: Path, png: Path, overwrite: bool = False) -> Path:
 
     out, png = Path(out).expanduser(), Path(png).expanduser()
     if png.exists() and not overwrite:
-        raise FileExistsError(f"{str(png)!r} already exists. Pass --overwrite to replace it, or choose another path.")
+        raise FileExistsError(
+            f"{str(png)!r} already exists. Pass --overwrite to replace it, or choose another path."
+        )
     if out.exists() and not overwrite:  # checked before any work; write() checks again
-        raise FileExistsError(f"{str(out)!r} already exists. Pass --overwrite to replace it, or choose another path.")
+        raise FileExistsError(
+            f"{str(out)!r} already exists. Pass --overwrite to replace it, or choose another path."
+        )
     for p in (out, png):
         if not p.parent.is_dir():
             raise FileNotFoundError(f"The folder {str(p.parent)!r} to write into does not exist.")
@@ -116,7 +131,11 @@ def run_demo(out: Path, png: Path, overwrite: bool = False) -> Path:
         try:
             _overview_spatialdata_plot(sdata, tmp_png, "total_counts")
         except Exception as e:  # noqa: BLE001 - any plotting failure falls back to plain matplotlib
-            logger.warning("spatialdata-plot overview failed (%s: %s); drawing with matplotlib", type(e).__name__, e)
+            logger.warning(
+                "spatialdata-plot overview failed (%s: %s); drawing with matplotlib",
+                type(e).__name__,
+                e,
+            )
             _overview_matplotlib(sdata, tmp_png, "total_counts")
         tmp_png.replace(png)
     finally:

@@ -6,6 +6,12 @@
 
 from __future__ import annotations
 
-from squall_sd.datasets._datasets import attach_pathologist_labels, example, her2st, mob, xenium_lung
+from squall_sd.datasets._datasets import (
+    attach_pathologist_labels,
+    example,
+    her2st,
+    mob,
+    xenium_lung,
+)
 
 __all__ = ["attach_pathologist_labels", "example", "her2st", "mob", "xenium_lung"]

@@ -82,11 +82,17 @@ def _attach_clusters(sdata: SpatialData, path: Path) -> None:
     """Join the authors' expression clusters onto ``obs["her2st_cluster"]`` by array coordinates."""
     adata = sdata.tables[TABLE_KEY]
     clusters = pd.read_csv(path, sep="\t", index_col=0)
-    key = clusters["x"].round().astype(int).astype(str) + "x" + clusters["y"].round().astype(int).astype(str)
+    key = (
+        clusters["x"].round().astype(int).astype(str)
+        + "x"
+        + clusters["y"].round().astype(int).astype(str)
+    )
     label = pd.Series(clusters["label"].to_numpy(), index=key.to_numpy())
     label = label[~label.index.duplicated()]
     values = label.reindex(adata.obs_names)
-    adata.obs["her2st_cluster"] = pd.Categorical(values.astype("Int64").astype(str).where(values.notna()))
+    adata.obs["her2st_cluster"] = pd.Categorical(
+        values.astype("Int64").astype(str).where(values.notna())
+    )
 
 
 def attach_pathologist_labels(sdata: SpatialData, labels: str | os.PathLike) -> SpatialData:
@@ -104,6 +110,7 @@ def attach_pathologist_labels(sdata: SpatialData, labels: str | os.PathLike) -> 
     Returns
     -------
     ``sdata`` (modified in place); spots without a label get ``NaN``.
+
     """
     path = check_path(labels, "pathologist label table", kind="file")
     adata = sdata.tables[TABLE_KEY]
@@ -113,7 +120,9 @@ def attach_pathologist_labels(sdata: SpatialData, labels: str | os.PathLike) -> 
     series = series[~series.index.duplicated()]
     spot_key = adata.obs["array_x"].astype(str) + "x" + adata.obs["array_y"].astype(str)
     values = series.reindex(spot_key.to_numpy()).to_numpy()
-    cats = [c for c in PATHOLOGIST_LABELS if c in set(series)] + sorted(set(series) - set(PATHOLOGIST_LABELS))
+    cats = [c for c in PATHOLOGIST_LABELS if c in set(series)] + sorted(
+        set(series) - set(PATHOLOGIST_LABELS)
+    )
     adata.obs["pathologist_label"] = pd.Categorical(values, categories=cats)
     n = int(pd.notna(values).sum())
     logger.info("pathologist labels: %d of %d spots labelled", n, adata.n_obs)
@@ -135,6 +144,7 @@ def example() -> SpatialData:
     -------
     SpatialData with image ``"he"``, shapes ``"spots"`` (100 µm discs) and table ``"table"``, all in the
     ``"microns"`` coordinate system (see :func:`squall_sd.io.legacy_st`).
+
     """
     bundle = _bundle_dir()
     meta = json.loads((bundle / "meta.json").read_text())
@@ -148,7 +158,10 @@ def example() -> SpatialData:
     if (bundle / "clusters.tsv.gz").exists():
         _attach_clusters(sdata, bundle / "clusters.tsv.gz")
     sdata.attrs["squall"].update(
-        {"dataset": f"her2st {meta['section']} (bundled example)", "citation": "Andersson et al., Nat Commun 2021"}
+        {
+            "dataset": f"her2st {meta['section']} (bundled example)",
+            "citation": "Andersson et al., Nat Commun 2021",
+        }
     )
     return sdata
 
@@ -171,6 +184,7 @@ def her2st(section: str, root: str | os.PathLike, *, labels: bool = True) -> Spa
     -------
     SpatialData as from :func:`squall_sd.io.legacy_st`. Sections without an H&E in ``images/`` get
     spots and table only (placed in microns from the array fit).
+
     """
     r = _her2st_root(root)
     counts = r / "counts" / f"{section}.tsv.gz"
@@ -189,11 +203,20 @@ def her2st(section: str, root: str | os.PathLike, *, labels: bool = True) -> Spa
         for suffix in (".jpg", ".png", ".tif", ".tiff"):
             if (r / "images" / f"{section}{suffix}").exists():
                 image = r / "images" / f"{section}{suffix}"
-                logger.warning("%s: no sections.csv entry; assuming the image has full-resolution pixels", section)
+                logger.warning(
+                    "%s: no sections.csv entry; assuming the image has full-resolution pixels",
+                    section,
+                )
                 break
     if image is None:
         logger.info("her2st %s has no H&E here; reading spots and counts only", section)
-    sdata = legacy_st(counts, r / "spots" / f"{section}_selection.tsv", image, image_scale=image_scale, section=section)
+    sdata = legacy_st(
+        counts,
+        r / "spots" / f"{section}_selection.tsv",
+        image,
+        image_scale=image_scale,
+        section=section,
+    )
     lab = r / "labels" / f"{section}_labeled_coordinates.tsv"
     if labels and lab.exists():
         attach_pathologist_labels(sdata, lab)
@@ -222,6 +245,7 @@ def mob(section: str | int, root: str | os.PathLike, *, gene_symbols: bool = Tru
     -------
     SpatialData as from :func:`squall_sd.io.legacy_st` with the spots under tissue (``selected == 1``).
     The counts hold a few spots missing from the alignment table; they are off the tissue and dropped.
+
     """
     name = f"MOB{section}" if isinstance(section, int) or str(section).isdigit() else str(section)
     r = check_path(root, "MOB data folder", kind="dir")
@@ -281,6 +305,7 @@ def xenium_lung(
     ------
     ValueError
         If ``mpp`` is not given.
+
     """
     r = check_path(root, "Xenium lung data folder", kind="dir")
     if not (r / "h5ad").is_dir() and (r / "xenium_lung_ncbi858" / "h5ad").is_dir():
@@ -296,13 +321,22 @@ def xenium_lung(
     height, width = img.shape_yx
     inside = (centers[:, 0] < width) & (centers[:, 1] < height)
     if inside.mean() < 0.9:
-        raise ValueError(f"Cell positions of {h5ad.name} do not fit the image {img.path.name} ({width} x {height} px).")
+        raise ValueError(
+            f"Cell positions of {h5ad.name} do not fit the image {img.path.name} ({width} x {height} px)."
+        )
     X = adata.X
-    X = sparse.csr_matrix(X.astype(np.int32) if np.array_equal(np.asarray(X), np.round(np.asarray(X))) else X)
+    X = sparse.csr_matrix(
+        X.astype(np.int32) if np.array_equal(np.asarray(X), np.round(np.asarray(X))) else X
+    )
     obs = pd.DataFrame(index=adata.obs_names.copy())
     out = ad.AnnData(X=X, obs=obs, var=adata.var.copy())
     out.obsm["spatial"] = centers * mpp
-    out.uns["squall"] = {"technology": "xenium", "sample": sample, "mpp": mpp, "spatial_units": "microns"}
+    out.uns["squall"] = {
+        "technology": "xenium",
+        "sample": sample,
+        "mpp": mpp,
+        "spatial_units": "microns",
+    }
     out = table_element(out, CELLS_KEY)
     transformations = {MICRONS: microns_scale(mpp)}
     cells = circles_element(centers, cell_diameter_um / 2.0 / mpp, transformations)

@@ -84,6 +84,7 @@ def make_example(her2st_dir: Path, out: Path = DEFAULT_OUT, *, section: str = SE
     Returns
     -------
     The output folder.
+
     """
     from PIL import Image
 
@@ -107,7 +108,11 @@ def make_example(her2st_dir: Path, out: Path = DEFAULT_OUT, *, section: str = SE
     keep = counts.columns[in_hvg | counts.columns.isin(others)]
     small = counts[keep]
     small.index.name = None
-    small.to_csv(out / "counts.tsv.gz", sep="\t", compression={"method": "gzip", "compresslevel": 9, "mtime": 0})
+    small.to_csv(
+        out / "counts.tsv.gz",
+        sep="\t",
+        compression={"method": "gzip", "compresslevel": 9, "mtime": 0},
+    )
 
     # spot table and clusters: unchanged copies
     spots_src = her2st_dir / "spots" / f"{section}_selection.tsv"
@@ -118,7 +123,9 @@ def make_example(her2st_dir: Path, out: Path = DEFAULT_OUT, *, section: str = SE
 
     # H&E: resize to TARGET_MPP
     table = read_spot_table(spots_src)
-    full_mpp, _ = fit_mpp(table[["x", "y"]].to_numpy(float), table[["pixel_x", "pixel_y"]].to_numpy(float), 200.0)
+    full_mpp, _ = fit_mpp(
+        table[["x", "y"]].to_numpy(float), table[["pixel_x", "pixel_y"]].to_numpy(float), 200.0
+    )
     image_src = her2st_dir / str(row["image"])
     Image.MAX_IMAGE_PIXELS = None
     with Image.open(image_src) as im:
@@ -171,8 +178,12 @@ def make_example(her2st_dir: Path, out: Path = DEFAULT_OUT, *, section: str = SE
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_src = Path(__file__).resolve().parents[4] / "shared" / "data" / "her2st"  # <repo>/../shared
-    parser.add_argument("her2st_dir", nargs="?", default=str(default_src), help="her2st data folder")
+    default_src = (
+        Path(__file__).resolve().parents[4] / "shared" / "data" / "her2st"
+    )  # <repo>/../shared
+    parser.add_argument(
+        "her2st_dir", nargs="?", default=str(default_src), help="her2st data folder"
+    )
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (replaced)")
     parser.add_argument("--section", default=SECTION)
     args = parser.parse_args(argv)

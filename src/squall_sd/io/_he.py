@@ -37,7 +37,16 @@ _PLAUSIBLE_MPP = (0.05, 100.0)
 #: µm per unit of the TIFF ``ResolutionUnit`` tag (1: none, 2: inch, 3: centimetre; 4/5 from tifffile's extensions).
 _RESUNIT_UM = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}
 #: µm per unit of an OME ``PhysicalSizeXUnit``.
-_OME_UNIT_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+_OME_UNIT_UM = {
+    "µm": 1.0,
+    "um": 1.0,
+    "micron": 1.0,
+    "nm": 1e-3,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+    "Å": 1e-4,
+}
 
 
 @dataclass
@@ -56,6 +65,7 @@ class LazyImage:
         The file.
     extra
         Other metadata worth recording (format, objective power, ...).
+
     """
 
     levels: list[da.Array]
@@ -200,7 +210,12 @@ def _series_levels(series: Any) -> list[da.Array]:
                 kept.append(ax)
             else:
                 if n > 1:
-                    logger.warning("%s has %d planes along axis %r; reading the first", series.parent.filehandle.name, n, ax)
+                    logger.warning(
+                        "%s has %d planes along axis %r; reading the first",
+                        series.parent.filehandle.name,
+                        n,
+                        ax,
+                    )
                 index.append(0)
         a = a[tuple(index)]
         chan = [ax for ax in kept if ax in "SC"]
@@ -220,7 +235,9 @@ def _open_tiff(path: Path) -> LazyImage:
     except Exception as e:  # noqa: BLE001 - tifffile raises several types for bad files
         raise ValueError(f"Could not read {str(path)!r} as a TIFF: {e}") from None
     # the slide itself is the largest series (SVS/NDPI files also hold label, macro and thumbnail images)
-    series = max(tif.series, key=lambda s: int(np.prod([n for ax, n in zip(s.axes, s.shape) if ax in "YX"])))
+    series = max(
+        tif.series, key=lambda s: int(np.prod([n for ax, n in zip(s.axes, s.shape) if ax in "YX"]))
+    )
     levels = _series_levels(series)
     mpp: float | None = None
     source: str | None = None
@@ -236,7 +253,10 @@ def _open_tiff(path: Path) -> LazyImage:
     if mpp is None:
         page = series.pages[0] if series.pages else tif.pages[0]
         extra.setdefault("format", "NDPI" if tif.is_ndpi else "TIFF")
-        mpp, source = _plausible(_resolution_mpp(page), "TIFF XResolution", path), "TIFF XResolution/ResolutionUnit"
+        mpp, source = (
+            _plausible(_resolution_mpp(page), "TIFF XResolution", path),
+            "TIFF XResolution/ResolutionUnit",
+        )
     if mpp is None:
         source = None
     return LazyImage(levels=levels, mpp=mpp, mpp_source=source, path=path, extra=extra)
@@ -254,6 +274,7 @@ def open_lazy(path: str | os.PathLike) -> LazyImage:
     Returns
     -------
     The levels as (y, x, c) dask arrays plus the µm/px found in the file's metadata.
+
     """
     p = check_path(path, "H&E image", kind="file")
     suffix = p.suffix.lower()
@@ -267,7 +288,9 @@ def open_lazy(path: str | os.PathLike) -> LazyImage:
     )
 
 
-def lazy_image_element(img: LazyImage, mpp: float, *, extra_transformations: Mapping[str, Any] | None = None):
+def lazy_image_element(
+    img: LazyImage, mpp: float, *, extra_transformations: Mapping[str, Any] | None = None
+):
     """Build the multiscale ``Image2DModel`` element of ``img`` with pixels → ``microns`` = ``Scale(mpp)``.
 
     The file's own pyramid is used when it has one (no pixels are decoded); otherwise a factor-2
@@ -296,7 +319,9 @@ def lazy_image_element(img: LazyImage, mpp: float, *, extra_transformations: Map
     return tree
 
 
-def he(path: str | os.PathLike, *, mpp: float | None = None, image_key: str = IMAGE_KEY) -> SpatialData:
+def he(
+    path: str | os.PathLike, *, mpp: float | None = None, image_key: str = IMAGE_KEY
+) -> SpatialData:
     """Read an H&E-only slide as a SpatialData holding one lazily read multiscale image.
 
     Parameters
@@ -324,6 +349,7 @@ def he(path: str | os.PathLike, *, mpp: float | None = None, image_key: str = IM
         If ``path`` does not exist.
     ValueError
         If the format is not supported, or no µm/px is known (pass ``mpp=``).
+
     """
     img = open_lazy(path)
     if mpp is not None:

@@ -67,6 +67,7 @@ def read_spot_table(path: str | os.PathLike) -> pd.DataFrame:
     Returns
     -------
     The table indexed by ``f"{round(x)}x{round(y)}"``, with ``selected`` filled with 1 when absent.
+
     """
     p = check_path(path, "spot table", kind="file")
     df = pd.read_csv(p, sep="\t")
@@ -85,7 +86,9 @@ def read_spot_table(path: str | os.PathLike) -> pd.DataFrame:
     df.index = pd.Index([f"{a}x{b}" for a, b in zip(xi, yi, strict=True)], name="spot_id")
     dup = df.index[df.index.duplicated()]
     if len(dup):
-        raise ValueError(f"The spot table {p.name} has duplicate spot coordinates {_examples(dup)}.")
+        raise ValueError(
+            f"The spot table {p.name} has duplicate spot coordinates {_examples(dup)}."
+        )
     return df
 
 
@@ -120,6 +123,7 @@ def fit_mpp(array_xy: np.ndarray, pixel_xy: np.ndarray, pitch_um: float) -> tupl
         (n, 2) pixel positions (x = column, y = row) of the same spots.
     pitch_um
         µm per unit of the array coordinates.
+
     """
     array_xy = np.asarray(array_xy, float)
     pixel_xy = np.asarray(pixel_xy, float)
@@ -129,7 +133,9 @@ def fit_mpp(array_xy: np.ndarray, pixel_xy: np.ndarray, pitch_um: float) -> tupl
     coef, *_ = np.linalg.lstsq(design, pixel_xy, rcond=None)
     det = abs(float(np.linalg.det(coef[:2].T)))
     if not np.isfinite(det) or det <= 0:
-        raise ValueError("The spot positions are degenerate (collinear); cannot infer µm/px, pass `mpp=`.")
+        raise ValueError(
+            "The spot positions are degenerate (collinear); cannot infer µm/px, pass `mpp=`."
+        )
     mpp = 1.0 / np.sqrt(det)
     resid_px = pixel_xy - design @ coef
     rms_um = float(np.sqrt((resid_px**2).sum(1).mean()) * mpp)
@@ -217,6 +223,7 @@ def legacy_st(
     ValueError
         Spot ids of ``counts`` not in the spot table (``on_unmatched="raise"``), no spot in common, no
         spot under tissue, spots outside the image (wrong ``image_scale``), or an invalid ``mpp``.
+
     """
     if on_unmatched not in ("raise", "drop"):
         raise ValueError(f"`on_unmatched` must be 'raise' or 'drop', got {on_unmatched!r}.")
@@ -234,7 +241,9 @@ def legacy_st(
         _check_spots_fit_image(table, scale, img)
     cnt = read_st_counts(counts_path)
     if cnt.index.duplicated().any():
-        raise ValueError(f"The counts file {counts_path.name} has duplicate spot ids {_examples(cnt.index[cnt.index.duplicated()])}.")
+        raise ValueError(
+            f"The counts file {counts_path.name} has duplicate spot ids {_examples(cnt.index[cnt.index.duplicated()])}."
+        )
 
     # --- match counts to the spot table
     known = cnt.index.isin(table.index)
@@ -253,7 +262,8 @@ def legacy_st(
         )
         if on_unmatched == "raise":
             raise ValueError(
-                msg + " Check that the counts and spot files belong to the same section and that the counts' "
+                msg
+                + " Check that the counts and spot files belong to the same section and that the counts' "
                 "first column holds '{x}x{y}' array coordinates; pass `on_unmatched='drop'` to drop these spots."
             )
         logger.warning("%s Dropping them.", msg)
@@ -265,7 +275,11 @@ def legacy_st(
             "(selected == 1, under tissue) in the spot table."
         )
     if len(keep) < known.sum():
-        logger.info("%s: dropping %d spots outside the tissue (selected != 1)", section, int(known.sum() - len(keep)))
+        logger.info(
+            "%s: dropping %d spots outside the tissue (selected != 1)",
+            section,
+            int(known.sum() - len(keep)),
+        )
     cnt = cnt.loc[keep]
     spot_rows = table.loc[keep]
 
@@ -274,7 +288,9 @@ def legacy_st(
     if mpp is None:
         # fit on all spots of the table (on and off tissue): more points, same array
         mpp_fit, rms_um = fit_mpp(
-            table[["x", "y"]].to_numpy(float), table[["pixel_x", "pixel_y"]].to_numpy(float) * scale, unit_um
+            table[["x", "y"]].to_numpy(float),
+            table[["pixel_x", "pixel_y"]].to_numpy(float) * scale,
+            unit_um,
         )
         if rms_um > 0.25 * unit_um:
             logger.warning(
@@ -285,7 +301,10 @@ def legacy_st(
                 unit_um,
                 mpp_fit,
             )
-        mpp, mpp_source = mpp_fit, f"least-squares fit of spot pixels on array coordinates x {unit_um:g} µm"
+        mpp, mpp_source = (
+            mpp_fit,
+            f"least-squares fit of spot pixels on array coordinates x {unit_um:g} µm",
+        )
         logger.info("%s: %.4g µm/px (%s; RMS residual %.1f µm)", section, mpp, mpp_source, rms_um)
     else:
         mpp, mpp_source = validate_mpp(mpp), "argument"
@@ -293,9 +312,16 @@ def legacy_st(
 
     if img is not None:
         height, width = img.shape_yx
-        inside = (centers[:, 0] >= 0) & (centers[:, 0] < width) & (centers[:, 1] >= 0) & (centers[:, 1] < height)
+        inside = (
+            (centers[:, 0] >= 0)
+            & (centers[:, 0] < width)
+            & (centers[:, 1] >= 0)
+            & (centers[:, 1] < height)
+        )
         if not inside.all():
-            logger.warning("%s: %d spot centres fall outside the image", section, int((~inside).sum()))
+            logger.warning(
+                "%s: %d spot centres fall outside the image", section, int((~inside).sum())
+            )
         if img.mpp is not None and mpp_source != "argument" and abs(img.mpp - mpp) / mpp > 0.05:
             logger.warning(
                 "%s: the image metadata says %.4g µm/px but the spot array gives %.4g µm/px; using the array",
@@ -311,12 +337,17 @@ def legacy_st(
     # --- table
     values = cnt.to_numpy()
     if not np.issubdtype(values.dtype, np.number):
-        raise ValueError(f"The counts file {counts_path.name} holds non-numeric values; expected raw counts.")
+        raise ValueError(
+            f"The counts file {counts_path.name} holds non-numeric values; expected raw counts."
+        )
     if np.issubdtype(values.dtype, np.integer) or np.array_equal(values, np.round(values)):
         dtype = np.int32 if values.max(initial=0) < np.iinfo(np.int32).max else np.int64
         values = values.astype(dtype)
     else:
-        logger.warning("%s holds non-integer values; storing them as float32 (expected raw counts)", counts_path.name)
+        logger.warning(
+            "%s holds non-integer values; storing them as float32 (expected raw counts)",
+            counts_path.name,
+        )
         values = values.astype(np.float32)
     obs = pd.DataFrame(
         {
@@ -329,7 +360,11 @@ def legacy_st(
     var = pd.DataFrame(index=pd.Index(cnt.columns, name=None))
     adata = ad.AnnData(X=sparse.csr_matrix(values), obs=obs, var=var)
     if not adata.var_names.is_unique:
-        logger.info("%s: making %d duplicate gene names unique", section, int(adata.var_names.duplicated().sum()))
+        logger.info(
+            "%s: making %d duplicate gene names unique",
+            section,
+            int(adata.var_names.duplicated().sum()),
+        )
         adata.var_names_make_unique()
     adata.obsm["spatial"] = centers * mpp
     meta = {
@@ -368,7 +403,6 @@ def legacy_st(
     return sdata
 
 
-
 def _guess_unit(table: pd.DataFrame) -> float:
     unit = guess_array_unit_um(table["x"].to_numpy(), table["y"].to_numpy())
     layout = "2k (checkerboard)" if unit == ST_2K_UNIT_UM else "1k"
@@ -380,7 +414,12 @@ def _check_spots_fit_image(table: pd.DataFrame, scale: float, img) -> None:
     sel = table[table["selected"].to_numpy() == 1]
     centers = sel[["pixel_x", "pixel_y"]].to_numpy(float) * scale
     height, width = img.shape_yx
-    inside = (centers[:, 0] >= 0) & (centers[:, 0] < width) & (centers[:, 1] >= 0) & (centers[:, 1] < height)
+    inside = (
+        (centers[:, 0] >= 0)
+        & (centers[:, 0] < width)
+        & (centers[:, 1] >= 0)
+        & (centers[:, 1] < height)
+    )
     if len(centers) and inside.mean() < 0.5:
         raise ValueError(
             f"{int((~inside).sum())} of {len(centers)} spot centres fall outside the image {img.path.name} "

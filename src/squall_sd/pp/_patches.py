@@ -197,9 +197,10 @@ class PatchDataset:
             inv = self._inv
             rows = (inv[1, 1] * (cy + self._off) + inv[1, 2] - y0) / f - 0.5
             cols = (inv[0, 0] * (cx + self._off) + inv[0, 2] - x0) / f - 0.5
-            wy = _bilinear_matrix(rows, arr.shape[1])
-            wx = _bilinear_matrix(cols, arr.shape[2])
-            out = np.matmul(np.matmul(wy[None], arr), wx.T[None])
+            i0, i1, ty = _linear_taps(rows, arr.shape[1])
+            j0, j1, tx = _linear_taps(cols, arr.shape[2])
+            tmp = arr[:, i0, :] * (1 - ty)[None, :, None] + arr[:, i1, :] * ty[None, :, None]
+            out = tmp[:, :, j0] * (1 - tx) + tmp[:, :, j1] * tx
         else:
             rows, cols = self._level_coords(cx, cy)
             # window index of level pixel centre r: (r + 0.5 - origin) / f - 0.5
@@ -217,17 +218,13 @@ class PatchDataset:
         return out.astype(np.uint8)
 
 
-def _bilinear_matrix(pos: np.ndarray, n: int) -> np.ndarray:
-    """(len(pos), n) linear-interpolation weights at fractional indices ``pos`` (edges clamped)."""
+def _linear_taps(pos: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear-interpolation taps at fractional indices ``pos`` of an axis of length ``n`` (edges clamped)."""
     pos = np.clip(pos, 0, n - 1)
-    i0 = np.minimum(np.floor(pos).astype(np.int64), max(n - 2, 0))
+    i0 = np.floor(pos).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n - 1)
     t = (pos - i0).astype(np.float32)
-    w = np.zeros((len(pos), n), dtype=np.float32)
-    k = np.arange(len(pos))
-    w[k, i0] = 1 - t
-    if n > 1:
-        w[k, i0 + 1] += t
-    return w
+    return i0, i1, t
 
 
 def extract_patches(
