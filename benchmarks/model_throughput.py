@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
+    p.add_argument(
+        "--weights-bf16", action="store_true", help="cast the weights to bf16 (no autocast) instead of fp32 + autocast"
+    )
     p.add_argument("--batch-sizes", default="1,4")
     p.add_argument("--configs", default="squall-tiny,squall-small,squall-base,squall-555m")
     p.add_argument("--modes", default=",".join(MODES))
@@ -118,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available", file=sys.stderr)
         return 1
-    autocast = args.dtype == "bf16"
-    torch_dtype = torch.bfloat16 if autocast else torch.float32
+    torch_dtype = torch.bfloat16 if (args.dtype == "bf16" or args.weights_bf16) else torch.float32
+    autocast = args.dtype == "bf16" and not args.weights_bf16
     batches = [int(b) for b in args.batch_sizes.split(",")]
     configs = args.configs.split(",")
     modes = args.modes.split(",")
@@ -132,9 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dev_name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
+    peak_name = "bf16" if torch_dtype == torch.bfloat16 else "fp32"
     peak_n = 8192 if device.type == "cuda" else 2048
     peak = matmul_peak(device, torch_dtype, peak_n)
-    print(f"device: {dev_name}; dtype {args.dtype}; measured {args.dtype} matmul peak ({peak_n}²): {peak:.2f} TFLOP/s")
+    variant = ("bf16 weights" if args.weights_bf16 else f"{args.dtype}" + (" autocast" if autocast else ""))
+    variant += " + torch.compile" if args.compile else ""
+    print(f"device: {dev_name}; {variant}; measured {peak_name} matmul peak ({peak_n}²): {peak:.2f} TFLOP/s")
 
     rows = []
     header = "| model | params (M) | mode | batch | GFLOP/tile | tiles/s | ms/tile | TFLOP/s | % of matmul peak |"
@@ -144,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         with torch.device(device):
             model = sm.create(name, drop_path_rate=0.0).eval()
+        if args.weights_bf16:
+            model = model.to(torch.bfloat16)
         if args.compile:
             model.compile_inference()
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -174,11 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/model_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = [
-        f"# Model throughput ({device.type}, {args.dtype})",
+        f"# Model throughput ({device.type}, {variant})",
         "",
         f"- command: `{cmd}`",
         f"- device: {dev_name}; torch {torch.__version__}; squall-sd {squall_sd.__version__}",
-        f"- measured {args.dtype} matmul peak ({peak_n}×{peak_n}): **{peak:.2f} TFLOP/s**",
+        f"- measured {peak_name} matmul peak ({peak_n}×{peak_n}): **{peak:.2f} TFLOP/s**",
         "- tiles: 224×224 uint8 RGB already on the device, res 0.5 µm/px, random weights;",
         "  GFLOP/tile counted with `torch.utils.flop_counter.FlopCounterMode` (batch 1, meta device).",
         f"- modes: {', '.join(modes)} (`-50g` = {N_SUBSET}-gene subset; `expr-tile` aggregates inside the forward)",

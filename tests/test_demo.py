@@ -29,3 +29,18 @@ def test_demo_writes_store_and_png(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "other.zarr"), "--png", str(png)]) == 2
     assert png.stat().st_mtime_ns == mtime
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png", "d.zarr"]
+
+
+def test_matplotlib_fallback_overview(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import squall_sd as squall
+    from squall_sd.cli._demo import _overview_matplotlib
+
+    sdata = squall.datasets.example()
+    adata = sdata.tables["table"]
+    adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(float)
+    _overview_matplotlib(sdata, tmp_path / "f.png", "total_counts")
+    with Image.open(tmp_path / "f.png") as im:
+        assert np.asarray(im.convert("RGB"), dtype=float).std() > 10

@@ -50,10 +50,10 @@ def mob1(shared_data):
 def _array_neighbour_distances(adata, steps):
     """Distances (µm) between spots whose array coordinates differ by one of ``steps``."""
     ax, ay = adata.obs["array_x"].to_numpy(), adata.obs["array_y"].to_numpy()
-    pos = {(x, y): i for i, (x, y) in enumerate(zip(ax, ay))}
+    pos = {(x, y): i for i, (x, y) in enumerate(zip(ax, ay, strict=True))}
     xy = np.asarray(adata.obsm["spatial"])
     out = []
-    for i, (x, y) in enumerate(zip(ax, ay)):
+    for i, (x, y) in enumerate(zip(ax, ay, strict=True)):
         for dx, dy in steps:
             j = pos.get((x + dx, y + dy))
             if j is not None:

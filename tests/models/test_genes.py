@@ -95,3 +95,31 @@ def test_plain_vocabulary_and_tsv_round_trip(tmp_path):
     assert read_gene_order(tmp_path / "genes.tsv") == v
     assert read_gene_order(tmp_path / "genes.txt").symbols == ["A", "B"]
     assert not v.has_mouse
+
+
+def test_gene_order_diagnostics_picks_the_order_the_weights_follow(tmp_path):
+    import pandas as pd
+    import torch
+
+    import squall_sd.models as sm
+
+    n = 24
+    csv = write_homolog_csv(tmp_path / "g.csv", n=n)
+    df = pd.read_csv(csv)
+    names = ["RPL3", "RPS6", "RPL13A", "EEF1A1", "ACTB", "OR2A4", "OR5B2", "OR1A1"] + [f"X{i}" for i in range(n - 8)]
+    df["HGNC_symbol"] = names[: len(df)]
+    df.to_csv(csv, index=False)
+    truth = read_gene_order(csv, order="first_column")
+    with torch.device("meta"):
+        pass
+    model = sm.create("squall-tiny", embed_dim=32, depth=1, merge_layer_depth=1, num_heads=2, decoder_depth=1,
+                      genes=truth.symbols)
+    with torch.no_grad():
+        bias = torch.zeros(n)
+        for i, s in enumerate(truth.symbols):
+            bias[i] = 3.0 if s.startswith(("RP", "EEF", "ACTB")) else (-3.0 if s.startswith("OR") else 0.0)
+        model.decoder.increase_dim_rgb.fc2.bias.copy_(bias)
+    res = sm.gene_order_diagnostics(model, csv)
+    assert res["bias_gap"].idxmax() == "first_column"
+    assert res.loc["first_column", "bias_gap"] == 6.0
+    assert res.loc["first_column", "n_ribosomal"] == 3 and res.loc["first_column", "n_olfactory"] == 3

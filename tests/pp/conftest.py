@@ -27,7 +27,7 @@ MOB_SPOT_DIAMETER_UM = 55.0
 
 
 def _load_jpg(path: Path, reduce: int = 1) -> tuple[np.ndarray, float]:
-    """Decode a JPEG (at 1/reduce of its size via JPEG draft mode) and return (array, size factor)."""
+    """Decode a JPEG (at 1/reduce of its size, JPEG draft mode); return (array, size factor)."""
     Image.MAX_IMAGE_PIXELS = None
     im = Image.open(path)
     full_w = im.size[0]

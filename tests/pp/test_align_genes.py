@@ -11,7 +11,7 @@ import squall_sd as squall
 
 @pytest.fixture
 def mob_adata(mob_raw):
-    """Real MOB1 counts: var_names are versioned Ensembl ids, var['gene_symbols'] the MGI symbols."""
+    """Real MOB1 counts: var_names versioned Ensembl ids, var['gene_symbols'] MGI symbols."""
     _, _, counts, var = mob_raw
     X = sparse.csr_matrix(counts.to_numpy(np.float32))
     return ad.AnnData(X=X, var=var.copy())
@@ -26,14 +26,20 @@ def test_symbols_ids_and_case(mob_adata):
     X, present = squall.pp.align_genes(mob_adata, vocab)
     assert sparse.issparse(X) and X.shape == (mob_adata.n_obs, 4) and X.dtype == np.float32
     np.testing.assert_array_equal(present, [True, False, True, True])
-    np.testing.assert_array_equal(X.toarray(), np.column_stack([dense[:, 2], np.zeros(mob_adata.n_obs), dense[:, 0], dense[:, 4]]))
+    np.testing.assert_array_equal(
+        X.toarray(),
+        np.column_stack([dense[:, 2], np.zeros(mob_adata.n_obs), dense[:, 0], dense[:, 4]]),
+    )
     # Ensembl ids without version match the versioned var_names
     ids = [g.split(".")[0] for g in var.index[[3, 1]]]
     X2, present2 = squall.pp.align_genes(mob_adata, ids)
     assert present2.all()
     np.testing.assert_array_equal(X2.toarray(), dense[:, [3, 1]])
     # var_names as symbols and Ensembl ids in var['gene_ids'], dense input
-    by_sym = ad.AnnData(X=dense, var=pd.DataFrame({"gene_ids": var.index.to_numpy()}, index=var["gene_symbols"].to_numpy()))
+    by_sym = ad.AnnData(
+        X=dense,
+        var=pd.DataFrame({"gene_ids": var.index.to_numpy()}, index=var["gene_symbols"].to_numpy()),
+    )
     by_sym.var_names_make_unique()
     X3, present3 = squall.pp.align_genes(by_sym, [var.index[1], sym[3]])
     assert isinstance(X3, np.ndarray) and present3.all()
@@ -43,7 +49,9 @@ def test_symbols_ids_and_case(mob_adata):
 def test_vocabulary_table_and_layer(mob_adata):
     """A vocabulary with human and mouse columns: mouse data reach the ortholog's channel."""
     sym = list(mob_adata.var["gene_symbols"][:3])
-    vocab = pd.DataFrame({"HGNC_symbol": ["HUMAN_ONLY", "X1", "X2"], "MGI_symbol": ["", sym[1], sym[2]]})
+    vocab = pd.DataFrame(
+        {"HGNC_symbol": ["HUMAN_ONLY", "X1", "X2"], "MGI_symbol": ["", sym[1], sym[2]]}
+    )
     mob_adata.layers["counts"] = mob_adata.X.copy() * 2
     X, present = squall.pp.align_genes(mob_adata, vocab, layer="counts")
     np.testing.assert_array_equal(present, [False, True, True])
@@ -53,7 +61,9 @@ def test_vocabulary_table_and_layer(mob_adata):
 
 
 def test_no_overlap(mob_adata):
-    with pytest.raises(ValueError, match="None of the 1000 genes of the data .* match the 2 model genes"):
+    with pytest.raises(
+        ValueError, match="None of the 1000 genes of the data .* match the 2 model genes"
+    ):
         squall.pp.align_genes(mob_adata, ["ERBB2_FAKE", "CD74_FAKE"])
 
 
@@ -68,7 +78,9 @@ def test_normalize_expression(mob_adata):
     b = squall.pp.normalize_expression(X, "binary")
     assert sparse.issparse(b)
     np.testing.assert_array_equal(b.toarray(), (X.toarray() > 0).astype(np.float32))
-    np.testing.assert_array_equal(squall.pp.normalize_expression(X.toarray(), "binary"), b.toarray())
+    np.testing.assert_array_equal(
+        squall.pp.normalize_expression(X.toarray(), "binary"), b.toarray()
+    )
     lg = squall.pp.normalize_expression(X, "log1p_cp10k")
     dense = X.toarray()
     ref = np.log1p(dense / dense.sum(1, keepdims=True) * 1e4)

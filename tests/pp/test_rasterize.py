@@ -19,10 +19,12 @@ def _spot_centres_um(sdata):
 
 
 def test_mass_conserved_per_spot(mob_sdata):
-    """Real MOB spots (55 µm discs) on 0.9 mm tiles at 4 µm/px: each spot's cells sum to its binary vector."""
+    """Real MOB spots (55 µm discs), 0.9 mm tiles at 4 µm/px: a spot's cells sum to its vector."""
     centres = _spot_centres_um(mob_sdata)[::40]
     kw = {"patch_px": 224, "mpp": 4.0, "grid": 56}
-    tiles = squall.pp.rasterize_expression(mob_sdata, centres, shapes_key="spots", as_sparse=True, **kw)
+    tiles = squall.pp.rasterize_expression(
+        mob_sdata, centres, shapes_key="spots", as_sparse=True, **kw
+    )
     regions = squall.pp.region_weights(mob_sdata, centres, shapes_key="spots", **kw)
     table = mob_sdata.tables["table"]
     binary = (table.X.toarray() > 0).astype(np.float32)
@@ -32,14 +34,18 @@ def test_mass_conserved_per_spot(mob_sdata):
     for b, tile in enumerate(tiles):
         valid = regions.index[b] >= 0
         masks = regions.weights[b, valid].reshape(int(valid.sum()), -1)
-        sums = np.asarray((sparse.csr_matrix(masks) @ tile).todense())  # (R, G): sum over each spot's cells
+        sums = np.asarray(
+            (sparse.csr_matrix(masks) @ tile).todense()
+        )  # (R, G): sum over each spot's cells
         rows = [row_of[n] for n in regions.names[b, valid]]
         full = masks.sum(1) == regions.n_cells[b, valid]  # spots not cut by the tile border
         np.testing.assert_allclose(sums[full], binary[rows][full], rtol=1e-5, atol=1e-5)
         n_checked += int(full.sum())
         # total mass: sum over spots of binary vector x fraction of the spot inside the tile
         frac = masks.sum(1) / regions.n_cells[b, valid]
-        np.testing.assert_allclose(np.asarray(tile.sum(0)).ravel(), frac @ binary[rows], rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(
+            np.asarray(tile.sum(0)).ravel(), frac @ binary[rows], rtol=1e-4, atol=1e-3
+        )
     assert n_checked > 50
     # the dense layout is the same data, channels first
     dense = squall.pp.rasterize_expression(mob_sdata, centres[:1], shapes_key="spots", **kw)
@@ -48,14 +54,16 @@ def test_mass_conserved_per_spot(mob_sdata):
 
 
 def test_one_spot_tile_disc_of_true_radius(mob_raw):
-    """A single 55 µm spot on a 0.5 µm/px tile covers exactly the 2 µm cells whose centres are within 27.5 µm."""
+    """One 55 µm spot on a 0.5 µm/px tile covers the 2 µm cells with centres within 27.5 µm."""
     counts = np.array([[0, 3, 1, 0, 7]], dtype=np.float32)
     centre = np.array([[1000.3, 2000.7]])
     spots = circles_element(centre, 27.5, {"microns": identity()})
     adata = ad.AnnData(X=counts, var=pd.DataFrame(index=["A", "B", "C", "D", "E"]))
     sdata = make_sdata(shapes={"spots": spots}, table=table_element(adata, "spots"))
     tile = np.array([[1010.0, 1990.0]])  # spot off-centre in the tile
-    out = squall.pp.rasterize_expression(sdata, tile, shapes_key="spots", genes=["E", "B", "Z", "A"])
+    out = squall.pp.rasterize_expression(
+        sdata, tile, shapes_key="spots", genes=["E", "B", "Z", "A"]
+    )
     assert out.shape == (1, 4, 56, 56)
     cell = 224 * 0.5 / 56
     cxs = tile[0, 0] - 56 + (np.arange(56) + 0.5) * cell
@@ -67,14 +75,20 @@ def test_one_spot_tile_disc_of_true_radius(mob_raw):
     np.testing.assert_allclose(out[0, 0][inside], 1.0 / n)
     np.testing.assert_allclose(out[0].sum(axis=(1, 2)), [1.0, 1.0, 0.0, 0.0], rtol=1e-5)
     # sparse layout: rows y-major, x-minor
-    sp = squall.pp.rasterize_expression(sdata, tile, shapes_key="spots", genes=["E", "B", "Z", "A"], as_sparse=True)
+    sp = squall.pp.rasterize_expression(
+        sdata, tile, shapes_key="spots", genes=["E", "B", "Z", "A"], as_sparse=True
+    )
     assert sparse.issparse(sp[0]) and sp[0].shape == (56 * 56, 4)
     np.testing.assert_allclose(sp[0].toarray().reshape(56, 56, 4).transpose(2, 0, 1), out[0])
     # a spot cut by the tile edge keeps its divisor: only its in-tile share of the mass is there
-    edge = squall.pp.rasterize_expression(sdata, [[1000.3 + 56.0, 2000.7]], shapes_key="spots", genes=["E"])
+    edge = squall.pp.rasterize_expression(
+        sdata, [[1000.3 + 56.0, 2000.7]], shapes_key="spots", genes=["E"]
+    )
     assert 0.4 < edge.sum() < 0.6
     # log-normalised values are spread the same way
-    lg = squall.pp.rasterize_expression(sdata, tile, shapes_key="spots", genes=["E"], method="log1p_cp10k")
+    lg = squall.pp.rasterize_expression(
+        sdata, tile, shapes_key="spots", genes=["E"], method="log1p_cp10k"
+    )
     np.testing.assert_allclose(lg[0, 0].sum(), np.log1p(7 / 11 * 1e4), rtol=1e-5)
 
 
@@ -86,13 +100,19 @@ def test_bins_as_polygons(mob_sdata):
     rng = np.random.default_rng(0)
     X = sparse.random(len(bins), 20, density=0.3, format="csr", random_state=1, dtype=np.float32)
     adata = ad.AnnData(X=X, var=pd.DataFrame(index=[f"g{i}" for i in range(20)]))
-    mob_sdata.tables["bins_table"] = table_element(adata, "bins", instance_ids=bins.index.to_numpy())
+    mob_sdata.tables["bins_table"] = table_element(
+        adata, "bins", instance_ids=bins.index.to_numpy()
+    )
     c = bins.geometry.iloc[int(rng.integers(len(bins)))].centroid
-    centre = np.array([[np.round(c.x / 2) * 2, np.round(c.y / 2) * 2]])  # even microns: cells align with bins
+    centre = np.array(
+        [[np.round(c.x / 2) * 2, np.round(c.y / 2) * 2]]
+    )  # even microns: cells align with bins
     regions = squall.pp.region_weights(mob_sdata, centre, shapes_key="bins")
     full = regions.weights[0].sum(axis=(1, 2)) == regions.n_cells[0]
     assert full.sum() >= 36 and (regions.n_cells[0][regions.index[0] >= 0] == 64).all()
-    out = squall.pp.rasterize_expression(mob_sdata, centre, shapes_key="bins", table_key="bins_table")
+    out = squall.pp.rasterize_expression(
+        mob_sdata, centre, shapes_key="bins", table_key="bins_table"
+    )
     binary = (X.toarray() > 0).astype(np.float32)
     for r in np.flatnonzero(full):
         got = (out[0] * regions.weights[0, r]).sum(axis=(1, 2))
@@ -106,8 +126,12 @@ def test_rasterize_errors(mob_sdata):
         squall.pp.detect_tissue(mob_sdata)
         squall.pp.rasterize_expression(mob_sdata, [[0.0, 0.0]], shapes_key="he_tissue")
     with pytest.raises(ValueError, match="match the"):
-        squall.pp.rasterize_expression(mob_sdata, [[0.0, 0.0]], shapes_key="spots", genes=["NOPE1", "NOPE2"])
+        squall.pp.rasterize_expression(
+            mob_sdata, [[0.0, 0.0]], shapes_key="spots", genes=["NOPE1", "NOPE2"]
+        )
     # a tile far from any spot is all zeros
-    out = squall.pp.rasterize_expression(mob_sdata, [[-5000.0, -5000.0]], shapes_key="spots", genes=["Actb"])
+    out = squall.pp.rasterize_expression(
+        mob_sdata, [[-5000.0, -5000.0]], shapes_key="spots", genes=["Actb"]
+    )
     assert out.shape == (1, 1, 56, 56) and not out.any()
     assert MOB_SPOT_DIAMETER_UM == 55.0

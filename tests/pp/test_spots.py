@@ -51,7 +51,9 @@ def test_bins_and_tiles(mob_with_tissue):
     np.testing.assert_allclose(bins.area, 256.0)
     b = bins.bounds.to_numpy()
     np.testing.assert_allclose(np.mod(b, 16.0), 0.0, atol=1e-9)  # grid anchored at microns origin
-    tiles = squall.pp.make_spots(mob_with_tissue, kind="tiles", inplace=False, min_tissue_fraction=0.0)
+    tiles = squall.pp.make_spots(
+        mob_with_tissue, kind="tiles", inplace=False, min_tissue_fraction=0.0
+    )
     np.testing.assert_allclose(tiles.area, 112.0**2)
     tissue = mob_with_tissue.shapes["he_tissue"].union_all()
     # with fraction 0 every tile touching tissue is kept, so the tiles cover the whole tissue

@@ -39,7 +39,7 @@ def test_detect_tissue_mob(mob_sdata):
 
 
 def test_detect_tissue_flipped_transformation(mob_raw):
-    """An image stored flipped in x, with an Affine that flips back, gives the same tissue in microns."""
+    """An image stored flipped in x, with an Affine flipping back, gives the same tissue."""
     arr = mob_raw[0]
     w = arr.shape[1]
     plain = make_sdata(image=image_element(arr, {"microns": microns_scale(3.0)}))

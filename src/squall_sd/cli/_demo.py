@@ -40,18 +40,14 @@ def _overview_matplotlib(sdata, png: Path, color: str) -> None:
 
     image = sdata.images[IMAGE_KEY]
     if hasattr(image, "children") and image.children:
-        level = sorted(image.children)[-1]
-        arr = next(iter(image[level].values()))
+        levels = sorted(image.children)
+        full = next(iter(image[levels[0]].values()))
+        arr = next(iter(image[levels[-1]].values()))
     else:
-        level, arr = "scale0", image
+        full = arr = image
     rgb = np.moveaxis(np.asarray(arr.values), 0, -1)
-    full_h = (
-        next(iter(image["scale0"].values())).shape[1]
-        if hasattr(image, "children")
-        else arr.shape[1]
-    )
     mpp = get_mpp(sdata)
-    extent_um = (0, rgb.shape[1] * mpp * full_h / rgb.shape[0], full_h * mpp, 0)
+    extent_um = (0, full.shape[2] * mpp, full.shape[1] * mpp, 0)  # left, right, bottom, top
     adata = sdata.tables[TABLE_KEY]
     xy = np.asarray(adata.obsm["spatial"])
     radius_um = float(sdata.attrs.get("squall", {}).get("spot_diameter_um", 100.0)) / 2

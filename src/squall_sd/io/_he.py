@@ -236,7 +236,7 @@ def _open_tiff(path: Path) -> LazyImage:
         raise ValueError(f"Could not read {str(path)!r} as a TIFF: {e}") from None
     # the slide itself is the largest series (SVS/NDPI files also hold label, macro and thumbnail images)
     series = max(
-        tif.series, key=lambda s: int(np.prod([n for ax, n in zip(s.axes, s.shape) if ax in "YX"]))
+        tif.series, key=lambda s: int(np.prod([n for ax, n in zip(s.axes, s.shape, strict=True) if ax in "YX"]))
     )
     levels = _series_levels(series)
     mpp: float | None = None

@@ -16,6 +16,7 @@ weights that a user downloaded load strictly; squall-sd never ships them (CC BY-
 from __future__ import annotations
 
 from squall_sd.models._config import SquallConfig, get_config, register_config
+from squall_sd.models._diagnostics import gene_order_diagnostics
 from squall_sd.models._genes import GeneVocabulary, normalize_gene_name, read_gene_order
 from squall_sd.models._io import (
     CheckpointError,
@@ -39,6 +40,7 @@ __all__ = [
     "config_from_state_dict",
     "create",
     "extract_state_dict",
+    "gene_order_diagnostics",
     "get_config",
     "list_models",
     "load",

@@ -234,7 +234,7 @@ class GeneVocabulary:
             ``"first_column"`` (default): channel ``c`` is the row whose first column equals ``c``
             (the order the authors' published analyses use); ``"row"``: channel = row order of the
             file (the order the tutorial input preprocessing uses). Which one the published weights
-            follow is unresolved; check with :func:`squall_sd.models.gene_order_diagnostics`.
+            follow is unresolved; check with :func:`squall_sd.models.gene_order_diagnostics` on the loaded weights.
 
         Returns
         -------

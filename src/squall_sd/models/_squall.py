@@ -697,7 +697,3 @@ def _smooth_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(pred.dtype, torch.float32)
     return F.smooth_l1_loss(pred.to(dtype), target.to(dtype), beta=1.0)
 
-
-def _count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-

@@ -47,7 +47,9 @@ def normalize_gene_name(name: str) -> str:
     return s.upper()
 
 
-def _vocab_names(genes: Sequence[str] | pd.Index | pd.DataFrame) -> tuple[list[list[str]], list[str]]:
+def _vocab_names(
+    genes: Sequence[str] | pd.Index | pd.DataFrame,
+) -> tuple[list[list[str]], list[str]]:
     """Alternative identifiers per vocabulary channel, and a display name per channel."""
     if isinstance(genes, pd.DataFrame):
         if genes.shape[1] == 0:
@@ -72,9 +74,7 @@ def _data_names(adata: AnnData) -> list[list[str]]:
     return lists
 
 
-def gene_index(
-    adata: AnnData, genes: Sequence[str] | pd.Index | pd.DataFrame
-) -> np.ndarray:
+def gene_index(adata: AnnData, genes: Sequence[str] | pd.Index | pd.DataFrame) -> np.ndarray:
     """Position of each vocabulary gene in ``adata.var`` (``-1`` when absent).
 
     Matching goes in two rounds: exact identifiers first (``var_names``, then the ``var`` columns
@@ -144,15 +144,19 @@ def align_genes(
     ------
     ValueError
         When no vocabulary gene is found in the data.
+
     """
     if layer is not None and layer not in adata.layers:
-        raise KeyError(f"Layer {layer!r} not found in `adata.layers`. Available: {list(adata.layers)}.")
+        raise KeyError(
+            f"Layer {layer!r} not found in `adata.layers`. Available: {list(adata.layers)}."
+        )
     idx = gene_index(adata, genes)
     present = idx >= 0
     if not present.any():
         _, display = _vocab_names(genes)
         raise ValueError(
-            f"None of the {adata.n_vars} genes of the data (e.g. {list(adata.var_names[:3])}) match the "
+            f"None of the {adata.n_vars} genes of the data (e.g. {list(adata.var_names[:3])}) "
+            "match the "
             f"{len(display)} model genes (e.g. {display[:3]}). Put gene symbols or Ensembl ids in "
             "`adata.var_names` or in a `var` column 'gene_ids' / 'gene_symbols', and check the "
             "species."
@@ -175,7 +179,9 @@ def align_genes(
         out[:, cols] = dense[:, src]
     logger.info(
         "align_genes: %d of %d model genes found in the data (%d data genes)",
-        int(present.sum()), n_genes, adata.n_vars,
+        int(present.sum()),
+        n_genes,
+        adata.n_vars,
     )
     return out, present
 
@@ -203,10 +209,13 @@ def normalize_expression(
     Returns
     -------
     A float32 matrix of the same shape (sparse CSR when the input is sparse).
+
     """
     is_sparse = sparse.issparse(X)
     if method == "raw":
-        return sparse.csr_matrix(X, dtype=np.float32) if is_sparse else np.asarray(X, dtype=np.float32)
+        return (
+            sparse.csr_matrix(X, dtype=np.float32) if is_sparse else np.asarray(X, dtype=np.float32)
+        )
     if method == "binary":
         if is_sparse:
             out = sparse.csr_matrix(X, dtype=np.float32, copy=True)
@@ -230,6 +239,4 @@ def normalize_expression(
             out.data = np.log1p(out.data)
             return out
         return np.log1p(np.asarray(X, dtype=np.float64) * scale[:, None]).astype(np.float32)
-    raise ValueError(
-        f"`method` must be one of 'binary', 'log1p_cp10k', 'raw'; got {method!r}."
-    )
+    raise ValueError(f"`method` must be one of 'binary', 'log1p_cp10k', 'raw'; got {method!r}.")

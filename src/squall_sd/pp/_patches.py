@@ -57,6 +57,7 @@ class PatchDataset:
         patches are then cut from memory (small JPEG / PNG images are decoded in one piece, so
         reading them window by window would decode the whole file for every patch). Larger levels
         are always read window by window. ``0`` never caches.
+
     """
 
     def __init__(
@@ -83,7 +84,7 @@ class PatchDataset:
             wp = np.asarray(white_point, dtype=np.float32).reshape(-1)
             if wp.shape != (3,) or np.any(wp <= 0):
                 raise ValueError(
-                    f"`white_point` must be 3 positive values (r, g, b, 0-255), got {white_point!r}."
+                    f"`white_point` must be 3 positive values (r, g, b), got {white_point!r}."
                 )
             self.white_point = wp
         self.transform = transform
@@ -118,12 +119,14 @@ class PatchDataset:
 
     # ------------------------------------------------------------------ batch access
     def get_batch(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-        """Return the patches ``indices`` (default: all) as one ``uint8`` array (n, 3, patch_px, patch_px).
+        """Return the patches ``indices`` (default: all) as one uint8 array (n, 3, px, px).
 
         The windows are read together with :func:`dask.compute` (in parallel); ``transform`` is not
         applied.
         """
-        idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=int).reshape(-1)
+        idx = (
+            np.arange(len(self)) if indices is None else np.asarray(indices, dtype=int).reshape(-1)
+        )
         if len(idx) == 0:
             return np.zeros((0, 3, self.patch_px, self.patch_px), dtype=np.uint8)
         self._fill_cache()
@@ -147,7 +150,7 @@ class PatchDataset:
             logger.debug("PatchDataset: level %s read into memory", self.level.name)
 
     def _level_coords(self, cx: float, cy: float) -> tuple[np.ndarray, np.ndarray]:
-        """Continuous level pixel indices (row, col; pixel centres at integers) of the output grid."""
+        """Return continuous level pixel indices (row, col; centres at integers) of the output."""
         inv = self._inv
         x = cx + self._off  # columns
         y = cy + self._off  # rows
@@ -157,11 +160,15 @@ class PatchDataset:
         return qy - 0.5, qx - 0.5
 
     def _window(self, cx: float, cy: float) -> tuple[Any, tuple[int, int]]:
-        """Return the lazy (c, h, w) window (padded with white) and its level-pixel origin (x0, y0)."""
+        """Return the lazy (c, h, w) window (padded with white) and its pixel origin (x0, y0)."""
         half = self.patch_px * self.mpp / 2
         corners = np.array(
-            [[cx - half, cy - half, 1], [cx + half, cy - half, 1], [cx - half, cy + half, 1],
-             [cx + half, cy + half, 1]]
+            [
+                [cx - half, cy - half, 1],
+                [cx + half, cy - half, 1],
+                [cx - half, cy + half, 1],
+                [cx + half, cy + half, 1],
+            ]
         )
         q = corners @ self._inv.T
         f = self.block
@@ -191,7 +198,11 @@ class PatchDataset:
         arr = np.asarray(data, dtype=np.float32)
         if f > 1:
             c, h, w = arr.shape
-            arr = arr[:, : h // f * f, : w // f * f].reshape(c, h // f, f, w // f, f).mean(axis=(2, 4))
+            arr = (
+                arr[:, : h // f * f, : w // f * f]
+                .reshape(c, h // f, f, w // f, f)
+                .mean(axis=(2, 4))
+            )
         if self._separable:
             # axis-aligned (scale / flip / translation): bilinear resampling as two small matmuls
             inv = self._inv
@@ -219,7 +230,7 @@ class PatchDataset:
 
 
 def _linear_taps(pos: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Linear-interpolation taps at fractional indices ``pos`` of an axis of length ``n`` (edges clamped)."""
+    """Return linear-interpolation taps at fractional indices ``pos`` of an axis of ``n`` pixels."""
     pos = np.clip(pos, 0, n - 1)
     i0 = np.floor(pos).astype(np.int64)
     i1 = np.minimum(i0 + 1, n - 1)
@@ -239,7 +250,7 @@ def extract_patches(
     transform: Callable[[np.ndarray], Any] | None = None,
     cache_mb: float = 64.0,
 ) -> PatchDataset:
-    """Return a lazy dataset of RGB patches of ``patch_px`` pixels at ``mpp`` µm/px around centres in microns.
+    """Return a lazy dataset of RGB patches of ``patch_px`` pixels at ``mpp`` µm/px around centres.
 
     For every centre the window is read from the pyramid level chosen by ``scale`` (by default the
     coarsest level whose µm/px is at most ``mpp``; the full resolution when the target is finer),
@@ -266,7 +277,7 @@ def extract_patches(
     mpp
         µm per pixel of the patches (0.5 for 20× tiles; about 4 for Visium hires-image tiles).
     scale
-        Pyramid level to read: ``"auto"`` (see above), a level name such as ``"scale1"`` or an index.
+        Pyramid level to read: ``"auto"`` (see above), a level name (``"scale1"``) or an index.
     white_point
         Optional (r, g, b) white point on the 0–255 scale applied to every patch (Visium white
         balance); see :func:`estimate_white_point`.
@@ -281,6 +292,7 @@ def extract_patches(
     -------
     A :class:`PatchDataset`; ``ds[i]`` is a ``uint8`` array ``(3, patch_px, patch_px)`` and
     ``ds.get_batch(idx)`` reads several patches at once. Divide by 255 for the model input.
+
     """
     patch_px = int(patch_px)
     if patch_px <= 0:

@@ -17,7 +17,13 @@ from spatialdata.models import get_table_keys
 
 from squall_sd._logging import logger
 from squall_sd.pp._genes import align_genes, normalize_expression
-from squall_sd.pp._utils import affine_to_microns, apply_affine, centers_from, check_key, check_positive
+from squall_sd.pp._utils import (
+    affine_to_microns,
+    apply_affine,
+    centers_from,
+    check_key,
+    check_positive,
+)
 
 
 @dataclass
@@ -39,6 +45,7 @@ class TileRegions:
     n_cells
         (B, R) int64: number of grid cells the region covers in total (also outside the tile), the
         divisor used by :func:`rasterize_expression`.
+
     """
 
     index: np.ndarray
@@ -73,6 +80,7 @@ class RegionGrid:
         µm per pixel of the tile.
     grid
         Number of grid cells per tile edge (56 for SQUALL: 4 × 4 px cells of a 224 px tile).
+
     """
 
     def __init__(
@@ -93,7 +101,9 @@ class RegionGrid:
             raise ValueError("The shapes element is empty.")
         if "radius" in shapes.columns:
             if not np.all(shapely.get_type_id(geoms) == 0):
-                raise ValueError("A shapes element with a 'radius' column must hold points (circles).")
+                raise ValueError(
+                    "A shapes element with a 'radius' column must hold points (circles)."
+                )
             xy = np.column_stack([shapely.get_x(geoms), shapely.get_y(geoms)])
             self.kind = "circles"
             self.center = apply_affine(m, xy)
@@ -101,7 +111,12 @@ class RegionGrid:
             self.radius = shapes["radius"].to_numpy(dtype=float) * scale
             r = self.radius
             self.bounds = np.column_stack(
-                [self.center[:, 0] - r, self.center[:, 1] - r, self.center[:, 0] + r, self.center[:, 1] + r]
+                [
+                    self.center[:, 0] - r,
+                    self.center[:, 1] - r,
+                    self.center[:, 0] + r,
+                    self.center[:, 1] + r,
+                ]
             )
             self.geoms = None
         else:
@@ -123,21 +138,32 @@ class RegionGrid:
         -------
         ``(cells, regions, n_cells)``: flat cell index ``y * grid + x`` and region position of every
         (cell, region) pair inside the tile, and each pair's region total cell count.
+
         """
         g, cell = self.grid, self.cell_um
         ox, oy = cx - self.tile_um / 2, cy - self.tile_um / 2
         eps = cell * 1e-9
-        cand = self._tree.query(shapely.box(ox + eps, oy + eps, ox + self.tile_um - eps, oy + self.tile_um - eps))
+        cand = self._tree.query(
+            shapely.box(ox + eps, oy + eps, ox + self.tile_um - eps, oy + self.tile_um - eps)
+        )
         empty = np.zeros(0, dtype=np.int64)
         if len(cand) == 0:
             return empty, empty, empty
         b = self.bounds[cand]
-        ext = (min(b[:, 0].min(), ox), min(b[:, 1].min(), oy), max(b[:, 2].max(), ox + self.tile_um),
-               max(b[:, 3].max(), oy + self.tile_um))
+        ext = (
+            min(b[:, 0].min(), ox),
+            min(b[:, 1].min(), oy),
+            max(b[:, 2].max(), ox + self.tile_um),
+            max(b[:, 3].max(), oy + self.tile_um),
+        )
         every = self._tree.query(shapely.box(*ext))
         b = self.bounds[every]
-        ext = (min(b[:, 0].min(), ext[0]), min(b[:, 1].min(), ext[1]), max(b[:, 2].max(), ext[2]),
-               max(b[:, 3].max(), ext[3]))
+        ext = (
+            min(b[:, 0].min(), ext[0]),
+            min(b[:, 1].min(), ext[1]),
+            max(b[:, 2].max(), ext[2]),
+            max(b[:, 3].max(), ext[3]),
+        )
         kx0 = int(np.floor((ext[0] - ox) / cell)) - 1
         ky0 = int(np.floor((ext[1] - oy) / cell)) - 1
         kx1 = int(np.ceil((ext[2] - ox) / cell)) + 1
@@ -250,19 +276,27 @@ class ExpressionRasterizer:
             n_bad = int((pos < 0).sum())
             logger.warning(
                 "%d rows of table %r annotate instances missing from shapes %r; they are ignored",
-                n_bad, table_key, shapes_key,
+                n_bad,
+                table_key,
+                shapes_key,
             )
             adata = adata[pos >= 0]
             pos = pos[pos >= 0]
         if genes is None:
             X = adata.layers[layer] if layer is not None else adata.X
-            X = sparse.csr_matrix(X, dtype=np.float32) if sparse.issparse(X) else np.asarray(X, dtype=np.float32)
+            X = (
+                sparse.csr_matrix(X, dtype=np.float32)
+                if sparse.issparse(X)
+                else np.asarray(X, dtype=np.float32)
+            )
             present = np.ones(adata.n_vars, dtype=bool)
             self.genes = list(map(str, adata.var_names))
         else:
             X, present = align_genes(adata, genes, layer=layer)
-            self.genes = list(genes.iloc[:, 0].astype(str)) if isinstance(genes, pd.DataFrame) else list(
-                map(str, genes)
+            self.genes = (
+                list(genes.iloc[:, 0].astype(str))
+                if isinstance(genes, pd.DataFrame)
+                else list(map(str, genes))
             )
         raw = adata.layers[layer] if layer is not None else adata.X
         totals = np.asarray(raw.sum(axis=1), dtype=np.float64).reshape(-1)
@@ -282,13 +316,16 @@ class ExpressionRasterizer:
         """Number of gene channels of the output."""
         return int(self.X.shape[1])
 
-    def tile(self, cx: float, cy: float, *, as_sparse: bool = True) -> sparse.csr_matrix | np.ndarray:
+    def tile(
+        self, cx: float, cy: float, *, as_sparse: bool = True
+    ) -> sparse.csr_matrix | np.ndarray:
         """Expression grid of one tile centred at ``(cx, cy)`` µm.
 
         Returns
         -------
         With ``as_sparse=True`` a CSR matrix (grid * grid, G), rows y-major x-minor; otherwise a
         float32 array (G, grid, grid).
+
         """
         cells, regions, n = self.grid_assign.assign(cx, cy)
         g2 = self.grid * self.grid
@@ -314,7 +351,7 @@ class ExpressionRasterizer:
 
 
 def _table_rows_for(table: AnnData, shapes_key: str, table_key: str) -> AnnData:
-    """Rows of ``table`` annotating ``shapes_key``, with their instance ids in ``obs['_squall_instance']``."""
+    """Return the rows of ``table`` annotating ``shapes_key`` (instance ids in ``obs``)."""
     try:
         regions, region_key, instance_key = get_table_keys(table)
     except Exception:  # noqa: BLE001
@@ -335,7 +372,9 @@ def _table_rows_for(table: AnnData, shapes_key: str, table_key: str) -> AnnData:
     sub = table[mask]
     sub = AnnData(
         X=sub.X,
-        obs=pd.DataFrame({"_squall_instance": sub.obs[instance_key].to_numpy()}, index=sub.obs_names),
+        obs=pd.DataFrame(
+            {"_squall_instance": sub.obs[instance_key].to_numpy()}, index=sub.obs_names
+        ),
         var=sub.var,
         layers=dict(sub.layers),
     )
@@ -399,11 +438,19 @@ def rasterize_expression(
     Returns
     -------
     A float32 array (B, G, grid, grid), or a list of B sparse matrices.
+
     """
     centers = centers_from(sdata, centers_um)
     r = ExpressionRasterizer(
-        sdata, shapes_key=shapes_key, table_key=table_key, genes=genes, layer=layer,
-        patch_px=patch_px, mpp=mpp, grid=grid, method=method,
+        sdata,
+        shapes_key=shapes_key,
+        table_key=table_key,
+        genes=genes,
+        layer=layer,
+        patch_px=patch_px,
+        mpp=mpp,
+        grid=grid,
+        method=method,
     )
     return r.rasterize(centers, as_sparse=as_sparse)
 
@@ -442,6 +489,7 @@ def region_weights(
     -------
     A :class:`TileRegions` with ``index`` (B, R), ``names`` (B, R), ``weights`` (B, R, grid,
     grid) and ``n_cells`` (B, R); R is the largest number of regions in a tile.
+
     """
     centers = centers_from(sdata, centers_um)
     shapes = check_key(sdata, shapes_key, "shapes")

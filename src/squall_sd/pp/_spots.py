@@ -82,6 +82,7 @@ def make_spots(
     - ``sdata.shapes[key_added]`` - circles (``radius`` column, µm) for visium, square polygons for
       bins/tiles, in microns (``Identity`` to ``microns``), with columns ``array_row``,
       ``array_col`` (lattice indices) and ``tissue_fraction``.
+
     """
     if kind not in DEFAULT_SIZE_UM:
         raise ValueError(f"`kind` must be one of {sorted(DEFAULT_SIZE_UM)}, got {kind!r}.")
@@ -106,7 +107,9 @@ def make_spots(
     if kind == "visium":
         dy = pitch * np.sqrt(3) / 2
         rows = np.arange(np.floor((ymin - r) / dy), np.ceil((ymax + r) / dy) + 1).astype(int)
-        cols = np.arange(np.floor((xmin - r) / pitch) - 1, np.ceil((xmax + r) / pitch) + 1).astype(int)
+        cols = np.arange(np.floor((xmin - r) / pitch) - 1, np.ceil((xmax + r) / pitch) + 1).astype(
+            int
+        )
         rr, cc = np.meshgrid(rows, cols, indexing="ij")
         rr, cc = rr.ravel(), cc.ravel()
         cx = (cc + 0.5 * (rr % 2)) * pitch
@@ -150,9 +153,7 @@ def make_spots(
     else:
         gdf = gpd.GeoDataFrame(meta, geometry=shapes[keep])
         gdf = ShapesModel.parse(gdf, transformations=transformations)
-    logger.info(
-        "make_spots: %d %s of %g µm (pitch %g µm) over tissue", len(gdf), kind, size, pitch
-    )
+    logger.info("make_spots: %d %s of %g µm (pitch %g µm) over tissue", len(gdf), kind, size, pitch)
     if not inplace:
         return gdf
     store_shapes(sdata, key_added, gdf, overwrite=overwrite)

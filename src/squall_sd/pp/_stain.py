@@ -73,6 +73,7 @@ def he_stain_jitter(
     Returns
     -------
     The jittered image, same shape, layout and dtype as ``rgb``.
+
     """
     hwc, cf = _to_hwc(rgb)
     rng = np.random.default_rng(rng)
@@ -85,10 +86,8 @@ def he_stain_jitter(
     return _from_float(out, hwc, cf)
 
 
-def _macenko_fit(
-    od: np.ndarray, *, beta: float, alpha: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Stain matrix (3, 2: H, E) and 99th-percentile concentrations from optical densities (n, 3)."""
+def _macenko_fit(od: np.ndarray, *, beta: float, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Fit the stain matrix (3, 2: H, E) and 99th-percentile concentrations to ODs (n, 3)."""
     tissue = od[np.all(od > beta, axis=1)]
     if len(tissue) < 10:
         raise ValueError(
@@ -138,6 +137,7 @@ def normalize_stain(
     Returns
     -------
     The normalised image, same shape, layout and dtype as ``rgb``.
+
     """
     hwc, cf = _to_hwc(rgb)
     img = _as_float(hwc)
@@ -194,6 +194,7 @@ def estimate_white_point(
     Returns
     -------
     (3,) float array, r, g, b on the 0–255 scale.
+
     """
     from squall_sd.pp._tissue import coarse_image, tissue_mask
 

@@ -48,6 +48,7 @@ def coarse_image(
     ``(rgb, affine, level)``: ``rgb`` a float32 (h, w, 3) array in [0, 1]; ``affine`` the 3×3
     matrix mapping its intrinsic (x, y) (pixel ``k`` covers ``[k, k + 1)``) to ``microns``; the
     level it was computed from.
+
     """
     levels = image_levels(sdata, image_key)
     if scale is None or scale == "auto":
@@ -72,7 +73,12 @@ def coarse_image(
     affine = level.affine @ np.diag([f, f, 1.0])
     logger.debug(
         "coarse image of %r: level %s (%.3g µm/px) / %d -> %s at %.3g µm/px",
-        image_key, level.name, level.mpp, f, rgb.shape[:2], level.mpp * f,
+        image_key,
+        level.name,
+        level.mpp,
+        f,
+        rgb.shape[:2],
+        level.mpp * f,
     )
     return rgb, affine, level
 
@@ -168,6 +174,7 @@ def detect_tissue(
     ------
     ValueError
         When no tissue is found.
+
     """
     min_area_um2 = float(min_area_um2)
     if min_area_um2 < 0:
@@ -203,7 +210,10 @@ def detect_tissue(
     )
     gdf = ShapesModel.parse(gdf, transformations=microns_transformations(sdata, image_key))
     logger.info(
-        "detect_tissue: %d piece(s), %.3g mm² of tissue in %r", len(gdf), areas.sum() / 1e6, image_key
+        "detect_tissue: %d piece(s), %.3g mm² of tissue in %r",
+        len(gdf),
+        areas.sum() / 1e6,
+        image_key,
     )
     if not inplace:
         return gdf

@@ -1,4 +1,4 @@
-"""Helpers shared by :mod:`squall_sd.pp`: element lookup, pyramid levels, transformations, writes."""
+"""Helpers of :mod:`squall_sd.pp`: element lookup, pyramid levels, transformations, writes."""
 
 from __future__ import annotations
 
@@ -21,8 +21,13 @@ from xarray import DataArray, DataTree
 from squall_sd._constants import MICRONS
 from squall_sd._logging import logger
 
-
-_NOUN = {"images": "Image", "shapes": "Shapes", "tables": "Table", "labels": "Labels", "points": "Points"}
+_NOUN = {
+    "images": "Image",
+    "shapes": "Shapes",
+    "tables": "Table",
+    "labels": "Labels",
+    "points": "Points",
+}
 
 
 def check_key(sdata: SpatialData, key: str, kind: str) -> Any:
@@ -41,7 +46,7 @@ def check_key(sdata: SpatialData, key: str, kind: str) -> Any:
 
 
 def check_positive(value: float, name: str) -> float:
-    """Return ``value`` as float, or raise a :class:`ValueError` when it is not a positive number."""
+    """Return ``value`` as float; raise a :class:`ValueError` when it is not a positive number."""
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -80,7 +85,7 @@ def affine_mpp(m: np.ndarray) -> float:
 
 
 def is_axis_aligned(m: np.ndarray, tol: float = 1e-9) -> bool:
-    """Return whether a 3×3 affine only scales (possibly flips) and translates x and y separately."""
+    """Return whether a 3×3 affine only scales (or flips) and translates x and y separately."""
     m = np.asarray(m)
     scale = max(abs(m[0, 0]), abs(m[1, 1]), 1e-300)
     return abs(m[0, 1]) <= tol * scale and abs(m[1, 0]) <= tol * scale
@@ -101,6 +106,7 @@ class Level:
         ``microns``.
     mpp
         µm per pixel of the level (geometric mean of the x and y pixel sizes).
+
     """
 
     name: str
@@ -162,6 +168,7 @@ def pyramid_levels(sdata: SpatialData, *, image_key: str = "he") -> pd.DataFrame
     One row per level (index: level name, finest first) with columns ``height_px``, ``width_px``
     (level size in pixels), ``mpp`` (µm per pixel of the level, from its transformation to
     ``microns``) and ``downsample`` (level µm/px divided by full-resolution µm/px).
+
     """
     levels = image_levels(sdata, image_key)
     base = levels[0].mpp
@@ -189,7 +196,9 @@ def pick_level(levels: Sequence[Level], mpp: float, scale: str | int | None = No
         return ok[-1] if ok else levels[0]
     if isinstance(scale, (int, np.integer)):
         if not 0 <= int(scale) < len(levels):
-            raise ValueError(f"`scale={scale}` is out of range: the image has {len(levels)} levels.")
+            raise ValueError(
+                f"`scale={scale}` is out of range: the image has {len(levels)} levels."
+            )
         return levels[int(scale)]
     for lv in levels:
         if lv.name == scale:
@@ -200,8 +209,10 @@ def pick_level(levels: Sequence[Level], mpp: float, scale: str | int | None = No
     )
 
 
-def microns_transformations(sdata: SpatialData, image_key: str | None) -> dict[str, BaseTransformation]:
-    """Transformations for a new element whose intrinsic coordinates are microns.
+def microns_transformations(
+    sdata: SpatialData, image_key: str | None
+) -> dict[str, BaseTransformation]:
+    """Return the transformations of a new element whose intrinsic coordinates are microns.
 
     Always ``{"microns": Identity()}``; when the image ``image_key`` is registered in further
     coordinate systems, the element gets a transformation to each of them as well (microns → image
@@ -227,15 +238,13 @@ def microns_transformations(sdata: SpatialData, image_key: str | None) -> dict[s
     return out
 
 
-def store_shapes(
-    sdata: SpatialData, key: str, gdf: Any, *, overwrite: bool
-) -> None:
+def store_shapes(sdata: SpatialData, key: str, gdf: Any, *, overwrite: bool) -> None:
     """Put a shapes element into ``sdata`` (and write it to disk when ``sdata`` is backed)."""
     exists = key in sdata.shapes
     if exists and not overwrite:
         raise ValueError(
-            f"`key_added={key!r}` already exists in `sdata.shapes`. Pass `overwrite=True` to replace "
-            "it, or choose another `key_added`."
+            f"`key_added={key!r}` already exists in `sdata.shapes`. Pass `overwrite=True` to "
+            "replace it, or choose another `key_added`."
         )
     sdata.shapes[key] = gdf
     logger.info("Adding `sdata.shapes[%r]` (%d shapes)", key, len(gdf))
@@ -280,7 +289,9 @@ def centers_from(sdata: SpatialData | None, centers: Any) -> np.ndarray:
     if arr.ndim == 1 and arr.shape[0] == 2:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"`centers_um` must be an (n, 2) array of x, y in microns; got shape {arr.shape}.")
+        raise ValueError(
+            f"`centers_um` must be an (n, 2) array of x, y in microns; got shape {arr.shape}."
+        )
     if not np.all(np.isfinite(arr)):
         raise ValueError("`centers_um` contains NaN or infinite values.")
     return arr
