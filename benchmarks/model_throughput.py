@@ -83,7 +83,13 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float
 
 
 def time_mode(
-    model: sm.Squall, mode: str, batch: int, device: torch.device, autocast: bool, seconds: float, max_iters: int
+    model: sm.Squall,
+    mode: str,
+    batch: int,
+    device: torch.device,
+    autocast: bool,
+    seconds: float,
+    max_iters: int,
 ) -> float:
     """Tiles per second (uint8 tiles already on the device, as a data loader would deliver them)."""
     x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=device)
@@ -101,23 +107,44 @@ def time_mode(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
     p.add_argument(
-        "--weights-bf16", action="store_true", help="cast the weights to bf16 (no autocast) instead of fp32 + autocast"
+        "--weights-bf16",
+        action="store_true",
+        help="cast the weights to bf16 (no autocast) instead of fp32 + autocast",
     )
     p.add_argument("--batch-sizes", default="1,4")
     p.add_argument("--configs", default="squall-tiny,squall-small,squall-base,squall-555m")
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--max-batch-555m", type=int, default=None, help="cap the batch of squall-555m (default: 1 on CPU)")
-    p.add_argument("--seconds", type=float, default=None, help="time budget per measurement (CPU 3 s, GPU 1.5 s)")
+    p.add_argument(
+        "--max-batch-555m",
+        type=int,
+        default=None,
+        help="cap the batch of squall-555m (default: 1 on CPU)",
+    )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="time budget per measurement (CPU 3 s, GPU 1.5 s)",
+    )
     p.add_argument("--max-iters", type=int, default=50)
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the H&E → expression path")
-    p.add_argument("--out", default=None, help="default: benchmarks/results/model_throughput_<device>.md")
+    p.add_argument(
+        "--out", default=None, help="default: benchmarks/results/model_throughput_<device>.md"
+    )
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available", file=sys.stderr)
         return 1
@@ -133,17 +160,27 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
         dev_name = torch.cuda.get_device_name(device)
     else:
-        dev_name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        dev_name = (
+            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        )
 
     peak_name = "bf16" if torch_dtype == torch.bfloat16 else "fp32"
     peak_n = 8192 if device.type == "cuda" else 2048
     peak = matmul_peak(device, torch_dtype, peak_n)
-    variant = ("bf16 weights" if args.weights_bf16 else f"{args.dtype}" + (" autocast" if autocast else ""))
+    variant = (
+        "bf16 weights" if args.weights_bf16 else f"{args.dtype}" + (" autocast" if autocast else "")
+    )
     variant += " + torch.compile" if args.compile else ""
-    print(f"device: {dev_name}; {variant}; measured {peak_name} matmul peak ({peak_n}²): {peak:.2f} TFLOP/s")
+    print(
+        f"device: {dev_name}; {variant}; measured {peak_name} matmul peak ({peak_n}²): {peak:.2f} "
+        "TFLOP/s"
+    )
 
     rows = []
-    header = "| model | params (M) | mode | batch | GFLOP/tile | tiles/s | ms/tile | TFLOP/s | % of matmul peak |"
+    header = (
+        "| model | params (M) | mode | batch | GFLOP/tile | tiles/s | ms/tile | TFLOP/s "
+        "| % of matmul peak |"
+    )
     print(header)
     for name in configs:
         flops = {m: gflop_per_tile(name, m) for m in modes}
@@ -163,13 +200,15 @@ def main(argv: list[str] | None = None) -> int:
                     tps = time_mode(model, mode, batch, device, autocast, seconds, args.max_iters)
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
-                    row = f"| {name} | {n_params:.1f} | {mode} | {batch} | {flops[mode]:.2f} | OOM | | | |"
+                    row = f"| {name} | {n_params:.1f} | {mode} | {batch} | {flops[mode]:.2f} "
+                    row += "| OOM | | | |"
                     rows.append(row)
                     print(row, flush=True)
                     continue
                 tflops = flops[mode] * tps / 1e3
                 row = (
-                    f"| {name} | {n_params:.1f} | {mode} | {batch} | {flops[mode]:.2f} | {tps:.2f} | "
+                    f"| {name} | {n_params:.1f} | {mode} | {batch} | {flops[mode]:.2f} | "
+                    f"{tps:.2f} | "
                     f"{1e3 / tps:.1f} | {tflops:.3f} | {100 * tflops / peak:.0f} % |"
                 )
                 rows.append(row)
@@ -178,9 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"model_throughput_{device.type}.md"
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(__file__).parent / "results" / f"model_throughput_{device.type}.md"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/model_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python benchmarks/model_throughput.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     text = [
         f"# Model throughput ({device.type}, {variant})",
         "",
@@ -188,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         f"- device: {dev_name}; torch {torch.__version__}; squall-sd {squall_sd.__version__}",
         f"- measured {peak_name} matmul peak ({peak_n}×{peak_n}): **{peak:.2f} TFLOP/s**",
         "- tiles: 224×224 uint8 RGB already on the device, res 0.5 µm/px, random weights;",
-        "  GFLOP/tile counted with `torch.utils.flop_counter.FlopCounterMode` (batch 1, meta device).",
-        f"- modes: {', '.join(modes)} (`-50g` = {N_SUBSET}-gene subset; `expr-tile` aggregates inside the forward)",
+        "  GFLOP/tile counted with `torch.utils.flop_counter.FlopCounterMode` (batch 1, meta "
+        "device).",
+        f"- modes: {', '.join(modes)} (`-50g` = {N_SUBSET}-gene subset; `expr-tile` aggregates "
+        "inside the forward)",
         "",
         header,
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -203,4 +250,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

@@ -53,8 +53,14 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.08) -> to
 def micro_config(**overrides) -> sm.SquallConfig:
     """A very small configuration (fast on CPU) that keeps the published tile geometry."""
     kw = dict(
-        embed_dim=32, depth=3, merge_layer_depth=2, num_heads=2, decoder_depth=1, rpb_hidden=8,
-        genes=GENES, drop_path_rate=0.0,
+        embed_dim=32,
+        depth=3,
+        merge_layer_depth=2,
+        num_heads=2,
+        decoder_depth=1,
+        rpb_hidden=8,
+        genes=GENES,
+        drop_path_rate=0.0,
     )
     kw.update(overrides)
     return sm.get_config("squall-tiny", **kw)

@@ -40,7 +40,10 @@ def test_555m_path_subtotals():
         n(b.mlp.mlp_expr) + n(b.mlp.norm_expr) for b in enc.blocks.blocks[:16]
     )
     assert n(enc) - expr_only == 303_059_840
-    assert n(enc) - expr_only + n(model.decoder.decoder_rgb) + n(model.decoder.increase_dim_rgb) == 361_687_373
+    assert (
+        n(enc) - expr_only + n(model.decoder.decoder_rgb) + n(model.decoder.increase_dim_rgb)
+        == 361_687_373
+    )
 
 
 def test_registry_and_configs():
@@ -72,7 +75,10 @@ def test_larger_configs_shapes(name):
     assert m.encoder.patch_embed_rgb.proj.weight.shape == (c.embed_dim, 3, 16, 16)
     assert m.decoder.increase_dim_rgb.fc2.weight.shape == (15757, c.embed_dim // 4)
     assert m.decoder.increase_dim_rgb.fc1.weight.shape == (4 * c.embed_dim, c.embed_dim)
-    assert len(m.encoder.blocks.blocks) == c.depth and len(m.decoder.decoder_rgb.blocks) == c.decoder_depth
+    assert (
+        len(m.encoder.blocks.blocks) == c.depth
+        and len(m.decoder.decoder_rgb.blocks) == c.decoder_depth
+    )
     assert hasattr(m.encoder.blocks.blocks[c.merge_layer_depth - 1].mlp, "mlp_rgb")
     assert hasattr(m.encoder.blocks.blocks[c.merge_layer_depth].mlp, "mlp")
 
@@ -92,14 +98,16 @@ def test_tiny_forward_shapes_and_no_nan(tiles):
 
 
 def test_expression_head_index_map_one_hot():
-    """A token-t probe must land in cells k with k // 16 == t, carrying fc1 slice j = k % 16 (§4.8)."""
+    """A token-t probe lands in cells k with k // 16 == t, carrying fc1 slice k % 16 (§4.8)."""
     cfg = micro_config()
     head = sm.Squall(cfg).decoder.increase_dim_rgb
     inner, f2 = cfg.expr_embed_dim, cfg.expr_patch**2
     with torch.no_grad():
         head.fc1.weight.zero_()
         head.fc1.bias.zero_()
-        head.fc1.weight[:, 0] = torch.arange(inner * f2, dtype=torch.float32) + 1  # marker = feature index + 1
+        head.fc1.weight[:, 0] = (
+            torch.arange(inner * f2, dtype=torch.float32) + 1
+        )  # marker = feature index + 1
         head.fc2.weight.zero_()
         head.fc2.bias.zero_()
         head.fc2.weight[0, 0] = 1.0  # channel 0 reads element 0 of the cell's slice
@@ -118,7 +126,7 @@ def test_expression_head_index_map_one_hot():
 
 
 def test_rgb_head_index_map_one_hot():
-    """Pixel (y, x, ch), k = 224 y + x, comes from token k // 256 and output 3 (k % 256) + ch (§4.8)."""
+    """Pixel (y, x, ch), k = 224 y + x, comes from token k // 256, output 3 (k % 256) + ch."""
     cfg = micro_config()
     dec = sm.Squall(cfg).decoder
     with torch.no_grad():
@@ -131,7 +139,9 @@ def test_rgb_head_index_map_one_hot():
             x[0, t, 0] = 1.0
             img = dec.rgb_head(x)[0]
             for ch in range(3):
-                expected = torch.where(k // 256 == t, (3 * (k % 256) + ch + 1).float(), torch.zeros(()))
+                expected = torch.where(
+                    k // 256 == t, (3 * (k % 256) + ch + 1).float(), torch.zeros(())
+                )
                 assert torch.equal(img[..., ch], expected), (t, ch)
         # token row r covers pixel rows 16r..16r+15
         x = torch.zeros(1, 196, cfg.embed_dim)

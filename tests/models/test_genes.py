@@ -11,7 +11,7 @@ from squall_sd.models import GeneVocabulary, normalize_gene_name, read_gene_orde
 
 
 def write_homolog_csv(path: Path, n: int = 24, seed: int = 0) -> Path:
-    """A synthetic file with the official columns; rows sorted by MGI symbol, first column = channel."""
+    """A synthetic file with the official columns; first column = channel, rows shuffled."""
     import pandas as pd
 
     rng = np.random.default_rng(seed)
@@ -78,7 +78,14 @@ def test_normalize_gene_name():
 
 def test_index_and_match(tmp_path):
     v = read_gene_order(write_homolog_csv(tmp_path / "g.csv"))
-    assert v.index(["HG2", "Mg4", "ENSG00000000007.3", "ENSMUSG00000000001", "GRCh38_HG9", 11]) == [2, 4, 7, 1, 9, 11]
+    assert v.index(["HG2", "Mg4", "ENSG00000000007.3", "ENSMUSG00000000001", "GRCh38_HG9", 11]) == [
+        2,
+        4,
+        7,
+        1,
+        9,
+        11,
+    ]
     assert v.index("hg3") == [3]  # case-insensitive fallback on symbols
     with pytest.raises(KeyError, match="2 gene"):
         v.index(["HG1", "FOO", "BAR"])
@@ -106,20 +113,35 @@ def test_gene_order_diagnostics_picks_the_order_the_weights_follow(tmp_path):
     n = 24
     csv = write_homolog_csv(tmp_path / "g.csv", n=n)
     df = pd.read_csv(csv)
-    names = ["RPL3", "RPS6", "RPL13A", "EEF1A1", "ACTB", "OR2A4", "OR5B2", "OR1A1"] + [f"X{i}" for i in range(n - 8)]
+    names = ["RPL3", "RPS6", "RPL13A", "EEF1A1", "ACTB", "OR2A4", "OR5B2", "OR1A1"] + [
+        f"X{i}" for i in range(n - 8)
+    ]
     df["HGNC_symbol"] = names[: len(df)]
     df.to_csv(csv, index=False)
     truth = read_gene_order(csv, order="first_column")
     with torch.device("meta"):
         pass
-    model = sm.create("squall-tiny", embed_dim=32, depth=1, merge_layer_depth=1, num_heads=2, decoder_depth=1,
-                      genes=truth.symbols)
+    model = sm.create(
+        "squall-tiny",
+        embed_dim=32,
+        depth=1,
+        merge_layer_depth=1,
+        num_heads=2,
+        decoder_depth=1,
+        genes=truth.symbols,
+    )
     with torch.no_grad():
         bias = torch.zeros(n)
         for i, s in enumerate(truth.symbols):
-            bias[i] = 3.0 if s.startswith(("RP", "EEF", "ACTB")) else (-3.0 if s.startswith("OR") else 0.0)
+            bias[i] = (
+                3.0
+                if s.startswith(("RP", "EEF", "ACTB"))
+                else (-3.0 if s.startswith("OR") else 0.0)
+            )
         model.decoder.increase_dim_rgb.fc2.bias.copy_(bias)
     res = sm.gene_order_diagnostics(model, csv)
     assert res["bias_gap"].idxmax() == "first_column"
     assert res.loc["first_column", "bias_gap"] == 6.0
-    assert res.loc["first_column", "n_ribosomal"] == 3 and res.loc["first_column", "n_olfactory"] == 3
+    assert (
+        res.loc["first_column", "n_ribosomal"] == 3 and res.loc["first_column", "n_olfactory"] == 3
+    )

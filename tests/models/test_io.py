@@ -1,4 +1,4 @@
-"""Saving/loading: squall-sd directories, official checkpoint layouts (§3), errors, Hub, bundled names."""
+"""Saving/loading: squall-sd folders, official checkpoint layouts (§3), errors, Hub, bundled."""
 
 from __future__ import annotations
 
@@ -47,7 +47,9 @@ def test_save_load_round_trip_bit_exact(model, tmp_path):
     assert loaded.weights_sha256 == meta["weights_sha256"] == model.weights_sha256
     assert not loaded.training
     x = torch.rand(1, 3, 224, 224)
-    assert torch.equal(model.predict(x, 0.5, aggregate="tile"), loaded.predict(x, 0.5, aggregate="tile"))
+    assert torch.equal(
+        model.predict(x, 0.5, aggregate="tile"), loaded.predict(x, 0.5, aggregate="tile")
+    )
     # loading the safetensors file itself works too; saving again needs overwrite=True
     _assert_same(model, sm.load(out / "model.safetensors"))
     with pytest.raises(FileExistsError, match="overwrite"):
@@ -69,7 +71,9 @@ def test_corrupt_directory(model, tmp_path):
         sm.load(out)
 
 
-@pytest.mark.parametrize("layout", ["bare", "base_model", "state_dict", "model", "module_prefix", "fp16"])
+@pytest.mark.parametrize(
+    "layout", ["bare", "base_model", "state_dict", "model", "module_prefix", "fp16"]
+)
 def test_official_layouts_load_strictly(model, official_state, tmp_path, layout):
     state = dict(official_state)
     if layout == "module_prefix":
@@ -79,7 +83,12 @@ def test_official_layouts_load_strictly(model, official_state, tmp_path, layout)
     elif layout == "bare":
         obj = state
     elif layout == "base_model":  # training format, with optimizer state etc.
-        obj = {"base_model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 7, "metrics": 0.1}
+        obj = {
+            "base_model": state,
+            "optimizer": {"state": {}, "param_groups": []},
+            "epoch": 7,
+            "metrics": 0.1,
+        }
     else:
         obj = {layout: state}
     path = tmp_path / "SQUALL_test.pth"
@@ -89,8 +98,19 @@ def test_official_layouts_load_strictly(model, official_state, tmp_path, layout)
     loaded = sm.load(path, genes_file=genes_txt)
     cfg = loaded.config
     ref = model.config
-    for f in ("embed_dim", "depth", "merge_layer_depth", "num_heads", "decoder_depth", "rpb_hidden", "n_genes",
-              "mlp_ratio", "expr_size", "patch_size", "qkv_bias"):
+    for f in (
+        "embed_dim",
+        "depth",
+        "merge_layer_depth",
+        "num_heads",
+        "decoder_depth",
+        "rpb_hidden",
+        "n_genes",
+        "mlp_ratio",
+        "expr_size",
+        "patch_size",
+        "qkv_bias",
+    ):
         assert getattr(cfg, f) == getattr(ref, f), f
     if layout == "fp16":
         for k, v in loaded.state_dict().items():
@@ -105,8 +125,9 @@ def test_official_555m_layout_inferred(manifest):
     state = {k: torch.empty(s, device="meta") for k, s in manifest}
     cfg = sm.config_from_state_dict(state)
     assert cfg.name == "squall-555m"
-    assert cfg == sm.get_config("squall-555m").replace(name=cfg.name, description=cfg.description,
-                                                      licence=cfg.licence)
+    assert cfg == sm.get_config("squall-555m").replace(
+        name=cfg.name, description=cfg.description, licence=cfg.licence
+    )
 
 
 def test_mismatched_checkpoints_fail_clearly(official_state, tmp_path):
@@ -117,7 +138,9 @@ def test_mismatched_checkpoints_fail_clearly(official_state, tmp_path):
 
     missing = dict(official_state)
     del missing["decoder.increase_dim_expr.bias"]
-    with pytest.raises(sm.CheckpointError, match=r"1 missing key\(s\):\n    decoder.increase_dim_expr.bias"):
+    with pytest.raises(
+        sm.CheckpointError, match=r"1 missing key\(s\):\n    decoder.increase_dim_expr.bias"
+    ):
         sm.load(_save(missing))
 
     extra = dict(official_state)
@@ -128,15 +151,27 @@ def test_mismatched_checkpoints_fail_clearly(official_state, tmp_path):
 
     wrong = dict(official_state)
     wrong["decoder.increase_dim_expr.weight"] = torch.zeros(767, 32)
-    with pytest.raises(sm.CheckpointError, match=r"(?s)shape mismatch.*increase_dim_expr.weight: checkpoint \(767, 32\)"):
+    with pytest.raises(
+        sm.CheckpointError,
+        match=r"(?s)shape mismatch.*increase_dim_expr.weight: checkpoint \(767, 32\)",
+    ):
         sm.load(_save(wrong))
 
-    backbone = {k[len("encoder."):]: v for k, v in official_state.items() if k.startswith("encoder.")}
+    backbone = {
+        k[len("encoder.") :]: v for k, v in official_state.items() if k.startswith("encoder.")
+    }
     with pytest.raises(sm.CheckpointError, match="backbone-only"):
         sm.load(_save(backbone))
 
     with pytest.raises(sm.CheckpointError, match="wrong model"):
-        sm.load(_save({**official_state, "encoder.blocks.blocks.0.attn.lookup_table_weight": torch.zeros(3)}))
+        sm.load(
+            _save(
+                {
+                    **official_state,
+                    "encoder.blocks.blocks.0.attn.lookup_table_weight": torch.zeros(3),
+                }
+            )
+        )
 
     with pytest.raises(sm.CheckpointError, match="not a state dict"):
         sm.load(_save([1, 2, 3]))
@@ -189,7 +224,9 @@ def test_bundled_lookup_is_generic(model, tmp_path, monkeypatch):
     loaded = sm.load("squall-micro-demo")
     _assert_same(model, loaded)
     assert loaded.weights_source == "squall-micro-demo"
-    assert sm.create("squall-micro-demo").n_genes == model.n_genes  # same architecture, fresh weights
+    assert (
+        sm.create("squall-micro-demo").n_genes == model.n_genes
+    )  # same architecture, fresh weights
 
 
 def test_huggingface_paths(model, official_state, tmp_path, monkeypatch):

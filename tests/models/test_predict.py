@@ -33,9 +33,14 @@ def test_predict_dense_equals_forward(model, rgb, dense):
 
 
 def test_tile_aggregation_equals_dense_then_sum(model, rgb, dense):
-    torch.testing.assert_close(model.predict(rgb, [0.5, 1.0], aggregate="tile"), dense.sum((1, 2)), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(
-        model.predict(rgb, [0.5, 1.0], aggregate="tile", reduce="mean"), dense.mean((1, 2)), rtol=1e-4, atol=1e-5
+        model.predict(rgb, [0.5, 1.0], aggregate="tile"), dense.sum((1, 2)), rtol=1e-4, atol=1e-3
+    )
+    torch.testing.assert_close(
+        model.predict(rgb, [0.5, 1.0], aggregate="tile", reduce="mean"),
+        dense.mean((1, 2)),
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
@@ -43,9 +48,13 @@ def test_region_weights_equal_dense_then_weighted_sum(model, rgb, dense):
     g = torch.Generator().manual_seed(0)
     w = torch.rand(2, 5, 56, 56, generator=g) * (torch.rand(2, 5, 56, 56, generator=g) > 0.5)
     expected = torch.einsum("brij,bijg->brg", w, dense)
-    torch.testing.assert_close(model.predict(rgb, [0.5, 1.0], aggregate=w), expected, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        model.predict(rgb, [0.5, 1.0], aggregate=w), expected, rtol=1e-4, atol=1e-3
+    )
     mean = expected / w.sum((2, 3))[..., None]
-    torch.testing.assert_close(model.predict(rgb, [0.5, 1.0], aggregate=w, reduce="mean"), mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        model.predict(rgb, [0.5, 1.0], aggregate=w, reduce="mean"), mean, rtol=1e-4, atol=1e-4
+    )
     # boolean masks shared by all tiles, e.g. spots rasterised on the grid
     masks = torch.zeros(3, 56, 56, dtype=torch.bool)
     masks[0, :10, :10] = True
@@ -61,9 +70,14 @@ def test_region_weights_equal_dense_then_weighted_sum(model, rgb, dense):
 def test_gene_subset_equals_slicing(model, rgb, dense):
     genes = ["G5", "G0", "G17"]
     idx = [5, 0, 17]
-    torch.testing.assert_close(model.predict(rgb, [0.5, 1.0], genes=genes), dense[..., idx], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
-        model.forward_rgb_to_expr(rgb, [0.5, 1.0], genes=genes).detach(), dense[..., idx], rtol=1e-5, atol=1e-5
+        model.predict(rgb, [0.5, 1.0], genes=genes), dense[..., idx], rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        model.forward_rgb_to_expr(rgb, [0.5, 1.0], genes=genes).detach(),
+        dense[..., idx],
+        rtol=1e-5,
+        atol=1e-5,
     )
     w = torch.rand(2, 4, 56, 56)
     full = model.predict(rgb, [0.5, 1.0], aggregate=w)
@@ -79,7 +93,9 @@ def test_input_conventions(model, rgb):
     from_u8 = model.predict(u8.permute(0, 2, 3, 1), 0.5, aggregate="tile")  # uint8, channel last
     torch.testing.assert_close(from_u8, model.predict(u8.float() / 255, 0.5, aggregate="tile"))
     assert torch.allclose(from_u8, ref, rtol=0.05, atol=0.5)
-    assert torch.equal(model.predict(rgb, None, aggregate="tile"), model.predict(rgb, 0.5, aggregate="tile"))
+    assert torch.equal(
+        model.predict(rgb, None, aggregate="tile"), model.predict(rgb, 0.5, aggregate="tile")
+    )
     assert not torch.allclose(model.predict(rgb, 4.0, aggregate="tile"), ref)  # res matters
     with pytest.raises(TypeError, match="uint8"):
         model.predict(rgb.to(torch.int32), 0.5)
@@ -98,3 +114,11 @@ def test_embed(model, rgb):
     with torch.no_grad():
         torch.testing.assert_close(e, model.forward_rgb(rgb, 0.5).mean(1))
     assert model.embed(rgb, 0.5, pool=None).shape == (2, 196, 32)
+
+
+def test_predict_runs_in_eval_mode(rgb):
+    m = randomize_(sm.Squall(micro_config(drop_path_rate=0.5)), seed=1).train()
+    a = m.predict(rgb[:1], 0.5, aggregate="tile")
+    assert m.training  # restored
+    m.eval()
+    torch.testing.assert_close(a, m.predict(rgb[:1], 0.5, aggregate="tile"))

@@ -68,14 +68,23 @@ def patchify(img, p):
 
 def ref_embed_rgb(rgb, P):
     w = P["encoder.patch_embed_rgb.proj.weight"]
-    return patchify(rgb, w.shape[-1]) @ w.reshape(w.shape[0], -1).T + P["encoder.patch_embed_rgb.proj.bias"]
+    return (
+        patchify(rgb, w.shape[-1]) @ w.reshape(w.shape[0], -1).T
+        + P["encoder.patch_embed_rgb.proj.bias"]
+    )
 
 
 def ref_embed_expr(expr, P):
     w0 = P["encoder.patch_embed_expr.0.weight"][:, :, 0, 0]
-    cells = torch.einsum("bgyx,eg->beyx", expr, w0) + P["encoder.patch_embed_expr.0.bias"][None, :, None, None]
+    cells = (
+        torch.einsum("bgyx,eg->beyx", expr, w0)
+        + P["encoder.patch_embed_expr.0.bias"][None, :, None, None]
+    )
     w1 = P["encoder.patch_embed_expr.1.proj.weight"]
-    return patchify(cells, w1.shape[-1]) @ w1.reshape(w1.shape[0], -1).T + P["encoder.patch_embed_expr.1.proj.bias"]
+    return (
+        patchify(cells, w1.shape[-1]) @ w1.reshape(w1.shape[0], -1).T
+        + P["encoder.patch_embed_expr.1.proj.bias"]
+    )
 
 
 def ref_pos(res, P, g):
@@ -167,7 +176,7 @@ def test_rpb_offsets_match_spec():
     for n in (196, 197, 392, 393, 49):
         assert torch.equal(rpb_offsets(n), ref_offsets(n).float())
     o = rpb_offsets(392)
-    # 19x19 fictitious layout: the first 31 tokens sit at (0, 0); RGB token 0 and expr token 0 differ
+    # fictitious 19x19 layout: the first 31 tokens sit at (0, 0); RGB/expr token 0 differ
     assert torch.all(o[:31, :31] == 0)
     assert not torch.all(o[0, 196] == 0)
     # 197 (CLS): token 0 at (0,0), token 1 at (0,0) as well (first grid cell)
@@ -181,7 +190,9 @@ def test_rpb_offsets_match_spec():
 def test_forward_rgb_to_expr_matches_reference(setup, dtype, tol):
     cfg, model, P, rgb, _, res = setup
     m = model.to(dtype)
-    z_ref = ref_encoder(ref_embed_rgb(rgb, P) + ref_pos(res, P, cfg.grid), P, cfg, [["rgb"] * 196] * 2)
+    z_ref = ref_encoder(
+        ref_embed_rgb(rgb, P) + ref_pos(res, P, cfg.grid), P, cfg, [["rgb"] * 196] * 2
+    )
     e_ref = ref_expression_head(ref_decoder(z_ref, P, "decoder_rgb", cfg), P, cfg)
     with torch.no_grad():
         z = m.forward_rgb(rgb.to(dtype), res)
@@ -198,7 +209,9 @@ def test_forward_expr_and_all_match_reference(setup):
     x_rgb = ref_embed_rgb(rgb, P) + pos
     x_expr = ref_embed_expr(expr, P) + pos
     z_expr_ref = ref_encoder(x_expr, P, cfg, [["expr"] * 196] * 2)
-    z_all_ref = ref_encoder(torch.cat([x_rgb, x_expr], 1), P, cfg, [["rgb"] * 196 + ["expr"] * 196] * 2)
+    z_all_ref = ref_encoder(
+        torch.cat([x_rgb, x_expr], 1), P, cfg, [["rgb"] * 196 + ["expr"] * 196] * 2
+    )
     e_all_ref = ref_expression_head(ref_decoder(z_all_ref[:, :196], P, "decoder_rgb", cfg), P, cfg)
     with torch.no_grad():
         _close(m.forward_expr(expr, res), z_expr_ref, 1e-10)

@@ -74,3 +74,18 @@ def test_detect_tissue_keys(mob_sdata):
     assert (mob_sdata.shapes["tissue"]["area_um2"] >= 1e6).all()
     with pytest.raises(KeyError, match="not found in `sdata.images`"):
         squall.pp.detect_tissue(mob_sdata, image_key="nope")
+
+
+def test_backed_sdata_gets_the_element_on_disk(mob_raw, tmp_path):
+    import spatialdata as sd
+
+    small = mob_raw[0][::2, ::2]
+    make_sdata(image=image_element(small, {"microns": microns_scale(6.0)})).write(
+        tmp_path / "s.zarr"
+    )
+    sdata = sd.read_zarr(tmp_path / "s.zarr")
+    squall.pp.detect_tissue(sdata)
+    squall.pp.detect_tissue(sdata, overwrite=True, min_area_um2=1e6)
+    on_disk = sd.read_zarr(tmp_path / "s.zarr")
+    assert "he_tissue" in on_disk.shapes
+    assert (on_disk.shapes["he_tissue"]["area_um2"] >= 1e6).all()

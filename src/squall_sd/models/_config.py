@@ -73,6 +73,7 @@ class SquallConfig:
         Free text.
     licence
         Licence of weights distributed for this configuration, if any.
+
     """
 
     name: str = "squall-555m"
@@ -106,12 +107,21 @@ class SquallConfig:
                 raise ValueError(f"`genes` contains duplicate symbols, e.g. {dup}.")
             object.__setattr__(self, "genes", genes)
             object.__setattr__(self, "n_genes", len(genes))
-        for key in ("img_size", "patch_size", "expr_size", "n_genes", "embed_dim", "depth", "num_heads"):
+        for key in (
+            "img_size",
+            "patch_size",
+            "expr_size",
+            "n_genes",
+            "embed_dim",
+            "depth",
+            "num_heads",
+        ):
             if int(getattr(self, key)) <= 0:
                 raise ValueError(f"Expected `{key}` to be positive, found `{getattr(self, key)}`.")
         if self.img_size % self.patch_size:
             raise ValueError(
-                f"`img_size` ({self.img_size}) must be a multiple of `patch_size` ({self.patch_size})."
+                f"`img_size` ({self.img_size}) must be a multiple of `patch_size` "
+                f"({self.patch_size})."
             )
         if (self.expr_size * self.patch_size) % self.img_size:
             raise ValueError(
@@ -120,11 +130,20 @@ class SquallConfig:
                 f"{self.expr_size * self.patch_size / self.img_size}."
             )
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"`embed_dim` ({self.embed_dim}) must be divisible by `num_heads` ({self.num_heads}).")
+            raise ValueError(
+                f"`embed_dim` ({self.embed_dim}) must be divisible by `num_heads` "
+                f"({self.num_heads})."
+            )
         if self.embed_dim % self.expr_patch:
-            raise ValueError(f"`embed_dim` ({self.embed_dim}) must be divisible by `expr_patch` ({self.expr_patch}).")
+            raise ValueError(
+                f"`embed_dim` ({self.embed_dim}) must be divisible by `expr_patch` "
+                f"({self.expr_patch})."
+            )
         if not 0 <= self.merge_layer_depth <= self.depth:
-            raise ValueError(f"`merge_layer_depth` must lie in [0, depth={self.depth}], found {self.merge_layer_depth}.")
+            raise ValueError(
+                f"`merge_layer_depth` must lie in [0, depth={self.depth}], found "
+                f"{self.merge_layer_depth}."
+            )
         if self.input_range != "0-1":
             raise ValueError(f"Only input_range='0-1' is supported, found {self.input_range!r}.")
         if self.init not in ("squall", "trunc_normal"):
@@ -172,15 +191,20 @@ class SquallConfig:
         Returns
         -------
         The new configuration.
+
         """
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise TypeError(f"Unknown SquallConfig field(s) {unknown}; valid fields are {sorted(names)}.")
+            raise TypeError(
+                f"Unknown SquallConfig field(s) {unknown}; valid fields are {sorted(names)}."
+            )
         genes = overrides.get("genes")
         if genes is not None:
             if "n_genes" in overrides and int(overrides["n_genes"]) != len(genes):
-                raise ValueError(f"`n_genes`={overrides['n_genes']} disagrees with len(genes)={len(genes)}.")
+                raise ValueError(
+                    f"`n_genes`={overrides['n_genes']} disagrees with len(genes)={len(genes)}."
+                )
             overrides["n_genes"] = len(genes)
         elif "n_genes" in overrides and "genes" not in overrides and self.genes is not None:
             if int(overrides["n_genes"]) != len(self.genes):
@@ -199,6 +223,7 @@ class SquallConfig:
         Returns
         -------
         Field name → value.
+
         """
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["genes"] = list(self.genes) if (include_genes and self.genes is not None) else None
@@ -206,7 +231,7 @@ class SquallConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SquallConfig:
-        """Build a configuration from :meth:`to_dict` output (unknown keys are ignored with a log line).
+        """Build a configuration from :meth:`to_dict` output (unknown keys are logged and ignored).
 
         Parameters
         ----------
@@ -216,6 +241,7 @@ class SquallConfig:
         Returns
         -------
         The configuration.
+
         """
         from squall_sd._logging import logger
 
@@ -242,9 +268,12 @@ def register_config(config: SquallConfig, *, overwrite: bool = False) -> SquallC
     Returns
     -------
     The registered configuration.
+
     """
     if config.name in _REGISTRY and not overwrite:
-        raise ValueError(f"A model named {config.name!r} is already registered; pass overwrite=True.")
+        raise ValueError(
+            f"A model named {config.name!r} is already registered; pass overwrite=True."
+        )
     _REGISTRY[config.name] = config
     return config
 
@@ -267,6 +296,7 @@ def get_config(name: str, **overrides: Any) -> SquallConfig:
     Returns
     -------
     The configuration.
+
     """
     if name not in _REGISTRY:
         raise KeyError(f"Model {name!r} not found; registered models are {list_configs()}.")
@@ -290,7 +320,8 @@ register_config(
         merge_layer_depth=8,
         num_heads=12,
         decoder_depth=2,
-        description="ViT-B-sized MultiWay encoder (12 blocks, merge at 8), 2-block decoders, full vocabulary.",
+        description="ViT-B-sized MultiWay encoder (12 blocks, merge at 8), 2-block decoders, "
+        "full vocabulary.",
     )
 )
 register_config(
@@ -301,7 +332,8 @@ register_config(
         merge_layer_depth=8,
         num_heads=6,
         decoder_depth=2,
-        description="ViT-S-sized MultiWay encoder (12 blocks, merge at 8), 2-block decoders, full vocabulary.",
+        description="ViT-S-sized MultiWay encoder (12 blocks, merge at 8), 2-block decoders, "
+        "full vocabulary.",
     )
 )
 register_config(

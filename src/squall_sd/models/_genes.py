@@ -36,6 +36,7 @@ def normalize_gene_name(name: str) -> str:
     Returns
     -------
     The normalised name.
+
     """
     name = str(name).strip()
     while "__" in name:
@@ -71,6 +72,7 @@ class GeneVocabulary:
         Mouse Ensembl gene ids, if known.
     source
         Where the vocabulary came from (file name), for provenance.
+
     """
 
     def __init__(
@@ -143,8 +145,8 @@ class GeneVocabulary:
         Parameters
         ----------
         genes
-            Gene symbols (human or, if known, mouse), Ensembl ids (with or without version) or channel
-            indices, or a single one of them.
+            Gene symbols (human or, if known, mouse), Ensembl ids (with or without version) or
+            channel indices, or a single one of them.
 
         Returns
         -------
@@ -154,6 +156,7 @@ class GeneVocabulary:
         ------
         KeyError
             If a gene is not in the vocabulary (all missing genes are listed).
+
         """
         if isinstance(genes, (str, int, np.integer)):
             genes = [genes]
@@ -173,7 +176,8 @@ class GeneVocabulary:
             shown = missing[:20]
             more = f" (and {len(missing) - 20} more)" if len(missing) > 20 else ""
             raise KeyError(
-                f"{len(missing)} gene(s) not in the model vocabulary of {len(self)} genes: {shown}{more}. "
+                f"{len(missing)} gene(s) not in the model vocabulary of {len(self)} genes: "
+                f"{shown}{more}. "
                 "Use human or mouse symbols or Ensembl ids of protein-coding genes."
             )
         return out
@@ -191,13 +195,14 @@ class GeneVocabulary:
         names
             Gene names of a dataset (e.g. ``adata.var_names``).
         key
-            Match symbols (``"symbol"``), Ensembl ids (``"id"``) or decide from the names (``"auto"``:
-            ids if most names start with ``"ENS"``).
+            Match symbols (``"symbol"``), Ensembl ids (``"id"``) or decide from the names
+            (``"auto"``: ids if most names start with ``"ENS"``).
 
         Returns
         -------
         ``(channels, species)``: channel index per name (``-1`` if not in the vocabulary) and the
         species used (``"human"`` or ``"mouse"``).
+
         """
         norm = [normalize_gene_name(n) for n in names]
         if key == "auto":
@@ -214,7 +219,10 @@ class GeneVocabulary:
         if min(nh, nm) > MIXED_SPECIES_MIN_MATCHES:
             logger.warning(
                 "Both human (%d) and mouse (%d) genes match; the data look mixed-species. "
-                "Returning the %s mapping.", nh, nm, "human" if nh >= nm else "mouse",
+                "Returning the %s mapping.",
+                nh,
+                nm,
+                "human" if nh >= nm else "mouse",
             )
         return (h, "human") if nh >= nm else (m, "mouse")
 
@@ -234,11 +242,12 @@ class GeneVocabulary:
             ``"first_column"`` (default): channel ``c`` is the row whose first column equals ``c``
             (the order the authors' published analyses use); ``"row"``: channel = row order of the
             file (the order the tutorial input preprocessing uses). Which one the published weights
-            follow is unresolved; check with :func:`squall_sd.models.gene_order_diagnostics` on the loaded weights.
+            follow is unresolved; check with :func:`squall_sd.models.gene_order_diagnostics`.
 
         Returns
         -------
         The vocabulary.
+
         """
         import pandas as pd
 
@@ -250,14 +259,17 @@ class GeneVocabulary:
         missing = [c for c in _HOMOLOG_COLUMNS if c not in df.columns]
         if missing:
             raise ValueError(
-                f"{path} is not a SQUALL gene-order file: missing column(s) {missing}; found {list(df.columns)}."
+                f"{path} is not a SQUALL gene-order file: missing column(s) {missing}; found "
+                f"{list(df.columns)}."
             )
         if order == "first_column":
             first = df.iloc[:, 0]
             try:
                 channels = first.to_numpy().astype(np.int64)
             except (TypeError, ValueError) as err:
-                raise ValueError(f"The first column of {path} is not an integer channel index.") from err
+                raise ValueError(
+                    f"The first column of {path} is not an integer channel index."
+                ) from err
             if not np.array_equal(np.sort(channels), np.arange(len(df))):
                 raise ValueError(
                     f"The first column of {path} is not a permutation of 0..{len(df) - 1}; "
@@ -282,7 +294,7 @@ class GeneVocabulary:
     def from_file(
         cls, path: str | os.PathLike[str], *, order: Literal["first_column", "row"] = "first_column"
     ) -> GeneVocabulary:
-        """Read a vocabulary from the official CSV, a ``genes.tsv`` or a ``genes.txt`` (one symbol per line).
+        """Read a vocabulary from the official CSV, a ``genes.tsv`` or a ``genes.txt``.
 
         Parameters
         ----------
@@ -294,6 +306,7 @@ class GeneVocabulary:
         Returns
         -------
         The vocabulary.
+
         """
         path = Path(path)
         if not path.is_file():
@@ -322,6 +335,7 @@ class GeneVocabulary:
         ----------
         path
             Output file.
+
         """
         path = Path(path)
         if path.suffix.lower() == ".tsv":
@@ -352,14 +366,17 @@ def _make_unique(names: list[str]) -> list[str]:
             seen[n] = 0
             out.append(n)
     if dups:
-        logger.warning("%d duplicate gene symbol(s) in the vocabulary were made unique with a '-N' suffix.", dups)
+        logger.warning(
+            "%d duplicate gene symbol(s) in the vocabulary were made unique with a '-N' suffix.",
+            dups,
+        )
     return out
 
 
 def read_gene_order(
     path: str | os.PathLike[str], *, order: Literal["first_column", "row"] = "first_column"
 ) -> GeneVocabulary:
-    """Read a gene-order file (official ``gene_token_homologs.csv``, ``genes.tsv`` or ``genes.txt``).
+    """Read a gene-order file (``gene_token_homologs.csv``, ``genes.tsv`` or ``genes.txt``).
 
     Parameters
     ----------
@@ -371,5 +388,6 @@ def read_gene_order(
     Returns
     -------
     The vocabulary.
+
     """
     return GeneVocabulary.from_file(path, order=order)

@@ -1,4 +1,4 @@
-"""Model creation, saving and loading (squall-sd directories, official SQUALL ``.pth``, Hugging Face)."""
+"""Model creation, saving and loading (squall-sd folders, official SQUALL ``.pth``, HF Hub)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ def list_models(pattern: str = "*", *, pretrained: bool = False) -> list[str]:
     Returns
     -------
     Sorted model names.
+
     """
     names = set(_bundled())
     if not pretrained:
@@ -95,6 +96,7 @@ def create(name: str | SquallConfig, **overrides: Any) -> Squall:
     >>> model = squall.models.create("squall-tiny", genes=["ERBB2", "CD74", "EPCAM"])
     >>> model.n_genes
     3
+
     """
     if isinstance(name, SquallConfig):
         cfg = name.replace(**overrides) if overrides else name
@@ -118,8 +120,10 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def save_pretrained(model: Squall, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write a model as ``config.json`` + ``model.safetensors`` + ``model.safetensors.sha256`` + genes.
+def save_pretrained(
+    model: Squall, directory: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Write ``config.json``, ``model.safetensors``, its ``.sha256`` and the genes to a directory.
 
     Parameters
     ----------
@@ -133,6 +137,7 @@ def save_pretrained(model: Squall, directory: str | os.PathLike[str], *, overwri
     Returns
     -------
     The directory.
+
     """
     from safetensors.torch import save_file
 
@@ -140,7 +145,9 @@ def save_pretrained(model: Squall, directory: str | os.PathLike[str], *, overwri
 
     directory = Path(directory)
     if (directory / WEIGHTS_NAME).exists() and not overwrite:
-        raise FileExistsError(f"{directory / WEIGHTS_NAME} exists; pass overwrite=True to replace it.")
+        raise FileExistsError(
+            f"{directory / WEIGHTS_NAME} exists; pass overwrite=True to replace it."
+        )
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = directory / (WEIGHTS_NAME + ".tmp")
@@ -158,7 +165,9 @@ def save_pretrained(model: Squall, directory: str | os.PathLike[str], *, overwri
         "format_version": FORMAT_VERSION,
         "architecture": "Squall",
         "config": model.config.to_dict(include_genes=False),
-        "genes_file": None if vocab is None else (GENES_TSV_NAME if (directory / GENES_TSV_NAME).exists() else GENES_NAME),
+        "genes_file": None
+        if vocab is None
+        else (GENES_TSV_NAME if (directory / GENES_TSV_NAME).exists() else GENES_NAME),
         "gene_source": None if vocab is None else vocab.source,
         "weights_file": WEIGHTS_NAME,
         "weights_sha256": sha,
@@ -173,7 +182,9 @@ def save_pretrained(model: Squall, directory: str | os.PathLike[str], *, overwri
 # ----------------------------------------------------------------------------------------------
 # state-dict checks
 # ----------------------------------------------------------------------------------------------
-def _check_keys(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor], source: str) -> None:
+def _check_keys(
+    expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor], source: str
+) -> None:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [
@@ -202,8 +213,8 @@ def _check_keys(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Te
 def extract_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Unwrap an official SQUALL checkpoint container into a plain state dict.
 
-    Accepts, in this order, a dict with ``base_model`` (training format), ``state_dict``, ``model``, or
-    a bare state dict; strips a leading ``module.`` from the keys.
+    Accepts, in this order, a dict with ``base_model`` (training format), ``state_dict``,
+    ``model``, or a bare state dict; strips a leading ``module.`` from the keys.
 
     Parameters
     ----------
@@ -215,6 +226,7 @@ def extract_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, tor
     Returns
     -------
     Key → tensor.
+
     """
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"The {source} holds a {type(obj).__name__}, not a state dict.")
@@ -226,7 +238,8 @@ def extract_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, tor
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(
-                f"The {source} entry {k!r} is a {type(v).__name__}, not a tensor; expected a state dict "
+                f"The {source} entry {k!r} is a {type(v).__name__}, not a tensor; expected a "
+                "state dict "
                 "(optionally inside 'base_model', 'state_dict' or 'model')."
             )
         out[k[len("module.") :] if k.startswith("module.") else k] = v
@@ -241,7 +254,11 @@ _DEC_RE = re.compile(r"^decoder\.decoder_rgb\.blocks\.(\d+)\.norm1\.weight$")
 
 
 def config_from_state_dict(
-    state: Mapping[str, torch.Tensor], *, img_size: int = 224, name: str | None = None, **overrides: Any
+    state: Mapping[str, torch.Tensor],
+    *,
+    img_size: int = 224,
+    name: str | None = None,
+    **overrides: Any,
 ) -> SquallConfig:
     """Infer the architecture from the tensor shapes of a SQUALL state dict.
 
@@ -260,19 +277,26 @@ def config_from_state_dict(
     Returns
     -------
     The configuration.
+
     """
     if not any(k.startswith("encoder.") for k in state):
         if "patch_embed_rgb.proj.weight" in state or "blocks.blocks.0.norm.weight" in state:
             raise CheckpointError(
-                "This is a backbone-only (fine-tuning) state dict without the 'encoder.' prefix and without "
+                "This is a backbone-only (fine-tuning) state dict without the 'encoder.' prefix "
+                "and without "
                 "decoders; load the full pretraining checkpoint (e.g. SQUALL_full.pth) instead."
             )
         sample = list(state)[:5]
-        raise CheckpointError(f"No 'encoder.*' keys found; this is not a SQUALL checkpoint (keys start with {sample}).")
+        raise CheckpointError(
+            "No 'encoder.*' keys found; this is not a SQUALL checkpoint (keys start with "
+            f"{sample})."
+        )
     if any("lookup_table" in k for k in state):
         raise CheckpointError(
-            "The checkpoint holds 'lookup_table_*' relative-position tensors of an older SQUALL variant; "
-            "the published configuration uses an MLP relative position bias. This is the wrong model."
+            "The checkpoint holds 'lookup_table_*' relative-position tensors of an older SQUALL "
+            "variant; "
+            "the published configuration uses an MLP relative position bias. This is the wrong "
+            "model."
         )
     need = [
         "encoder.patch_embed_rgb.proj.weight",
@@ -294,11 +318,15 @@ def config_from_state_dict(
     merge = 1 + max(mw) if mw else 0
     dec = [int(m.group(1)) for k in state if (m := _DEC_RE.match(k))]
     decoder_depth = 1 + max(dec) if dec else 0
-    fc1 = state.get("encoder.blocks.blocks.0.mlp.mlp_rgb.fc1.weight", state.get("encoder.blocks.blocks.0.mlp.mlp.fc1.weight"))
+    fc1 = state.get(
+        "encoder.blocks.blocks.0.mlp.mlp_rgb.fc1.weight",
+        state.get("encoder.blocks.blocks.0.mlp.mlp.fc1.weight"),
+    )
     hidden = fc1.shape[0] if fc1 is not None else 4 * dim
     if inner * factor != dim:
         raise CheckpointError(
-            f"Unsupported layout: gene-embedding width {inner} × expression patch {factor} != token width {dim}."
+            f"Unsupported layout: gene-embedding width {inner} × expression patch {factor} != "
+            f"token width {dim}."
         )
     if img_size % patch:
         raise CheckpointError(f"img_size {img_size} is not a multiple of the patch size {patch}.")
@@ -322,21 +350,37 @@ def config_from_state_dict(
     )
     if name is None:
         ref = get_config("squall-555m")
-        arch = ("img_size", "patch_size", "expr_size", "n_genes", "embed_dim", "depth", "merge_layer_depth",
-                "num_heads", "mlp_ratio", "decoder_depth", "rpb_hidden", "qkv_bias")
+        arch = (
+            "img_size",
+            "patch_size",
+            "expr_size",
+            "n_genes",
+            "embed_dim",
+            "depth",
+            "merge_layer_depth",
+            "num_heads",
+            "mlp_ratio",
+            "decoder_depth",
+            "rpb_hidden",
+            "qkv_bias",
+        )
         if all(getattr(cfg, a) == getattr(ref, a) for a in arch):
             cfg = cfg.replace(name="squall-555m", description=ref.description, licence=ref.licence)
     return cfg
 
 
-def _instantiate(cfg: SquallConfig, state: Mapping[str, torch.Tensor], source: str, dtype: torch.dtype) -> Squall:
+def _instantiate(
+    cfg: SquallConfig, state: Mapping[str, torch.Tensor], source: str, dtype: torch.dtype
+) -> Squall:
     with torch.device("meta"):
         model = Squall(cfg, init_weights=False)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     _check_keys(expected, state, source)
     # copy into fresh (aligned) memory: tensors of a memory-mapped file are not aligned the way
     # freshly allocated ones are, which changes BLAS summation order in the last bits
-    state = {k: v.to(dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
+    state = {
+        k: v.to(dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()
+    }
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
@@ -344,19 +388,28 @@ def _instantiate(cfg: SquallConfig, state: Mapping[str, torch.Tensor], source: s
 # ----------------------------------------------------------------------------------------------
 # loading
 # ----------------------------------------------------------------------------------------------
-def _read_vocab(genes_file: str | os.PathLike[str] | None, n: int, gene_order: str) -> GeneVocabulary | None:
+def _read_vocab(
+    genes_file: str | os.PathLike[str] | None, n: int, gene_order: str
+) -> GeneVocabulary | None:
     if genes_file is None:
         return None
     vocab = GeneVocabulary.from_file(genes_file, order=gene_order)  # type: ignore[arg-type]
     if len(vocab) != n:
         raise ValueError(
-            f"The gene-order file {genes_file} lists {len(vocab)} genes, but the weights have {n} channels."
+            f"The gene-order file {genes_file} lists {len(vocab)} genes, but the weights have {n} "
+            "channels."
         )
     return vocab
 
 
 def _load_directory(
-    directory: Path, *, genes_file: Any, map_location: Any, gene_order: str, dtype: torch.dtype, verify: bool
+    directory: Path,
+    *,
+    genes_file: Any,
+    map_location: Any,
+    gene_order: str,
+    dtype: torch.dtype,
+    verify: bool,
 ) -> Squall:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -381,13 +434,16 @@ def _load_directory(
     sha = _sha256(weights) if (verify or expected_sha is None) else expected_sha
     if verify and expected_sha and sha != expected_sha:
         raise CheckpointError(
-            f"sha256 of {weights} is {sha} but {expected_sha} was recorded: the file is corrupt or was "
+            f"sha256 of {weights} is {sha} but {expected_sha} was recorded: the file is corrupt "
+            "or was "
             "replaced. Re-download or re-save the model."
         )
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"Could not read {weights} (truncated or not a safetensors file): {err}") from err
+        raise CheckpointError(
+            f"Could not read {weights} (truncated or not a safetensors file): {err}"
+        ) from err
     if genes_file is not None:
         vocab = _read_vocab(genes_file, cfg.n_genes, gene_order)
     elif meta.get("genes_file") and (directory / meta["genes_file"]).is_file():
@@ -417,7 +473,8 @@ def _torch_load(path: Path, *, trust_checkpoint: bool) -> Any:
     hint = ""
     if "weights_only" in str(err) or "Unsupported global" in str(err):
         hint = (
-            " The file holds Python objects besides tensors (e.g. a training-format checkpoint); if you trust "
+            " The file holds Python objects besides tensors (e.g. a training-format checkpoint); "
+            "if you trust "
             "its origin, pass trust_checkpoint=True."
         )
     raise CheckpointError(
@@ -446,7 +503,9 @@ def _load_official(
     if vocab is None:
         logger.warning(
             "Loaded %s without a gene-order file: output channels are unnamed (0..%d). Pass "
-            "genes_file='gene_token_homologs.csv' to name them.", path.name, cfg.n_genes - 1,
+            "genes_file='gene_token_homologs.csv' to name them.",
+            path.name,
+            cfg.n_genes - 1,
         )
     if vocab is not None:
         model.set_vocabulary(vocab)
@@ -459,19 +518,26 @@ def _resolve_hf(uri: str, hub_kwargs: Mapping[str, Any]) -> Path:
     spec = uri[len("hf://") :].strip("/")
     parts = spec.split("/")
     if len(parts) < 2 or not all(parts[:2]):
-        raise ValueError(f"Expected 'hf://owner/repo' or 'hf://owner/repo/path/to/file', found {uri!r}.")
+        raise ValueError(
+            f"Expected 'hf://owner/repo' or 'hf://owner/repo/path/to/file', found {uri!r}."
+        )
     repo_id = "/".join(parts[:2])
     filename = "/".join(parts[2:])
     try:
         import huggingface_hub
     except ImportError as err:
         raise ImportError(
-            "Loading from the Hugging Face Hub needs `huggingface_hub`: pip install 'squall-sd[hub]'."
+            "Loading from the Hugging Face Hub needs `huggingface_hub`: pip install "
+            "'squall-sd[hub]'."
         ) from err
     if filename:
-        return Path(huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename, **hub_kwargs))
+        return Path(
+            huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename, **hub_kwargs)
+        )
     patterns = [CONFIG_NAME, WEIGHTS_NAME, SHA_NAME, GENES_NAME, GENES_TSV_NAME]
-    return Path(huggingface_hub.snapshot_download(repo_id=repo_id, allow_patterns=patterns, **hub_kwargs))
+    return Path(
+        huggingface_hub.snapshot_download(repo_id=repo_id, allow_patterns=patterns, **hub_kwargs)
+    )
 
 
 def load(
@@ -535,13 +601,19 @@ def load(
     CheckpointError
         If the file cannot be read or its keys/shapes do not match (missing, unexpected and
         mismatched keys are listed).
+
     """
     source = os.fspath(name_or_path)
     if isinstance(name_or_path, str) and source.startswith("hf://"):
         path = _resolve_hf(source, hub_kwargs or {})
     else:
         path = Path(source).expanduser()
-    common = {"genes_file": genes_file, "map_location": map_location, "gene_order": gene_order, "dtype": dtype}
+    common = {
+        "genes_file": genes_file,
+        "map_location": map_location,
+        "gene_order": gene_order,
+        "dtype": dtype,
+    }
     if path.is_dir():
         model = _load_directory(path, verify=verify, **common)
     elif path.is_file():
@@ -553,7 +625,8 @@ def load(
             )
         else:
             raise CheckpointError(
-                f"Don't know how to load {path}: expected a squall-sd directory or an official SQUALL "
+                f"Don't know how to load {path}: expected a squall-sd directory or an official "
+                "SQUALL "
                 f"checkpoint ({', '.join(_OFFICIAL_SUFFIXES)})."
             )
     elif source in _bundled():
@@ -563,17 +636,20 @@ def load(
         hint = ""
         if source == "squall-555m":
             hint = (
-                " The official SQUALL weights (CC BY-NC-ND 4.0) are not distributed with squall-sd: download "
+                " The official SQUALL weights (CC BY-NC-ND 4.0) are not distributed with "
+                "squall-sd: download "
                 "e.g. SQUALL_full.pth from huggingface.co/zongxu/SQUALL yourself and call "
                 "`squall.models.load('SQUALL_full.pth', genes_file='gene_token_homologs.csv')`."
             )
         raise FileNotFoundError(
             f"Model {source!r} is registered but has no bundled weights.{hint} Use "
-            f"`squall.models.create({source!r})` for random weights. Bundled models: {sorted(_bundled())}."
+            f"`squall.models.create({source!r})` for random weights. Bundled models: "
+            f"{sorted(_bundled())}."
         )
     else:
         raise FileNotFoundError(
-            f"{source!r} is neither a file, a directory, a bundled model ({sorted(_bundled())}) nor a "
+            f"{source!r} is neither a file, a directory, a bundled model ({sorted(_bundled())}) "
+            "nor a "
             f"registered architecture ({list_configs()})."
         )
     logger.info("Loaded model %r from %s", model.config.name, model.weights_source)

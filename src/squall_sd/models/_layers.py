@@ -7,7 +7,6 @@ manifest in ``tests/models/data/squall_555m_state_dict.json``); do not rename or
 from __future__ import annotations
 
 import math
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ __all__ = [
 
 #: MLP routing of the MultiWay blocks: ``"rgb"``, ``"expr"``, an ``int`` n (first n tokens RGB, rest
 #: expression: the ``forward_all`` split) or a bool tensor (B, N), True = RGB (pretraining mask).
-Route = Union[str, int, torch.Tensor]
+Route = str | int | torch.Tensor
 
 _OFFSET_CACHE: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -54,6 +53,7 @@ def rpb_offsets(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     Returns
     -------
     Float32 tensor of shape (n, n, 2).
+
     """
     device = torch.device(device)
     key = (int(n), str(device))
@@ -74,7 +74,7 @@ def rpb_offsets(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 def _linspace(stop: float, n: int) -> list[float]:
-    """``torch.linspace(0, stop, n).tolist()`` without creating a tensor (works under a meta device)."""
+    """``torch.linspace(0, stop, n).tolist()`` without a tensor (works under a meta device)."""
     if n <= 0:
         return []
     if n == 1:
@@ -127,7 +127,7 @@ class PositionEmbeddingMLP(nn.Module):
         self.pos_embed = nn.Sequential(nn.Linear(2, embed_dim), nn.LayerNorm(embed_dim, eps=eps))
 
     def forward(self, res: torch.Tensor) -> torch.Tensor:
-        """Return the (B, grid², D) position embedding for per-sample µm/px ``res`` of shape (B,)."""
+        """Return the (B, grid², D) position embedding for per-sample µm/px ``res`` (B,)."""
         g = self.grid
         w = self.pos_embed[0].weight
         idx = torch.arange(g * g, device=w.device)
@@ -153,7 +153,9 @@ class RelativePositionBias(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with the MLP relative position bias, via SDPA."""
 
-    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = False, rpb_hidden: int = 64) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, *, qkv_bias: bool = False, rpb_hidden: int = 64
+    ) -> None:
         super().__init__()
         self.num_heads = int(num_heads)
         self.head_dim = dim // num_heads
@@ -214,12 +216,17 @@ class MultiWayMLP(nn.Module):
                 return self._rgb(x)
             if route == "expr":
                 return self._expr(x)
-            raise ValueError(f"Unknown route {route!r}; expected 'rgb', 'expr', an int or a bool mask.")
+            raise ValueError(
+                f"Unknown route {route!r}; expected 'rgb', 'expr', an int or a bool mask."
+            )
         if isinstance(route, int):
             return torch.cat([self._rgb(x[:, :route]), self._expr(x[:, route:])], dim=1)
         mask = route.to(device=x.device, dtype=torch.bool)
         if mask.shape != x.shape[:2]:
-            raise ValueError(f"Routing mask of shape {tuple(mask.shape)} does not match tokens {tuple(x.shape[:2])}.")
+            raise ValueError(
+                f"Routing mask of shape {tuple(mask.shape)} does not match tokens "
+                f"{tuple(x.shape[:2])}."
+            )
         y_rgb = self._rgb(x[mask])
         y_expr = self._expr(x[~mask])
         out = x.new_empty(x.shape, dtype=torch.promote_types(y_rgb.dtype, y_expr.dtype))
@@ -294,7 +301,7 @@ class MultiWayEncoder(nn.Module):
 
 
 class Block(nn.Module):
-    """Plain pre-norm transformer block of the decoders (registration order norm1, norm2, mlp, attn)."""
+    """Plain pre-norm decoder block (registration order: norm1, norm2, mlp, attn)."""
 
     def __init__(
         self,
@@ -337,7 +344,15 @@ class DecoderStack(nn.Module):
         super().__init__()
         dpr = _linspace(drop_path_rate, depth)
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, hidden, qkv_bias=qkv_bias, rpb_hidden=rpb_hidden, drop_path=dpr[i], eps=eps)
+            Block(
+                dim,
+                num_heads,
+                hidden,
+                qkv_bias=qkv_bias,
+                rpb_hidden=rpb_hidden,
+                drop_path=dpr[i],
+                eps=eps,
+            )
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=eps)

@@ -32,7 +32,7 @@ GenesLike = str | int | Sequence[str | int] | None
 
 
 class PretrainOutput(NamedTuple):
-    """Losses of the complementary-masking pretraining forward (unpacks as ``rgb_loss, expr_loss``)."""
+    """Losses of the complementary-masking pretraining forward (``rgb_loss, expr_loss``)."""
 
     #: SmoothL1 between predicted and input RGB over pixels whose token carried expression.
     rgb_loss: torch.Tensor
@@ -47,6 +47,7 @@ class SquallEncoder(nn.Module):
     ----------
     config
         The architecture.
+
     """
 
     def __init__(self, config: SquallConfig) -> None:
@@ -111,13 +112,14 @@ class SquallDecoder(nn.Module):
     """The two decoders and the output heads.
 
     ``decoder_rgb`` + ``increase_dim_rgb`` decode tokens into the **expression** grid and
-    ``decoder_expr`` + ``increase_dim_expr`` decode tokens into **RGB** pixels (the names refer to the
-    source modality in pretraining).
+    ``decoder_expr`` + ``increase_dim_expr`` decode tokens into **RGB** pixels (the names refer to
+    the source modality in pretraining).
 
     Parameters
     ----------
     config
         The architecture.
+
     """
 
     def __init__(self, config: SquallConfig) -> None:
@@ -130,9 +132,15 @@ class SquallDecoder(nn.Module):
             "drop_path_rate": c.drop_path_rate,
             "eps": c.norm_eps,
         }
-        self.decoder_rgb = DecoderStack(c.embed_dim, c.decoder_depth, c.num_heads, c.mlp_hidden, **kw)
-        self.decoder_expr = DecoderStack(c.embed_dim, c.decoder_depth, c.num_heads, c.mlp_hidden, **kw)
-        self.increase_dim_rgb = LinearShuffle(c.embed_dim, c.expr_embed_dim, c.expr_patch, c.n_genes)
+        self.decoder_rgb = DecoderStack(
+            c.embed_dim, c.decoder_depth, c.num_heads, c.mlp_hidden, **kw
+        )
+        self.decoder_expr = DecoderStack(
+            c.embed_dim, c.decoder_depth, c.num_heads, c.mlp_hidden, **kw
+        )
+        self.increase_dim_rgb = LinearShuffle(
+            c.embed_dim, c.expr_embed_dim, c.expr_patch, c.n_genes
+        )
         self.increase_dim_expr = nn.Linear(c.embed_dim, 3 * c.patch_size**2)
 
     def expression_features(self, z: torch.Tensor) -> torch.Tensor:
@@ -179,6 +187,7 @@ class Squall(nn.Module):
     Inputs: RGB tiles of ``config.img_size`` px scaled to [0, 1] (uint8 input is divided by 255), no
     mean/std normalisation; ``res`` = µm per pixel of the tile, one value per sample (a scalar is
     broadcast; ``None`` means ``config.mpp``).
+
     """
 
     def __init__(
@@ -243,12 +252,14 @@ class Squall(nn.Module):
         ----------
         vocabulary
             A :class:`~squall_sd.models.GeneVocabulary` or a list of gene symbols in channel order.
+
         """
         if not isinstance(vocabulary, GeneVocabulary):
             vocabulary = GeneVocabulary(list(vocabulary))
         if len(vocabulary) != self.config.n_genes:
             raise ValueError(
-                f"The gene vocabulary has {len(vocabulary)} genes but the model has {self.config.n_genes} "
+                f"The gene vocabulary has {len(vocabulary)} genes but the model has "
+                f"{self.config.n_genes} "
                 "channels; pass the gene-order file that belongs to these weights."
             )
         self._vocabulary = vocabulary
@@ -267,6 +278,7 @@ class Squall(nn.Module):
         Returns
         -------
         Channel indices, or ``None`` for all.
+
         """
         if genes is None:
             return None
@@ -274,14 +286,17 @@ class Squall(nn.Module):
             items = [genes] if isinstance(genes, (str, int)) else list(genes)
             if any(not isinstance(g, int) for g in items):
                 raise KeyError(
-                    "This model has no gene vocabulary, so genes can only be selected by channel index; "
+                    "This model has no gene vocabulary, so genes can only be selected by channel "
+                    "index; "
                     "load it with `genes_file=` (the official gene-order file) to select by name."
                 )
             return GeneVocabulary([str(i) for i in range(self.n_genes)]).index(items)
         return self._vocabulary.index(genes)
 
-    def save_pretrained(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write ``config.json``, ``model.safetensors`` (+ ``.sha256``) and ``genes.txt`` to ``directory``.
+    def save_pretrained(
+        self, directory: str | os.PathLike[str], *, overwrite: bool = False
+    ) -> Path:
+        """Write ``config.json``, ``model.safetensors`` (+ ``.sha256``) and ``genes.txt``.
 
         Parameters
         ----------
@@ -293,6 +308,7 @@ class Squall(nn.Module):
         Returns
         -------
         The directory.
+
         """
         from squall_sd.models._io import save_pretrained
 
@@ -316,7 +332,10 @@ class Squall(nn.Module):
         if rgb.ndim == 3:
             rgb = rgb[None]
         if rgb.ndim != 4:
-            raise ValueError(f"Expected RGB tiles of shape (B, 3, H, W) or (B, H, W, 3), found {tuple(rgb.shape)}.")
+            raise ValueError(
+                "Expected RGB tiles of shape (B, 3, H, W) or (B, H, W, 3), found "
+                f"{tuple(rgb.shape)}."
+            )
         if rgb.shape[1] != 3 and rgb.shape[-1] == 3:
             rgb = rgb.permute(0, 3, 1, 2)
         if rgb.shape[1] != 3:
@@ -340,13 +359,17 @@ class Squall(nn.Module):
         if expr.ndim == 3:  # (B, S*S, G), rows y-major
             if expr.shape[1:] != (c.expr_size**2, c.n_genes):
                 raise ValueError(
-                    f"Expected a cell × gene matrix per tile of shape (B, {c.expr_size**2}, {c.n_genes}), "
+                    f"Expected a cell × gene matrix per tile of shape (B, {c.expr_size**2}, "
+                    f"{c.n_genes}), "
                     f"found {tuple(expr.shape)}."
                 )
-            expr = expr.reshape(expr.shape[0], c.expr_size, c.expr_size, c.n_genes).permute(0, 3, 1, 2)
+            expr = expr.reshape(expr.shape[0], c.expr_size, c.expr_size, c.n_genes).permute(
+                0, 3, 1, 2
+            )
         if expr.ndim != 4 or expr.shape[1:] != (c.n_genes, c.expr_size, c.expr_size):
             raise ValueError(
-                f"Expected an expression grid of shape (B, {c.n_genes}, {c.expr_size}, {c.expr_size}), "
+                f"Expected an expression grid of shape (B, {c.n_genes}, {c.expr_size}, "
+                f"{c.expr_size}), "
                 f"found {tuple(expr.shape)}."
             )
         return expr.to(self.device, self.dtype, non_blocking=True).contiguous()
@@ -358,7 +381,9 @@ class Squall(nn.Module):
         if r.numel() == 1:
             r = r.expand(batch)
         if r.numel() != batch:
-            raise ValueError(f"`res` needs 1 or {batch} values (µm/px per tile), found {r.numel()}.")
+            raise ValueError(
+                f"`res` needs 1 or {batch} values (µm/px per tile), found {r.numel()}."
+            )
         return r
 
     # ---------------------------------------------------------------------------------------
@@ -376,16 +401,16 @@ class Squall(nn.Module):
         """Complementary-masking pretraining forward.
 
         Every token position carries exactly one modality (RGB where ``mask`` is True, drawn with
-        probability ``config.mask_ratio``); both decoders read the same encoding, and each position is
-        scored on the modality it did not see.
+        probability ``config.mask_ratio``); both decoders read the same encoding, and each
+        position is scored on the modality it did not see.
 
         Parameters
         ----------
         rgb
             RGB tiles (B, 3, H, W) in [0, 1].
         expr
-            Expression grids (B, G, S, S), or per-tile cell × gene matrices (B, S², G) with y-major rows
-            (dense or sparse).
+            Expression grids (B, G, S, S), or per-tile cell × gene matrices (B, S², G) with
+            y-major rows (dense or sparse).
         res
             µm per pixel, one per tile (scalar broadcast; ``None`` → ``config.mpp``).
         mask
@@ -396,6 +421,7 @@ class Squall(nn.Module):
         Returns
         -------
         ``(rgb_loss, expr_loss)``, both SmoothL1 (β = 1, mean).
+
         """
         c = self.config
         rgb = self._prepare_rgb(rgb)
@@ -403,10 +429,14 @@ class Squall(nn.Module):
         b = rgb.shape[0]
         res_t = self._prepare_res(res, b)
         if mask is None:
-            mask = torch.rand(b, c.num_tokens, device=self.device, generator=generator) < c.mask_ratio
+            mask = (
+                torch.rand(b, c.num_tokens, device=self.device, generator=generator) < c.mask_ratio
+            )
         mask = mask.to(self.device, torch.bool)
         if mask.shape != (b, c.num_tokens):
-            raise ValueError(f"`mask` must have shape ({b}, {c.num_tokens}), found {tuple(mask.shape)}.")
+            raise ValueError(
+                f"`mask` must have shape ({b}, {c.num_tokens}), found {tuple(mask.shape)}."
+            )
         z = self.encoder.forward_mixed(rgb, expr, res_t, mask)
         grid_mask = mask.reshape(b, c.grid, c.grid)
 
@@ -436,6 +466,7 @@ class Squall(nn.Module):
         Returns
         -------
         Token embeddings (B, N, D).
+
         """
         rgb = self._prepare_rgb(rgb)
         return self.encoder.forward_rgb(rgb, self._prepare_res(res, rgb.shape[0]))
@@ -453,11 +484,14 @@ class Squall(nn.Module):
         Returns
         -------
         Token embeddings (B, N, D).
+
         """
         expr = self._prepare_expr(expr)
         return self.encoder.forward_expr(expr, self._prepare_res(res, expr.shape[0]))
 
-    def forward_all(self, rgb: torch.Tensor, expr: torch.Tensor, res: ResLike = None) -> torch.Tensor:
+    def forward_all(
+        self, rgb: torch.Tensor, expr: torch.Tensor, res: ResLike = None
+    ) -> torch.Tensor:
         """Joint encoding: returns (B, 2N, D); ``[:, :N]`` RGB half, ``[:, N:]`` expression half.
 
         The relative position bias follows the published rule for 2N tokens literally (a fictitious
@@ -475,6 +509,7 @@ class Squall(nn.Module):
         Returns
         -------
         Token embeddings (B, 2N, D).
+
         """
         rgb = self._prepare_rgb(rgb)
         expr = self._prepare_expr(expr)
@@ -497,6 +532,7 @@ class Squall(nn.Module):
         Returns
         -------
         Expression grid, channel last, in the pretraining target space (no activation).
+
         """
         z = self.forward_rgb(rgb, res)
         return self._project(self.decoder.expression_features(z), self._index_tensor(genes))
@@ -520,13 +556,14 @@ class Squall(nn.Module):
         Returns
         -------
         Expression grid, channel last.
+
         """
         z = self.forward_all(rgb, expr, res)
         z = z[:, : z.shape[1] // 2]
         return self._project(self.decoder.expression_features(z), self._index_tensor(genes))
 
     def forward_rgb_reconstruction(self, z: torch.Tensor) -> torch.Tensor:
-        """Decode encoder tokens into RGB (B, H, W, 3) with ``decoder_expr`` + ``increase_dim_expr``."""
+        """Decode encoder tokens into RGB (B, H, W, 3) (decoder_expr, then increase_dim_expr)."""
         return self.decoder.rgb(z)
 
     # ---------------------------------------------------------------------------------------
@@ -541,6 +578,16 @@ class Squall(nn.Module):
         if idx is None:
             return fc2(h)
         return F.linear(h, fc2.weight[idx], fc2.bias[idx])
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Temporarily switch to eval mode (no drop path) for inference helpers."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
 
     @contextlib.contextmanager
     def _autocast(self, enabled: bool | None) -> Iterator[None]:
@@ -590,12 +637,14 @@ class Squall(nn.Module):
 
         Returns
         -------
-        float32 predictions on the model's device, in the pretraining target space.
+        float32 predictions on the model's device, in the pretraining target space. The model runs
+        in eval mode under :func:`torch.inference_mode` (its training flag is restored afterwards).
+
         """
         c = self.config
         if reduce not in ("sum", "mean"):
             raise ValueError(f"`reduce` must be 'sum' or 'mean', found {reduce!r}.")
-        with torch.inference_mode():
+        with torch.inference_mode(), self._eval_mode():
             idx = self._index_tensor(genes)
             rgb_t = self._prepare_rgb(rgb)
             b = rgb_t.shape[0]
@@ -612,7 +661,9 @@ class Squall(nn.Module):
             s = c.expr_size
             if isinstance(aggregate, str):
                 if aggregate != "tile":
-                    raise ValueError(f"`aggregate` must be None, 'tile' or a weight tensor, found {aggregate!r}.")
+                    raise ValueError(
+                        f"`aggregate` must be None, 'tile' or a weight tensor, found {aggregate!r}."
+                    )
                 hs = h.sum(dim=(1, 2))
                 if reduce == "mean":
                     return F.linear(hs / (s * s), weight, bias)
@@ -655,8 +706,9 @@ class Squall(nn.Module):
         Returns
         -------
         float32 embeddings.
+
         """
-        with torch.inference_mode(), self._autocast(autocast):
+        with torch.inference_mode(), self._eval_mode(), self._autocast(autocast):
             z = self.forward_rgb(rgb, res)
         z = z.float()
         if pool == "mean":
@@ -676,6 +728,7 @@ class Squall(nn.Module):
         Returns
         -------
         ``self``.
+
         """
         for blk in self.encoder.blocks.blocks:
             blk.compile(**kwargs)
@@ -686,8 +739,10 @@ class Squall(nn.Module):
     def extra_repr(self) -> str:  # noqa: D102
         c = self.config
         return (
-            f"name={c.name!r}, embed_dim={c.embed_dim}, depth={c.depth}, merge={c.merge_layer_depth}, "
-            f"decoder_depth={c.decoder_depth}, n_genes={c.n_genes}, img_size={c.img_size}, mpp={c.mpp}"
+            f"name={c.name!r}, embed_dim={c.embed_dim}, depth={c.depth}, "
+            f"merge={c.merge_layer_depth}, "
+            f"decoder_depth={c.decoder_depth}, n_genes={c.n_genes}, img_size={c.img_size}, "
+            f"mpp={c.mpp}"
         )
 
 
@@ -696,4 +751,3 @@ def _smooth_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return pred.sum() * 0.0
     dtype = torch.promote_types(pred.dtype, torch.float32)
     return F.smooth_l1_loss(pred.to(dtype), target.to(dtype), beta=1.0)
-

@@ -255,7 +255,10 @@ def store_shapes(sdata: SpatialData, key: str, gdf: Any, *, overwrite: bool) -> 
         backed = False
     if backed:
         try:
-            sdata.write_element(key, overwrite=exists)
+            if exists and key in _elements_on_disk(sdata):
+                # spatialdata refuses to overwrite an element of the store it is backed by
+                sdata.delete_element_from_disk(key)
+            sdata.write_element(key)
             logger.info("wrote `shapes/%s` to %s", key, sdata.path)
         except Exception as e:  # noqa: BLE001 - the in-memory result is still valid
             logger.warning(
@@ -266,6 +269,13 @@ def store_shapes(sdata: SpatialData, key: str, gdf: Any, *, overwrite: bool) -> 
                 e,
                 key,
             )
+
+
+def _elements_on_disk(sdata: SpatialData) -> list[str]:
+    try:
+        return [str(e).split("/")[-1] for e in sdata.elements_paths_on_disk()]
+    except Exception:  # noqa: BLE001
+        return []
 
 
 def centers_from(sdata: SpatialData | None, centers: Any) -> np.ndarray:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Region",
     "check_microns",
+    "instance_positions",
     "resolve_image_key",
     "resolve_region",
     "resolve_table_key",
