@@ -4,7 +4,7 @@ import squall_sd as squall
 
 
 def test_namespaces():
-    for name in ["io", "pp", "tl", "pl", "models", "datasets"]:
+    for name in ["io", "pp", "tl", "pl", "models", "datasets", "train"]:
         assert getattr(squall, name) is importlib.import_module(f"squall_sd.{name}")
 
 
