@@ -35,8 +35,12 @@ def encode_tiles(tiles: np.ndarray, quality: int = 95) -> np.ndarray:
 
 def decode_tiles(blob: np.ndarray, lens: np.ndarray) -> np.ndarray:
     offs = np.concatenate([[0], np.cumsum(lens)])
-    return np.stack([np.asarray(Image.open(io.BytesIO(blob[offs[i]:offs[i + 1]].tobytes())).convert("RGB"))
-                     for i in range(len(lens))])
+    return np.stack(
+        [
+            np.asarray(Image.open(io.BytesIO(blob[offs[i] : offs[i + 1]].tobytes())).convert("RGB"))
+            for i in range(len(lens))
+        ]
+    )
 
 
 def main(argv=None):
@@ -58,14 +62,23 @@ def main(argv=None):
     tiles = decode_tiles(z["blob"], z["lens"])
     sections = meta["sections"]
     offs = np.concatenate([[0], np.cumsum(meta["n_per_section"])])
-    sec_tiles = {s: tiles[offs[i]:offs[i + 1]] for i, s in enumerate(sections)}
+    sec_tiles = {s: tiles[offs[i] : offs[i + 1]] for i, s in enumerate(sections)}
     out, records = {}, {}
     for split, sp in meta["splits"].items():
         tr = np.concatenate([sec_tiles[s] for s in sp["train"]])
         ytr = z[f"ytr_{sp['tag']}"]
         t = time.time()
-        predict, rec = M.train_densenet(tr, ytr, size=a.px, epochs=a.epochs, max_minutes=a.minutes,
-                                        batch_size=a.batch, lr=a.lr, seed=a.seed, device=a.device)
+        predict, rec = M.train_densenet(
+            tr,
+            ytr,
+            size=a.px,
+            epochs=a.epochs,
+            max_minutes=a.minutes,
+            batch_size=a.batch,
+            lr=a.lr,
+            seed=a.seed,
+            device=a.device,
+        )
         for s in sp["test"]:
             out[f"{sp['tag']}__{s}"] = predict(sec_tiles[s]).astype(np.float32)
         rec["seconds"] = time.time() - t

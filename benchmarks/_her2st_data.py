@@ -119,7 +119,9 @@ def _load_section_package(root: Path, name: str) -> Section | None:
     return sec
 
 
-def load_sections(names: list[str], root: Path = DEFAULT_ROOT, use_package: bool = True) -> dict[str, Section]:
+def load_sections(
+    names: list[str], root: Path = DEFAULT_ROOT, use_package: bool = True
+) -> dict[str, Section]:
     out = {}
     for name in names:
         sec = None
@@ -130,7 +132,9 @@ def load_sections(names: list[str], root: Path = DEFAULT_ROOT, use_package: bool
 
 
 # --------------------------------------------------------------------------------------- tiles
-def _tile(img: Image.Image, cx: float, cy: float, side_px: float, size: int, black_to_white: bool) -> np.ndarray:
+def _tile(
+    img: Image.Image, cx: float, cy: float, side_px: float, size: int, black_to_white: bool
+) -> np.ndarray:
     """A ``size``² tile covering ``side_px`` image pixels centred on (cx, cy); outside → background."""
     half = side_px / 2.0
     x0, y0 = int(np.floor(cx - half)) - 2, int(np.floor(cy - half)) - 2
@@ -141,7 +145,9 @@ def _tile(img: Image.Image, cx: float, cy: float, side_px: float, size: int, bla
         # the white glass of the C scans so that "background" means the same thing in both patients.
         crop[crop.max(axis=2) < 16] = 255
     box = (cx - half - x0, cy - half - y0, cx + half - x0, cy + half - y0)
-    tile = Image.fromarray(crop).resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=None)
+    tile = Image.fromarray(crop).resize(
+        (size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=None
+    )
     return np.asarray(tile, dtype=np.uint8)
 
 
@@ -154,10 +160,14 @@ def extract_tiles(
     img = Image.open(sec.image_path)
     img.load()
     side_px = size * mpp / sec.image_mpp
-    return np.stack([_tile(img, cx, cy, side_px, size, black_to_white) for cx, cy in sec.centres_px])
+    return np.stack(
+        [_tile(img, cx, cy, side_px, size, black_to_white) for cx, cy in sec.centres_px]
+    )
 
 
-def _extract_tiles_package(sec: Section, mpp: float, size: int, black_to_white: bool) -> np.ndarray | None:
+def _extract_tiles_package(
+    sec: Section, mpp: float, size: int, black_to_white: bool
+) -> np.ndarray | None:
     """Tiles from ``squall_sd.pp.extract_patches`` when the section came from the package reader."""
     sdata = sec.meta.get("sdata")
     if sdata is None:
@@ -189,7 +199,9 @@ def _has_pp() -> bool:
         return False
 
 
-def cache_key(names: list[str], mpp: float, size: int, black_to_white: bool, extra: str = "") -> str:
+def cache_key(
+    names: list[str], mpp: float, size: int, black_to_white: bool, extra: str = ""
+) -> str:
     """Short hash of everything that determines a section's tiles."""
     payload = json.dumps([sorted(names), round(mpp, 4), size, black_to_white, extra, 2])
     return hashlib.sha1(payload.encode()).hexdigest()[:10]
@@ -225,10 +237,16 @@ def attach_tiles(
             tiles = extract_tiles(sec, mpp, size, black_to_white)
         sec.patches = tiles
         if cache:
-            np.savez(path, patches=tiles, spot_ids=np.asarray(sec.counts.index, dtype=str),
-                     source=np.asarray(sec.meta["tiles"]))
-        log(f"  tiles {name}: {len(tiles)} × {size}px at {mpp} µm/px from {sec.image_mpp:.3f} µm/px "
-            f"({time.time() - t:.1f}s)")
+            np.savez(
+                path,
+                patches=tiles,
+                spot_ids=np.asarray(sec.counts.index, dtype=str),
+                source=np.asarray(sec.meta["tiles"]),
+            )
+        log(
+            f"  tiles {name}: {len(tiles)} × {size}px at {mpp} µm/px from {sec.image_mpp:.3f} µm/px "
+            f"({time.time() - t:.1f}s)"
+        )
     return time.time() - t0
 
 

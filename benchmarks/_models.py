@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def pearson_per_gene(a, b):  # lazy: importing squall_sd pulls spatialdata; the GPU job has only torch/numpy
+def pearson_per_gene(
+    a, b
+):  # lazy: importing squall_sd pulls spatialdata; the GPU job has only torch/numpy
     from squall_sd.tl._evaluate import pearson_per_gene as f
 
     return f(a, b)
+
 
 # ----------------------------------------------------------------------- hand-made features
 HAND_FEATURE_NAMES: list[str] = []
@@ -57,8 +60,14 @@ def hand_features(tiles: np.ndarray, log: Callable = print) -> np.ndarray:
         small = grey.reshape(grey.shape[0] // 2, 2, grey.shape[1] // 2, 2).mean((1, 3))
         sy, sx = np.gradient(small)
         mag2 = np.hypot(sx, sy).ravel()
-        f_grad = [mag.mean(), mag.std(), *np.percentile(mag, [50, 90]), mag2.mean(), mag2.std(),
-                  *np.percentile(mag2, [50, 90])]
+        f_grad = [
+            mag.mean(),
+            mag.std(),
+            *np.percentile(mag, [50, 90]),
+            mag2.mean(),
+            mag2.std(),
+            *np.percentile(mag2, [50, 90]),
+        ]
         g8 = (grey * 255).astype(np.uint8)
         lbp1 = local_binary_pattern(g8, 8, 1, method="uniform")
         lbp3 = local_binary_pattern(g8, 8, 3, method="uniform")
@@ -68,8 +77,14 @@ def hand_features(tiles: np.ndarray, log: Callable = print) -> np.ndarray:
         out.append(np.concatenate([f_rgb, f_hed, f_grad, h1, h3, dark, [frac]]))
         if i == 0 and not HAND_FEATURE_NAMES:
             HAND_FEATURE_NAMES.extend(
-                n_rgb + n_hed + [f"grad_{s}" for s in ("mean", "std", "p50", "p90", "mean2", "std2", "p50_2", "p90_2")]
-                + [f"lbp1_{k}" for k in range(10)] + [f"lbp3_{k}" for k in range(10)]
+                n_rgb
+                + n_hed
+                + [
+                    f"grad_{s}"
+                    for s in ("mean", "std", "p50", "p90", "mean2", "std2", "p50_2", "p90_2")
+                ]
+                + [f"lbp1_{k}" for k in range(10)]
+                + [f"lbp3_{k}" for k in range(10)]
                 + ["dark35", "dark55", "tissue_frac"]
             )
     log(f"  hand features: {len(tiles)} tiles in {time.time() - t0:.1f}s")
@@ -155,7 +170,11 @@ def ridge_cv(
     mean = scores.mean(0)
     best = int(np.nanargmax(mean))
     pipe = RidgePipeline(n_pca).fit_path(x, y)
-    return pipe, float(alphas[best]), {"alphas": alphas.tolist(), "cv_mean_r": mean.tolist(), "cv_best_r": float(mean[best])}
+    return (
+        pipe,
+        float(alphas[best]),
+        {"alphas": alphas.tolist(), "cv_mean_r": mean.tolist(), "cv_best_r": float(mean[best])},
+    )
 
 
 # ------------------------------------------------------------------------------ DenseNet-121
@@ -176,7 +195,9 @@ class _DenseLayer(nn.Module):
 class _DenseBlock(nn.Module):
     def __init__(self, n_layers: int, c_in: int, growth: int, bn_size: int):
         super().__init__()
-        self.layers = nn.ModuleList(_DenseLayer(c_in + i * growth, growth, bn_size) for i in range(n_layers))
+        self.layers = nn.ModuleList(
+            _DenseLayer(c_in + i * growth, growth, bn_size) for i in range(n_layers)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = [x]
@@ -187,20 +208,32 @@ class _DenseBlock(nn.Module):
 
 class _Transition(nn.Sequential):
     def __init__(self, c_in: int, c_out: int):
-        super().__init__(nn.BatchNorm2d(c_in), nn.ReLU(inplace=True), nn.Conv2d(c_in, c_out, 1, bias=False),
-                         nn.AvgPool2d(2, 2))
+        super().__init__(
+            nn.BatchNorm2d(c_in),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_in, c_out, 1, bias=False),
+            nn.AvgPool2d(2, 2),
+        )
 
 
 class DenseNet121(nn.Module):
     """DenseNet-121 (Huang et al. 2017): growth 32, blocks (6, 12, 24, 16), bn_size 4, 64 initial
     features, compression 0.5; the classifier is a linear head with ``n_out`` outputs (ST-Net)."""
 
-    def __init__(self, n_out: int, growth: int = 32, blocks: tuple[int, ...] = (6, 12, 24, 16),
-                 bn_size: int = 4, init_features: int = 64):
+    def __init__(
+        self,
+        n_out: int,
+        growth: int = 32,
+        blocks: tuple[int, ...] = (6, 12, 24, 16),
+        bn_size: int = 4,
+        init_features: int = 64,
+    ):
         super().__init__()
         layers: list[nn.Module] = [
             nn.Conv2d(3, init_features, 7, stride=2, padding=3, bias=False),
-            nn.BatchNorm2d(init_features), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1),
+            nn.BatchNorm2d(init_features),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
         ]
         c = init_features
         for i, n in enumerate(blocks):
@@ -227,10 +260,14 @@ class DenseNet121(nn.Module):
         return self.head(h)
 
 
-def _to_input(tiles: np.ndarray, size: int, mean: torch.Tensor, std: torch.Tensor, device: str) -> torch.Tensor:
+def _to_input(
+    tiles: np.ndarray, size: int, mean: torch.Tensor, std: torch.Tensor, device: str
+) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(tiles)).to(device).permute(0, 3, 1, 2).float() / 255.0
     if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
     return (x - mean) / std
 
 
@@ -269,7 +306,9 @@ def train_densenet(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(tiles) / batch_size)
     total = max(1, epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
     t0 = time.time()
     done = 0
     steps = 0
@@ -279,7 +318,7 @@ def train_densenet(
         order = rng.permutation(len(tiles))
         losses = []
         for b in range(steps_per_epoch):
-            idx = order[b * batch_size:(b + 1) * batch_size]
+            idx = order[b * batch_size : (b + 1) * batch_size]
             if len(idx) < 2:
                 continue
             x = _to_input(tiles[idx], size, mean, std, device)
@@ -289,7 +328,7 @@ def train_densenet(
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             steps += 1
             if max_minutes is not None and time.time() - t0 > max_minutes * 60:
                 stopped = True
@@ -298,7 +337,9 @@ def train_densenet(
         el = time.time() - t0
         log(f"    densenet epoch {done}/{epochs}: loss {np.mean(losses):.4f} ({el:.0f}s)")
         if stopped:
-            log(f"    densenet: time cap {max_minutes} min reached in epoch {done} (step {steps}/{total})")
+            log(
+                f"    densenet: time cap {max_minutes} min reached in epoch {done} (step {steps}/{total})"
+            )
             break
 
     @torch.no_grad()
@@ -306,13 +347,23 @@ def train_densenet(
         model.eval()
         outs = []
         for b in range(0, len(t), 64):
-            outs.append(model(_to_input(t[b:b + 64], size, mean, std, device)).float().cpu().numpy())
+            outs.append(
+                model(_to_input(t[b : b + 64], size, mean, std, device)).float().cpu().numpy()
+            )
         return np.concatenate(outs) * ysd + ymean
 
     record = {
-        "input_px": size, "epochs_planned": epochs, "epochs_run": done, "steps_run": steps,
-        "steps_planned": total, "stopped_by_time_cap": stopped,
-        "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seconds": time.time() - t0,
-        "device": device, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+        "input_px": size,
+        "epochs_planned": epochs,
+        "epochs_run": done,
+        "steps_run": steps,
+        "steps_planned": total,
+        "stopped_by_time_cap": stopped,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "seconds": time.time() - t0,
+        "device": device,
+        "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
     }
     return predict, record

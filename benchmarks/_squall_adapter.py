@@ -39,7 +39,7 @@ def embed_tiles(model, tiles: np.ndarray, mpp: float, batch: int = 64) -> np.nda
     """Mean-pooled ``forward_rgb`` tokens per tile (the model's ``embed``)."""
     out = []
     for b in range(0, len(tiles), batch):
-        x = torch.from_numpy(np.ascontiguousarray(tiles[b:b + batch]))
+        x = torch.from_numpy(np.ascontiguousarray(tiles[b : b + batch]))
         out.append(model.embed(x, res=mpp, pool="mean").float().cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
@@ -55,7 +55,9 @@ def spot_weights(model, mpp: float, spot_diameter_um: float = 100.0) -> torch.Te
 
 
 @torch.no_grad()
-def predict_spots(model, tiles: np.ndarray, mpp: float, genes: list[str], batch: int = 32) -> tuple[np.ndarray, list[str], str]:
+def predict_spots(
+    model, tiles: np.ndarray, mpp: float, genes: list[str], batch: int = 32
+) -> tuple[np.ndarray, list[str], str]:
     """Predicted expression of ``genes`` (those in the model's vocabulary) averaged over each spot disc.
 
     Uses ``squall_sd.tl.predict_expression`` when it exists and accepts tiles, else ``model.predict``
@@ -71,7 +73,11 @@ def predict_spots(model, tiles: np.ndarray, mpp: float, genes: list[str], batch:
     w = spot_weights(model, mpp)
     out = []
     for b in range(0, len(tiles), batch):
-        x = torch.from_numpy(np.ascontiguousarray(tiles[b:b + batch]))
+        x = torch.from_numpy(np.ascontiguousarray(tiles[b : b + batch]))
         p = model.predict(x, res=mpp, genes=known, aggregate=w, reduce="mean")  # (B, 1, G)
         out.append(p[:, 0].float().cpu().numpy())
-    return np.concatenate(out).astype(np.float64), known, "model.predict(aggregate=spot disc, reduce='mean')"
+    return (
+        np.concatenate(out).astype(np.float64),
+        known,
+        "model.predict(aggregate=spot disc, reduce='mean')",
+    )

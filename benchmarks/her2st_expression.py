@@ -48,30 +48,63 @@ ALPHAS = np.logspace(-1, 6, 22)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", type=Path, default=data.DEFAULT_ROOT, help="her2st folder (../shared/data/her2st)")
-    p.add_argument("--mpp", type=float, default=1.0, help="µm per pixel of the 224-px tiles (default 1.0)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--root", type=Path, default=data.DEFAULT_ROOT, help="her2st folder (../shared/data/her2st)"
+    )
+    p.add_argument(
+        "--mpp", type=float, default=1.0, help="µm per pixel of the 224-px tiles (default 1.0)"
+    )
     p.add_argument("--tile", type=int, default=224, help="tile edge in pixels (default 224)")
     p.add_argument("--splits", default="C→A,A→C", help="comma list of C→A, A→C (ASCII: C2A, A2C)")
-    p.add_argument("--model", action="append", default=[],
-                   help="model for the embedding and fine-tuned rows: registered name, checkpoint dir, or "
-                        "random:<config> (random init, sanity baseline), or none. Repeatable. Default: random:squall-tiny")
-    p.add_argument("--cnn-epochs", type=int, default=12, help="DenseNet-121 epochs (0 skips the row)")
-    p.add_argument("--cnn-px", type=int, default=112, help="DenseNet input size: the 224-px tiles resized")
-    p.add_argument("--cnn-minutes", type=float, default=8.0, help="wall-time cap per DenseNet training")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="model for the embedding and fine-tuned rows: registered name, checkpoint dir, or "
+        "random:<config> (random init, sanity baseline), or none. Repeatable. Default: random:squall-tiny",
+    )
+    p.add_argument(
+        "--cnn-epochs", type=int, default=12, help="DenseNet-121 epochs (0 skips the row)"
+    )
+    p.add_argument(
+        "--cnn-px", type=int, default=112, help="DenseNet input size: the 224-px tiles resized"
+    )
+    p.add_argument(
+        "--cnn-minutes", type=float, default=8.0, help="wall-time cap per DenseNet training"
+    )
     p.add_argument("--device", default="cpu", help="torch device for DenseNet / models")
-    p.add_argument("--cnn-export", type=Path, default=None,
-                   help="write tiles + training targets + splits to this .npz for benchmarks/_cnn_job.py (GPU)")
-    p.add_argument("--cnn-preds", type=Path, action="append", default=[],
-                   help="DenseNet predictions written by benchmarks/_cnn_job.py from a --cnn-export pack (repeatable)")
+    p.add_argument(
+        "--cnn-export",
+        type=Path,
+        default=None,
+        help="write tiles + training targets + splits to this .npz for benchmarks/_cnn_job.py (GPU)",
+    )
+    p.add_argument(
+        "--cnn-preds",
+        type=Path,
+        action="append",
+        default=[],
+        help="DenseNet predictions written by benchmarks/_cnn_job.py from a --cnn-export pack (repeatable)",
+    )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="subset of spots, 1 CNN epoch at 64 px: smoke test")
-    p.add_argument("--no-package", action="store_true", help="read her2st directly instead of squall_sd.io/pp")
-    p.add_argument("--no-black-to-white", action="store_true", help="keep A's blacked-out background black")
+    p.add_argument(
+        "--quick", action="store_true", help="subset of spots, 1 CNN epoch at 64 px: smoke test"
+    )
+    p.add_argument(
+        "--no-package", action="store_true", help="read her2st directly instead of squall_sd.io/pp"
+    )
+    p.add_argument(
+        "--no-black-to-white", action="store_true", help="keep A's blacked-out background black"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=HERE / "results" / "her2st_expression.md")
     args = p.parse_args(argv)
-    args.splits = [s.strip().replace("2", "→") if "→" not in s else s.strip() for s in args.splits.split(",")]
+    args.splits = [
+        s.strip().replace("2", "→") if "→" not in s else s.strip() for s in args.splits.split(",")
+    ]
     if not args.model:
         args.model = ["random:squall-tiny"]
     args.model = [m for m in args.model if m != "none"]
@@ -124,7 +157,9 @@ def run(args) -> dict:
     common = reduce(lambda a, b: a.intersection(b), [s.counts.columns for s in secs.values()])
     hvg_all = [str(g) for g in np.load(args.root / "hvg785.npy", allow_pickle=True)]
     hvg = [g for g in hvg_all if g in common]
-    log(f"genes: {len(hvg)} of {len(hvg_all)} hvg785 genes are measured in all 7 sections ({len(common)} common genes)")
+    log(
+        f"genes: {len(hvg)} of {len(hvg_all)} hvg785 genes are measured in all 7 sections ({len(common)} common genes)"
+    )
 
     feats_t = time.time()
     hand = {n: M.hand_features(s.patches, log=lambda *a: None) for n, s in secs.items()}
@@ -138,19 +173,27 @@ def run(args) -> dict:
             t = time.time()
             emb = {n: SA.embed_tiles(model, s.patches, args.mpp) for n, s in secs.items()}
             model_rows[spec] = {"model": model, "emb": emb, "embed_s": time.time() - t, "note": ""}
-            log(f"model {spec}: embedded {sum(len(e) for e in emb.values())} tiles in {time.time() - t:.1f}s "
-                f"(dim {next(iter(emb.values())).shape[1]}, config mpp {model.config.mpp})")
+            log(
+                f"model {spec}: embedded {sum(len(e) for e in emb.values())} tiles in {time.time() - t:.1f}s "
+                f"(dim {next(iter(emb.values())).shape[1]}, config mpp {model.config.mpp})"
+            )
         except SA.ModelUnavailable as e:
             model_rows[spec] = {"model": None, "note": str(e)}
             log(f"model {spec}: skipped — {e}")
 
     results = {"splits": {}, "genes": {"hvg785_in_data": len(hvg), "common": len(common)}}
-    pack: dict = {"sections": names, "n_per_section": [len(secs[n].counts) for n in names], "splits": {}}
+    pack: dict = {
+        "sections": names,
+        "n_per_section": [len(secs[n].counts) for n in names],
+        "splits": {},
+    }
     pack_arrays: dict[str, np.ndarray] = {}
     cnn_preds = []
     for path in args.cnn_preds:
         z = np.load(path, allow_pickle=False)
-        cnn_preds.append((path, json.loads(str(z["records"])), {k: z[k] for k in z.files if k != "records"}))
+        cnn_preds.append(
+            (path, json.loads(str(z["records"])), {k: z[k] for k in z.files if k != "records"})
+        )
     for split in args.splits:
         train_p, test_p = SPLITS[split]
         tr_names, te_names = PATIENT_SECTIONS[train_p], PATIENT_SECTIONS[test_p]
@@ -159,43 +202,85 @@ def run(args) -> dict:
         ytr_common = np.concatenate([data.normalised(secs[n], list(common)) for n in tr_names])
         top50 = [common[i] for i in np.argsort(-ytr_common.mean(0), kind="stable")[:50]]
         targets = list(dict.fromkeys(hvg + top50))
-        gidx = {"hvg": np.array([targets.index(g) for g in hvg]), "top50": np.array([targets.index(g) for g in top50])}
+        gidx = {
+            "hvg": np.array([targets.index(g) for g in hvg]),
+            "top50": np.array([targets.index(g) for g in top50]),
+        }
         ytr = np.concatenate([data.normalised(secs[n], targets) for n in tr_names])
         groups = np.concatenate([[n] * len(secs[n].counts) for n in tr_names])
         dtr = np.concatenate([np.log1p(secs[n].total_umi) for n in tr_names])
-        te = {n: {"y": data.normalised(secs[n], targets), "depth": np.log1p(secs[n].total_umi)} for n in te_names}
+        te = {
+            n: {"y": data.normalised(secs[n], targets), "depth": np.log1p(secs[n].total_umi)}
+            for n in te_names
+        }
         Xtr_hand = np.concatenate([hand[n] for n in tr_names])
         tiles_tr = np.concatenate([secs[n].patches for n in tr_names])
         preds: dict[str, dict[str, np.ndarray]] = {}
         notes: dict[str, str] = {}
         timing: dict[str, float] = {}
         tag = f"{train_p}2{test_p}"
-        pack["splits"][split] = {"tag": tag, "train": tr_names, "test": te_names, "targets": targets}
+        pack["splits"][split] = {
+            "tag": tag,
+            "train": tr_names,
+            "test": te_names,
+            "targets": targets,
+        }
         pack_arrays[f"ytr_{tag}"] = ytr.astype(np.float32)
 
         # (0) depth oracle
         sign = np.sign(pearson_per_gene(ytr, np.tile(dtr[:, None], (1, len(targets)))))
         sign = np.where(np.isfinite(sign) & (sign != 0), sign, 1.0)
-        preds["depth oracle (measured log UMI × sign)"] = {n: te[n]["depth"][:, None] * sign[None] for n in te_names}
-        notes["depth oracle (measured log UMI × sign)"] = "uses the test spots' MEASURED depth: reference, not an image method"
+        preds["depth oracle (measured log UMI × sign)"] = {
+            n: te[n]["depth"][:, None] * sign[None] for n in te_names
+        }
+        notes["depth oracle (measured log UMI × sign)"] = (
+            "uses the test spots' MEASURED depth: reference, not an image method"
+        )
 
         # (a) ridge on hand features
         t = time.time()
         pipe, alpha, cv = M.ridge_cv(Xtr_hand, ytr, groups, ALPHAS, None, gidx["hvg"])
         preds["ridge-hand"] = {n: pipe.predict(hand[n], alpha) for n in te_names}
         timing["ridge-hand"] = time.time() - t
-        notes["ridge-hand"] = f"{Xtr_hand.shape[1]} features, alpha {alpha:.3g} (CV r in {train_p} {cv['cv_best_r']:.3f})"
+        notes["ridge-hand"] = (
+            f"{Xtr_hand.shape[1]} features, alpha {alpha:.3g} (CV r in {train_p} {cv['cv_best_r']:.3f})"
+        )
+
+        # (a') the same, hand features z-scored within each section (train and test alike): a crude
+        # stain/scanner normalisation that uses the test IMAGES only, never test expression
+        t = time.time()
+        hz = {
+            n: (hand[n] - hand[n].mean(0)) / np.where(hand[n].std(0) > 1e-12, hand[n].std(0), 1.0)
+            for n in names
+        }
+        zpipe, zalpha, zcv = M.ridge_cv(
+            np.concatenate([hz[n] for n in tr_names]), ytr, groups, ALPHAS, None, gidx["hvg"]
+        )
+        preds["ridge-hand, per-section z-scored features"] = {
+            n: zpipe.predict(hz[n], zalpha) for n in te_names
+        }
+        timing["ridge-hand, per-section z-scored features"] = time.time() - t
+        notes["ridge-hand, per-section z-scored features"] = (
+            f"alpha {zalpha:.3g} (CV r in {train_p} {zcv['cv_best_r']:.3f}); standardises each section's image features "
+            "with that section's own mean/sd (unlabelled test images only)"
+        )
 
         # (b) depth proxy: hand features → log UMI → genes
         t = time.time()
         dpipe, dalpha, dcv = M.ridge_cv(Xtr_hand, dtr[:, None], groups, ALPHAS, None, None)
         slope, icpt = np.polyfit(dtr, ytr, 1)  # per-gene linear fit on measured training depth
         preds["depth-proxy (image → log UMI → genes)"] = {
-            n: icpt[None] + slope[None] * dpipe.predict(hand[n], dalpha) for n in te_names}
-        dr = {n: float(pearson_per_gene(te[n]["depth"], dpipe.predict(hand[n], dalpha)[:, 0])[0]) for n in te_names}
+            n: icpt[None] + slope[None] * dpipe.predict(hand[n], dalpha) for n in te_names
+        }
+        dr = {
+            n: float(pearson_per_gene(te[n]["depth"], dpipe.predict(hand[n], dalpha)[:, 0])[0])
+            for n in te_names
+        }
         timing["depth-proxy (image → log UMI → genes)"] = time.time() - t
         notes["depth-proxy (image → log UMI → genes)"] = (
-            f"alpha {dalpha:.3g}; r(predicted, measured log UMI) " + ", ".join(f"{k} {v:.2f}" for k, v in dr.items()))
+            f"alpha {dalpha:.3g}; r(predicted, measured log UMI) "
+            + ", ".join(f"{k} {v:.2f}" for k, v in dr.items())
+        )
 
         # (c) frozen embeddings → PCA 256 → ridge; (e) the model's own head
         for spec, row in model_rows.items():
@@ -208,7 +293,9 @@ def run(args) -> dict:
             epipe, ealpha, ecv = M.ridge_cv(Xtr, ytr, groups, ALPHAS, 256, gidx["hvg"])
             preds[key] = {n: epipe.predict(row["emb"][n], ealpha) for n in te_names}
             timing[key] = time.time() - t + row["embed_s"]
-            notes[key] = f"dim {Xtr.shape[1]} → PCA {min(256, Xtr.shape[1], len(Xtr) - 1)}, alpha {ealpha:.3g} (CV r {ecv['cv_best_r']:.3f})"
+            notes[key] = (
+                f"dim {Xtr.shape[1]} → PCA {min(256, Xtr.shape[1], len(Xtr) - 1)}, alpha {ealpha:.3g} (CV r {ecv['cv_best_r']:.3f})"
+            )
             key2 = f"squall head[{spec}]"
             if spec.startswith("random:"):
                 continue  # a random head predicts noise; only trained models get this row
@@ -216,13 +303,17 @@ def run(args) -> dict:
                 t = time.time()
                 out = {}
                 for n in te_names:
-                    p_, known, how = SA.predict_spots(row["model"], secs[n].patches, args.mpp, targets)
+                    p_, known, how = SA.predict_spots(
+                        row["model"], secs[n].patches, args.mpp, targets
+                    )
                     full = np.full((len(p_), len(targets)), np.nan)
                     full[:, [targets.index(g) for g in known]] = p_
                     out[n] = full
                 preds[key2] = out
                 timing[key2] = time.time() - t
-                notes[key2] = f"{how}; {len(known)} of {len(targets)} target genes in the vocabulary"
+                notes[key2] = (
+                    f"{how}; {len(known)} of {len(targets)} target genes in the vocabulary"
+                )
             except SA.ModelUnavailable as e:
                 notes[key2] = "skipped: " + str(e)
 
@@ -230,16 +321,26 @@ def run(args) -> dict:
         if args.cnn_epochs > 0:
             key = "densenet121 (scratch)"
             t = time.time()
-            predict, rec = M.train_densenet(tiles_tr, ytr, size=args.cnn_px, epochs=args.cnn_epochs,
-                                            max_minutes=args.cnn_minutes, seed=args.seed, device=args.device, log=log)
+            predict, rec = M.train_densenet(
+                tiles_tr,
+                ytr,
+                size=args.cnn_px,
+                epochs=args.cnn_epochs,
+                max_minutes=args.cnn_minutes,
+                seed=args.seed,
+                device=args.device,
+                log=log,
+            )
             preds[key] = {n: predict(secs[n].patches) for n in te_names}
             timing[key] = time.time() - t
-            notes[key] = (f"{rec['params_M']:.1f}M params, {rec['input_px']} px input ({args.tile} px tiles at "
-                          f"{args.mpp} µm/px resized → {args.mpp * args.tile / rec['input_px']:.2f} µm/px), "
-                          f"{rec['epochs_run']}/{rec['epochs_planned']} epochs"
-                          + (" (time cap)" if rec["stopped_by_time_cap"] else "")
-                          + f", batch {rec['batch_size']}, AdamW lr {rec['lr']:g} cosine, MSE on z-scored genes, "
-                          f"dihedral aug, {rec['device']}")
+            notes[key] = (
+                f"{rec['params_M']:.1f}M params, {rec['input_px']} px input ({args.tile} px tiles at "
+                f"{args.mpp} µm/px resized → {args.mpp * args.tile / rec['input_px']:.2f} µm/px), "
+                f"{rec['epochs_run']}/{rec['epochs_planned']} epochs"
+                + (" (time cap)" if rec["stopped_by_time_cap"] else "")
+                + f", batch {rec['batch_size']}, AdamW lr {rec['lr']:g} cosine, MSE on z-scored genes, "
+                f"dihedral aug, {rec['device']}"
+            )
 
         for path, records, arrs in cnn_preds:
             rec = records.get(split)
@@ -250,19 +351,30 @@ def run(args) -> dict:
             for n in te_names:
                 a = arrs[f"{tag}__{n}"].astype(np.float64)
                 if a.shape != te[n]["y"].shape:
-                    raise ValueError(f"{path}: predictions for {n} have shape {a.shape}, expected {te[n]['y'].shape} "
-                                     "(export the pack with the same options, e.g. without --quick)")
+                    raise ValueError(
+                        f"{path}: predictions for {n} have shape {a.shape}, expected {te[n]['y'].shape} "
+                        "(export the pack with the same options, e.g. without --quick)"
+                    )
                 preds[key][n] = a
             timing[key] = rec["seconds"]
-            notes[key] = (f"{rec['params_M']:.1f}M params, {rec['input_px']} px input at "
-                          f"{args.mpp * args.tile / rec['input_px']:.2f} µm/px (tiles JPEG q95 for transport), "
-                          f"{rec['epochs_run']}/{rec['epochs_planned']} epochs"
-                          + (" (time cap)" if rec["stopped_by_time_cap"] else "")
-                          + f", batch {rec['batch_size']}, AdamW lr {rec['lr']:g} cosine, MSE on z-scored genes, "
-                          f"dihedral aug, trained by benchmarks/_cnn_job.py on {rec.get('gpu') or rec['device']}")
+            notes[key] = (
+                f"{rec['params_M']:.1f}M params, {rec['input_px']} px input at "
+                f"{args.mpp * args.tile / rec['input_px']:.2f} µm/px (tiles JPEG q95 for transport), "
+                f"{rec['epochs_run']}/{rec['epochs_planned']} epochs"
+                + (" (time cap)" if rec["stopped_by_time_cap"] else "")
+                + f", batch {rec['batch_size']}, AdamW lr {rec['lr']:g} cosine, MSE on z-scored genes, "
+                f"dihedral aug, trained by benchmarks/_cnn_job.py on {rec.get('gpu') or rec['device']}"
+            )
 
         # evaluation: per test section and pooled
-        split_res = {"train": tr_names, "test": te_names, "top50": top50, "methods": {}, "notes": notes, "timing_s": timing}
+        split_res = {
+            "train": tr_names,
+            "test": te_names,
+            "top50": top50,
+            "methods": {},
+            "notes": notes,
+            "timing_s": timing,
+        }
         for meth, pm in preds.items():
             res = {}
             for label, secs_ in [*[(n, [n]) for n in te_names], (f"pooled {test_p}", te_names)]:
@@ -286,8 +398,10 @@ def run(args) -> dict:
         blob, lens = _cnn_job.encode_tiles(np.concatenate([secs[n].patches for n in names]))
         args.cnn_export.parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.cnn_export, blob=blob, lens=lens, meta=json.dumps(pack), **pack_arrays)
-        log(f"pack for benchmarks/_cnn_job.py written to {args.cnn_export} "
-            f"({args.cnn_export.stat().st_size / 1e6:.1f} MB)")
+        log(
+            f"pack for benchmarks/_cnn_job.py written to {args.cnn_export} "
+            f"({args.cnn_export.stat().st_size / 1e6:.1f} MB)"
+        )
     results["wall_s"] = time.time() - t_start
     results["tiles_s"] = t_tiles
     results["reader"] = sorted(str(r) for r in reader)
@@ -312,7 +426,8 @@ def table_for_split(split: str, res: dict, n_hvg: int) -> str:
             lines.append(
                 f"| {meth} | {label} | {h['n']} | {_f(h['mean_r'])} | {_f(h['median_r'])} | {h['n_sig']}/{h['genes']} | "
                 f"{_f(h['mean_partial_r'])} | {_f(t['mean_r'])} | {_f(t['median_r'])} | {t['n_sig']}/{t['genes']} | "
-                f"{_f(t['mean_partial_r'])} |")
+                f"{_f(t['mean_partial_r'])} |"
+            )
     lines.append("")
     for meth, note in res["notes"].items():
         tm = res["timing_s"].get(meth)
@@ -339,7 +454,10 @@ def write_report(args, results: dict, argv: list[str]) -> str:
         "mean / median over genes; 'sig.' = genes with r > 0 and BH q < 0.05 (two-sided t test); partial r controls "
         "for log1p total UMI of the test spot. Ridge alphas: leave-one-section-out CV inside the training patient only.",
     ]
-    body = [table_for_split(s, r, results["genes"]["hvg785_in_data"]) for s, r in results["splits"].items()]
+    body = [
+        table_for_split(s, r, results["genes"]["hvg785_in_data"])
+        for s, r in results["splits"].items()
+    ]
     text = "\n".join(head) + "\n" + "\n".join(body) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -88,6 +88,7 @@ def test_gene_subset_equals_slicing(model, rgb, dense):
 
 
 def test_input_conventions(model, rgb):
+    rgb = rgb[:1]
     ref = model.predict(rgb, 0.5, aggregate="tile")
     u8 = (rgb * 255).round().to(torch.uint8)
     from_u8 = model.predict(u8.permute(0, 2, 3, 1), 0.5, aggregate="tile")  # uint8, channel last
@@ -122,3 +123,15 @@ def test_predict_runs_in_eval_mode(rgb):
     assert m.training  # restored
     m.eval()
     torch.testing.assert_close(a, m.predict(rgb[:1], 0.5, aggregate="tile"))
+
+
+def test_channel_indices_without_vocabulary(rgb):
+    import numpy as np
+
+    m = randomize_(sm.Squall(micro_config(genes=None, n_genes=24)), seed=2).eval()
+    assert m.genes is None
+    out = m.predict(rgb[:1], 0.5, aggregate="tile", genes=np.array([3, 1]))
+    full = m.predict(rgb[:1], 0.5, aggregate="tile")
+    torch.testing.assert_close(out, full[:, [3, 1]])
+    with pytest.raises(KeyError, match="no gene vocabulary"):
+        m.predict(rgb[:1], 0.5, genes=["ERBB2"])

@@ -25,7 +25,7 @@ def _cp10k_log1p(counts: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def her2st_c2(shared_data):
-    """Real her2st C2 counts: measured CP10k+log1p, raw totals, and a 'prediction' from C3's spots."""
+    """Real her2st C2 counts: CP10k+log1p, raw totals, and a 'prediction' from C3's spots."""
     root = shared_data / "her2st" / "counts"
     c2 = pd.read_csv(root / "C2.tsv.gz", sep="\t", index_col=0)
     c3 = pd.read_csv(root / "C3.tsv.gz", sep="\t", index_col=0)
@@ -39,7 +39,9 @@ def her2st_c2(shared_data):
     rng = np.random.default_rng(0)
     # a realistic prediction: C3 spots in the same order plus noise plus a depth term
     other = _cp10k_log1p(c3.to_numpy())[:n][:, c3.columns.get_indexer(chosen)]
-    y_pred = 0.5 * other + 0.3 * y_true + rng.normal(0, 0.3, y_true.shape) + 0.1 * np.log1p(tot)[:, None]
+    y_pred = (
+        0.5 * other + 0.3 * y_true + rng.normal(0, 0.3, y_true.shape) + 0.1 * np.log1p(tot)[:, None]
+    )
     y_pred[:, -5:] = rng.normal(size=(n, 5))  # measured is constant there
     return y_true, y_pred, tot, np.array(chosen)
 
@@ -86,14 +88,18 @@ def test_partial_matches_residual_regression(her2st_c2):
     depth = np.log1p(tot)
     pr, p = partial_pearson_per_gene(y_true, y_pred, depth, return_pvalue=True)
     for j in range(0, y_true.shape[1] - 5, 11):
-        assert pr[j] == pytest.approx(_partial_by_regression(y_true[:, j], y_pred[:, j], depth), abs=1e-10)
+        assert pr[j] == pytest.approx(
+            _partial_by_regression(y_true[:, j], y_pred[:, j], depth), abs=1e-10
+        )
     assert np.all(np.isnan(pr[-5:]))
     # the classic formula for one covariate
     j = 3
     rxy = stats.pearsonr(y_true[:, j], y_pred[:, j]).statistic
     rxz = stats.pearsonr(y_true[:, j], depth).statistic
     ryz = stats.pearsonr(y_pred[:, j], depth).statistic
-    assert pr[j] == pytest.approx((rxy - rxz * ryz) / np.sqrt((1 - rxz**2) * (1 - ryz**2)), abs=1e-10)
+    assert pr[j] == pytest.approx(
+        (rxy - rxz * ryz) / np.sqrt((1 - rxz**2) * (1 - ryz**2)), abs=1e-10
+    )
     # p-value: t test with n - 3 degrees of freedom
     n = y_true.shape[0]
     t = pr[j] * np.sqrt((n - 3) / (1 - pr[j] ** 2))
@@ -101,7 +107,7 @@ def test_partial_matches_residual_regression(her2st_c2):
 
 
 def test_partial_of_a_depth_only_predictor_is_nan(her2st_c2):
-    """A prediction that is an exact linear function of depth has nothing left after controlling for it."""
+    """A prediction that is a linear function of depth has nothing left once depth is controlled."""
     y_true, _, tot, _ = her2st_c2
     depth = np.log1p(tot)
     pred = np.tile(depth[:, None], (1, y_true.shape[1])) * 2.0 - 1.0
@@ -113,7 +119,7 @@ def test_partial_of_a_depth_only_predictor_is_nan(her2st_c2):
 
 def test_bh_hand_computed():
     p = np.array([0.01, 0.04, 0.03, 0.005, 0.5])
-    # sorted: 0.005, 0.01, 0.03, 0.04, 0.5 ; p*m/i: 0.025, 0.025, 0.05, 0.05, 0.5 ; cummin from the top
+    # sorted: 0.005, 0.01, 0.03, 0.04, 0.5; p*m/i: 0.025, 0.025, 0.05, 0.05, 0.5; cummin from top
     expected = np.array([0.025, 0.05, 0.05, 0.025, 0.5])
     np.testing.assert_allclose(bh_adjust(p), expected)
     np.testing.assert_allclose(bh_adjust(p), stats.false_discovery_control(p, method="bh"))
@@ -176,7 +182,9 @@ def test_evaluate_expression_on_anndata(her2st_c2):
 
     # gene subset: other genes NaN; predicted as an array; measured from a layer
     adata.layers["meas"] = y_true
-    s2 = evaluate_expression(adata, measured="meas", predicted=y_pred, genes=var_names[:10], key_added="sub")
+    s2 = evaluate_expression(
+        adata, measured="meas", predicted=y_pred, genes=var_names[:10], key_added="sub"
+    )
     assert s2["n_genes_requested"] == 10
     assert np.all(np.isnan(adata.var["sub_pearson"].to_numpy()[10:]))
     np.testing.assert_allclose(adata.var["sub_pearson"].to_numpy()[:10], r_ref[:10])
@@ -205,13 +213,15 @@ def test_evaluate_expression_on_bundled_example():
     adata = data.tables["table"] if hasattr(data, "tables") else data
     import scanpy as sc
 
-    adata = adata.copy()
+    adata = adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()  # drop empty spots/cells
     sc.pp.calculate_qc_metrics(adata, inplace=True, log1p=True, percent_top=None)
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     x = adata.X.toarray() if sparse.issparse(adata.X) else np.asarray(adata.X)
     # the depth-only predictor: every gene predicted by log total UMI
-    adata.layers["squall"] = np.tile(adata.obs["log1p_total_counts"].to_numpy()[:, None], (1, adata.n_vars))
+    adata.layers["squall"] = np.tile(
+        adata.obs["log1p_total_counts"].to_numpy()[:, None], (1, adata.n_vars)
+    )
     summary = evaluate_expression(adata, depth_key="log1p_total_counts")
     r = pearson_per_gene(x, adata.layers["squall"])
     assert summary["mean_pearson"] == pytest.approx(np.nanmean(r))

@@ -60,7 +60,9 @@ def test_niches_gmm_stability_real(d1):
     assert k in range(3, 7) and lab.nunique() <= k
     curve = params["stability"]
     assert list(curve["n_niches"]) == [3, 4, 5, 6]
-    assert k == curve["n_niches"][np.nanargmax(curve["stability"])]  # chosen by stability, not labels
+    assert (
+        k == curve["n_niches"][np.nanargmax(curve["stability"])]
+    )  # chosen by stability, not labels
     assert d1.obsm["X_squall_niche"].shape == (d1.n_obs, 10 * 4)  # self + 3 hops of 10 PCs
     assert "squall_niche_connectivities" in d1.obsp
     # niches carry tissue structure: clearly better than chance against the pathologist's regions
@@ -83,7 +85,9 @@ def test_niches_two_sections_consistent(her2st_c1_d1):
     # a graph that does connect the sections (both start near the origin in microns) is refused
     squall.tl.niches(adata, graph="knn", n_niches=2, n_runs=1, key_added="joined")
     with pytest.raises(ValueError, match="between different libraries"):
-        squall.tl.niches(adata, connectivity_key="joined_connectivities", library_key="section", n_niches=2)
+        squall.tl.niches(
+            adata, connectivity_key="joined_connectivities", library_key="section", n_niches=2
+        )
 
 
 @pytest.mark.parametrize("use_rep", ["X", "counts_pca", "X_squall_like"])
@@ -124,7 +128,9 @@ def test_niche_enrichment_real(d1):
     assert z.shape == (comp.shape[0],) * 2
     # niches are spatially coherent: each niche borders itself more than expected
     assert np.nanmean(np.diag(z)) > 0
-    out = squall.tl.niche_enrichment(d1, cluster_key="pathologist_label", normalize="cluster", n_perms=20, copy=True)
+    out = squall.tl.niche_enrichment(
+        d1, cluster_key="pathologist_label", normalize="cluster", n_perms=20, copy=True
+    )
     np.testing.assert_allclose(out["composition"].sum(0), 1.0)
     with pytest.raises(KeyError, match="Run `squall.tl.niches"):
         squall.tl.niche_enrichment(d1, niche_key="nope")

@@ -62,7 +62,9 @@ def tiles(shared_data):
     for sec in ("C1", "D1", "E1"):
         t = squall.datasets.her2st(sec, shared_data / "her2st", labels=False).tables["table"]
         k = 12
-        t.obs["slide"] = [f"{sec}_{i}" for i in KMeans(k, n_init=3, random_state=0).fit_predict(t.obsm["spatial"])]
+        t.obs["slide"] = [
+            f"{sec}_{i}" for i in KMeans(k, n_init=3, random_state=0).fit_predict(t.obsm["spatial"])
+        ]
         t.obs["patient"] = sec[0]
         t.obs_names = [f"{sec}_{n}" for n in t.obs_names]
         parts.append(t)
@@ -95,7 +97,14 @@ def test_fit_predict_cox_simulated(tiles):
     adata = adata.copy()
     oracle = concordance_index(out["time"], out["event"], out["log_hazard"])
     model = squall.tl.fit_outcome(
-        adata, embeddings="X_emb", outcomes=out, slide_key="slide", time="time", event="event", cv=3, epochs=80
+        adata,
+        embeddings="X_emb",
+        outcomes=out,
+        slide_key="slide",
+        time="time",
+        event="event",
+        cv=3,
+        epochs=80,
     )
     c = model.metrics["c_index"]
     assert len(c["per_fold"]) == 3
@@ -109,8 +118,13 @@ def test_fit_predict_cox_simulated(tiles):
     # final model on all slides ranks the training slides well; predict_outcome round trip
     pred = squall.tl.predict_outcome(adata, model, key_added="pred")
     assert list(pred.index) == sorted(out.index) and (pred["n_tiles"] > 0).all()
-    assert concordance_index(out.loc[pred.index, "time"], out.loc[pred.index, "event"], pred["risk"]) > 0.7
-    np.testing.assert_allclose(adata.obs["pred_attention"].groupby(adata.obs["slide"]).sum(), 1.0, rtol=1e-5)
+    assert (
+        concordance_index(out.loc[pred.index, "time"], out.loc[pred.index, "event"], pred["risk"])
+        > 0.7
+    )
+    np.testing.assert_allclose(
+        adata.obs["pred_attention"].groupby(adata.obs["slide"]).sum(), 1.0, rtol=1e-5
+    )
 
 
 def test_binary_grouped_and_outcomes_from_obs(tiles):
@@ -126,7 +140,13 @@ def test_binary_grouped_and_outcomes_from_obs(tiles):
     # grouped folds never split a patient (three patients here: leave-one-patient-out)
     adata.obs["patient_id"] = adata.obs["patient"].astype(str)
     grouped = squall.tl.fit_outcome(
-        adata, embeddings="X_emb", response="responder", task="binary", cv=3, groups="patient_id", epochs=5
+        adata,
+        embeddings="X_emb",
+        response="responder",
+        task="binary",
+        cv=3,
+        groups="patient_id",
+        epochs=5,
     )
     assert grouped.cv_results.groupby("patient_id")["fold"].nunique().max() == 1
     assert grouped.cv_results["fold"].nunique() == 3
@@ -136,12 +156,20 @@ def test_errors(tiles):
     adata, out = tiles
     adata = adata.copy()
     with pytest.raises(KeyError, match=r"squall\.tl\.embed"):
-        squall.tl.fit_outcome(adata, embeddings="X_squall", outcomes=out, time="time", event="event")
+        squall.tl.fit_outcome(
+            adata, embeddings="X_squall", outcomes=out, time="time", event="event"
+        )
     with pytest.raises(ValueError, match="needs `time=` and `event=`"):
         squall.tl.fit_outcome(adata, embeddings="X_emb", outcomes=out, time="time")
     with pytest.raises(KeyError, match="slide_key"):
-        squall.tl.fit_outcome(adata, embeddings="X_emb", outcomes=out, slide_key="wsi", time="time", event="event")
+        squall.tl.fit_outcome(
+            adata, embeddings="X_emb", outcomes=out, slide_key="wsi", time="time", event="event"
+        )
     with pytest.raises(KeyError, match="not found in `outcomes`"):
-        squall.tl.fit_outcome(adata, embeddings="X_emb", outcomes=out, time="os_months", event="event")
+        squall.tl.fit_outcome(
+            adata, embeddings="X_emb", outcomes=out, time="os_months", event="event"
+        )
     with pytest.raises(ValueError, match="0/1"):
-        squall.tl.fit_outcome(adata, embeddings="X_emb", outcomes=out, response="time", task="binary")
+        squall.tl.fit_outcome(
+            adata, embeddings="X_emb", outcomes=out, response="time", task="binary"
+        )

@@ -20,9 +20,22 @@ def d1(shared_data):
 
 
 def test_builtin_signatures_are_cited():
-    assert {"tls", "t_cell", "b_cell", "immune", "emt", "proliferation", "her2_amplicon"} <= set(SIGNATURES)
+    assert {"tls", "t_cell", "b_cell", "immune", "emt", "proliferation", "her2_amplicon"} <= set(
+        SIGNATURES
+    )
     assert SIGNATURES["tls"].genes == (
-        "CCL2", "CCL3", "CCL4", "CCL5", "CCL8", "CCL18", "CCL19", "CCL21", "CXCL9", "CXCL10", "CXCL11", "CXCL13",
+        "CCL2",
+        "CCL3",
+        "CCL4",
+        "CCL5",
+        "CCL8",
+        "CCL18",
+        "CCL19",
+        "CCL21",
+        "CXCL9",
+        "CXCL10",
+        "CXCL11",
+        "CXCL13",
     )
     for sig in SIGNATURES.values():
         assert sig.source and sig.description and 1 <= len(sig.genes) <= 15

@@ -43,7 +43,12 @@ def base_config(shards, run_dir, **sections):
         "seed": 0,
         "run_dir": str(run_dir),
         "model": {"name": "squall-tiny", "overrides": {"mpp": MPP}},
-        "data": {"train": [str(s) for s in shards] if isinstance(shards, list) else str(shards), "batch_size": 2, "max_tiles": 2, "augment": None},
+        "data": {
+            "train": [str(s) for s in shards] if isinstance(shards, list) else str(shards),
+            "batch_size": 2,
+            "max_tiles": 2,
+            "augment": None,
+        },
         "optim": {"lr": 1.0e-3, "warmup_steps": 0, "min_lr": 1.0e-3},
         "trainer": {
             "max_steps": 6,

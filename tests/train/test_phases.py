@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 
 import squall_sd as squall
@@ -23,7 +22,14 @@ def _drops(history, k=2):
 
 def _check_export(result, module_model):
     d = result.model_dir
-    for f in ("config.json", "model.safetensors", "genes.txt", "config.yaml", "provenance.json", "metrics.json"):
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "genes.txt",
+        "config.yaml",
+        "provenance.json",
+        "metrics.json",
+    ):
         assert (d / f).is_file(), f
     prov = json.loads((d / "provenance.json").read_text())
     assert prov["squall_sd_version"] == squall.__version__ and prov["global_step"] > 0
@@ -47,6 +53,7 @@ def test_pretrain_image(shards, tmp_path):
 
 def test_align_with_contrastive(shards, tmp_path):
     cfg = base_config(shards, tmp_path / "p2", loss={"contrastive_weight": 0.1})
+    cfg["trainer"]["max_steps"] = 4  # three encoder passes per step: keep it short
     res = train.align(cfg)
     _drops(res.history)
     assert "contrastive_loss" in res.history[-1] and "expr_loss" in res.history[-1]
@@ -55,7 +62,9 @@ def test_align_with_contrastive(shards, tmp_path):
 
 def test_finetune_expression(shards, tmp_path):
     genes = train.read_manifest(shards)["genes"][:16]
-    cfg = base_config(shards, tmp_path / "p3", task={"type": "expression", "genes": genes, "level": "spot"})
+    cfg = base_config(
+        shards, tmp_path / "p3", task={"type": "expression", "genes": genes, "level": "spot"}
+    )
     res = train.finetune(cfg)
     _drops(res.history)
     _check_export(res, res.module.model)
@@ -79,17 +88,31 @@ def test_finetune_mil_survival(example_sdata, tmp_path):
     for i, stride in enumerate((896, 672, 448)):
         folders.append(
             train.prepare(
-                example_sdata, tmp_path / f"s{i}", model_config_or_name="squall-tiny", mpp=MPP,
-                tile_stride_um=stride, slide_ids=[f"C2_{stride}"], min_tissue=0.2,
+                example_sdata,
+                tmp_path / f"s{i}",
+                model_config_or_name="squall-tiny",
+                mpp=MPP,
+                tile_stride_um=stride,
+                slide_ids=[f"C2_{stride}"],
+                min_tissue=0.2,
                 genes=train.read_manifest(folders[0])["genes"] if folders else None,
             )
         )
     labels = tmp_path / "outcomes.csv"
-    pd.DataFrame({"slide": ["C2_896", "C2_672", "C2_448"], "time": [10.0, 20.0, 30.0], "event": [1, 1, 0]}).to_csv(
-        labels, index=False
+    pd.DataFrame(
+        {"slide": ["C2_896", "C2_672", "C2_448"], "time": [10.0, 20.0, 30.0], "event": [1, 1, 0]}
+    ).to_csv(labels, index=False)
+    cfg = base_config(
+        folders,
+        tmp_path / "mil",
+        task={
+            "type": "mil",
+            "outcome": "survival",
+            "slide_labels": str(labels),
+            "max_tiles_per_slide": 8,
+            "dropout": 0.0,
+        },
     )
-    cfg = base_config(folders, tmp_path / "mil", task={"type": "mil", "outcome": "survival", "slide_labels": str(labels),
-                                                       "max_tiles_per_slide": 8, "dropout": 0.0})
     cfg["data"].update({"max_tiles": None, "batch_size": 8})
     cfg["trainer"]["max_steps"] = 20
     res = train.finetune(cfg)

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import zarr
 
-from squall_sd.train import ShardDataset, augment_tile, collate_tiles, expression_grid, read_manifest
+from squall_sd.train import (
+    ShardDataset,
+    augment_tile,
+    collate_tiles,
+    expression_grid,
+    read_manifest,
+)
 
 
 def test_manifest_and_shards(shards):
@@ -24,14 +30,15 @@ def test_manifest_and_shards(shards):
 
 
 def test_binary_target_per_spot(shards):
-    """Every fully visible spot's cells sum to its binary vector (spec §4.10: divided by its cell count)."""
+    """A whole spot's cells sum to its binary vector (spec §4.10: divided by its cell count)."""
     ds = ShardDataset(shards, batch_size=1, shuffle=False, augment=None)
     s = ds.get(0)
     batch = collate_tiles([s])
     grid = expression_grid(batch, len(ds.genes))[0]  # (G, g, g)
     assert grid.shape == (256, 56, 56)
     cs = batch["cell_spot"][0]
-    # a 100 µm disc at 16 µm cells covers ~31 cells; the sum over its cells of any detected gene is 1
+    # a 100 µm disc at 16 µm cells covers ~31 cells; the sum over its cells of any detected gene is
+    # 1
     for k in range(int(cs.max()) + 1):
         cells = cs == k
         if cells.sum() < 25:  # cut by the tile border

@@ -9,6 +9,9 @@ import numpy as np
 from squall_sd._constants import IMAGE_KEY, MICRONS, SPOTS_KEY, TABLE_KEY
 from squall_sd._logging import logger
 
+#: Bundled trained model the demo predicts with (when its weights ship with the package).
+DEMO_MODEL = "squall-tiny-her2st"
+
 
 def _overview_spatialdata_plot(sdata, png: Path, color: str) -> None:
     import matplotlib.pyplot as plt
@@ -119,6 +122,16 @@ def run_demo(out: Path, png: Path, overwrite: bool = False) -> Path:
     adata = sdata.tables[TABLE_KEY]
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(float)
     adata.obs["n_genes_by_counts"] = np.asarray((adata.X > 0).sum(axis=1)).ravel().astype(int)
+
+    from squall_sd.models import list_models
+
+    if DEMO_MODEL in list_models(pretrained=True):
+        from squall_sd.tl import predict_expression
+
+        logger.info("predicting expression with the bundled model %r", DEMO_MODEL)
+        predict_expression(sdata, DEMO_MODEL, progress=False, write_to_store=False)
+    else:
+        logger.warning("bundled model %r not found; the demo writes the data without predictions", DEMO_MODEL)
 
     path = write(sdata, out, overwrite=overwrite)
 

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     from squall_sd.cli._train import add_train_parsers
 
     add_train_parsers(sub)
+
+    from squall_sd.cli._predict import add_predict_parser
+
+    add_predict_parser(sub)
     return parser
 
 

@@ -62,15 +62,37 @@ def _train(args: argparse.Namespace) -> int:
 def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     """Register the ``prepare`` and ``train`` subcommands on ``sub``."""
     p = sub.add_parser("prepare", help="tile SpatialData stores into a sharded training dataset")
-    p.add_argument("inputs", nargs="+", help="SpatialData zarr stores (written by squall / spatialdata)")
+    p.add_argument(
+        "inputs", nargs="+", help="SpatialData zarr stores (written by squall / spatialdata)"
+    )
     p.add_argument("--out", required=True, help="output folder (manifest.json + shards/)")
-    p.add_argument("--model", default="squall-tiny", help="model name or save_pretrained folder (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default="squall-tiny",
+        help="model name or save_pretrained folder (default: %(default)s)",
+    )
     p.add_argument("--mpp", type=float, default=None, help="override the model's µm per pixel")
-    p.add_argument("--shard-size", type=int, default=256, help="tiles per shard (default: %(default)s)")
-    p.add_argument("--tile-stride-um", type=float, default=None, help="step between tiles in µm (default: tile edge)")
-    p.add_argument("--min-tissue", type=float, default=0.25, help="minimum tissue share of a tile (default: %(default)s)")
-    p.add_argument("--genes", default=None, help="text file with the vocabulary (models without one)")
-    p.add_argument("--label-key", default=None, help="obs column with spot classes (tile classification)")
+    p.add_argument(
+        "--shard-size", type=int, default=256, help="tiles per shard (default: %(default)s)"
+    )
+    p.add_argument(
+        "--tile-stride-um",
+        type=float,
+        default=None,
+        help="step between tiles in µm (default: tile edge)",
+    )
+    p.add_argument(
+        "--min-tissue",
+        type=float,
+        default=0.25,
+        help="minimum tissue share of a tile (default: %(default)s)",
+    )
+    p.add_argument(
+        "--genes", default=None, help="text file with the vocabulary (models without one)"
+    )
+    p.add_argument(
+        "--label-key", default=None, help="obs column with spot classes (tile classification)"
+    )
     p.add_argument("--expr-format", default="factored", choices=["factored", "dense"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_prepare)
@@ -79,9 +101,14 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("phase", choices=["pretrain_image", "align", "finetune"], help="training phase")
     t.add_argument("config", help="YAML config (see configs/ and squall_sd.train)")
     t.add_argument(
-        "--resume", nargs="?", const="last", default=None,
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
         help="resume from run_dir/checkpoints/last.ckpt (or the given checkpoint); default: auto",
     )
     t.add_argument("--no-resume", action="store_true", help="start over even if last.ckpt exists")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    t.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)"
+    )
     t.set_defaults(func=_train)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -283,8 +284,8 @@ class Squall(nn.Module):
         if genes is None:
             return None
         if self._vocabulary is None:
-            items = [genes] if isinstance(genes, (str, int)) else list(genes)
-            if any(not isinstance(g, int) for g in items):
+            items = [genes] if isinstance(genes, (str, numbers.Integral)) else list(genes)
+            if any(not isinstance(g, numbers.Integral) for g in items):
                 raise KeyError(
                     "This model has no gene vocabulary, so genes can only be selected by channel "
                     "index; "

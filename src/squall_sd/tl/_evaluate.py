@@ -35,7 +35,9 @@ def _as_2d_float(x: Any, name: str) -> np.ndarray:
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2:
-        raise ValueError(f"`{name}` must be a 1-D or 2-D array (observations × genes), got shape {arr.shape}.")
+        raise ValueError(
+            f"`{name}` must be a 1-D or 2-D array (observations × genes), got shape {arr.shape}."
+        )
     return arr
 
 
@@ -44,7 +46,8 @@ def _check_pair(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
     b = _as_2d_float(y_pred, "y_pred")
     if a.shape != b.shape:
         raise ValueError(
-            f"`y_true` and `y_pred` must have the same shape (observations × genes), got {a.shape} and {b.shape}."
+            "`y_true` and `y_pred` must have the same shape (observations × genes), "
+            f"got {a.shape} and {b.shape}."
         )
     return a, b
 
@@ -70,7 +73,7 @@ def _columnwise_r(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _r_pvalue(r: np.ndarray, dof: int) -> np.ndarray:
-    """Two-sided p-value of a correlation ``r`` under H0: rho = 0 (t test with ``dof`` degrees of freedom)."""
+    """Two-sided p-value of ``r`` under H0: rho = 0 (t test with ``dof`` degrees of freedom)."""
     r = np.asarray(r, dtype=np.float64)
     p = np.full(r.shape, np.nan)
     if dof < 1:
@@ -108,6 +111,7 @@ def pearson_per_gene(
     ------
     ValueError
         If the shapes differ.
+
     """
     a, b = _check_pair(y_true, y_pred)
     r = _columnwise_r(a, b)
@@ -136,12 +140,14 @@ def spearman_per_gene(
     Returns
     -------
     numpy.ndarray or tuple of numpy.ndarray
-        ``rho`` of shape ``(n_genes,)`` (NaN for constant genes); ``(rho, p)`` when ``return_pvalue``.
+        ``rho`` of shape ``(n_genes,)`` (NaN for constant genes); ``(rho, p)`` when
+        ``return_pvalue``.
 
     Raises
     ------
     ValueError
         If the shapes differ.
+
     """
     a, b = _check_pair(y_true, y_pred)
     ra = stats.rankdata(a, axis=0) if a.shape[0] else a
@@ -159,7 +165,7 @@ def partial_pearson_per_gene(
     *,
     return_pvalue: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Partial Pearson r of each gene between measured and predicted values, controlling for covariates.
+    """Partial Pearson r per gene between measured and predicted values, controlling for covariates.
 
     Both the measured and the predicted values of each gene are regressed (least squares, with an
     intercept) on the covariate(s); the result is the Pearson r of the two residuals. With the
@@ -172,7 +178,8 @@ def partial_pearson_per_gene(
     y_pred
         Predicted values of the same shape.
     covariate
-        Covariate(s) per observation: shape ``(n_obs,)`` or ``(n_obs, k)``, e.g. ``log1p(total UMI)``.
+        Covariate(s) per observation, shape ``(n_obs,)`` or ``(n_obs, k)``, e.g.
+        ``log1p(total UMI)``.
     return_pvalue
         Also return two-sided p-values (t test with ``n - 2 - k`` degrees of freedom).
 
@@ -186,6 +193,7 @@ def partial_pearson_per_gene(
     ------
     ValueError
         If the shapes differ or the covariate does not have one row per observation.
+
     """
     a, b = _check_pair(y_true, y_pred)
     z = _as_2d_float(covariate, "covariate")
@@ -230,6 +238,7 @@ def bh_adjust(p: np.ndarray) -> np.ndarray:
     ------
     ValueError
         If a finite p-value lies outside ``[0, 1]``.
+
     """
     p = np.asarray(p, dtype=np.float64)
     out = np.full(p.shape, np.nan)
@@ -264,13 +273,16 @@ def _get_matrix(adata: AnnData, source: str | np.ndarray | None, what: str) -> A
     if isinstance(source, str):
         if source not in adata.layers:
             raise KeyError(
-                f"The {what} layer {source!r} is not in `adata.layers` (available: {list(adata.layers)}). "
+                f"The {what} layer {source!r} is not in `adata.layers` "
+                f"(available: {list(adata.layers)}). "
                 f"Pass the name of a layer, or None for `adata.X`."
             )
         return adata.layers[source]
     mat = source
     if getattr(mat, "shape", None) != adata.shape:
-        raise ValueError(f"The {what} array must have shape {adata.shape}, got {getattr(mat, 'shape', None)}.")
+        raise ValueError(
+            f"The {what} array must have shape {adata.shape}, got {getattr(mat, 'shape', None)}."
+        )
     return mat
 
 
@@ -284,7 +296,7 @@ def evaluate_expression(
     key_added: str = "squall_eval",
     alpha: float = 0.05,
 ) -> dict[str, Any]:
-    """Score predicted against measured expression, gene by gene, across the observations of ``adata``.
+    """Score predicted against measured expression, gene by gene, across the observations.
 
     For every evaluated gene, the Pearson r and Spearman rho across observations (spots / cells)
     with Benjamini–Hochberg adjusted p-values, and, when ``depth_key`` is given, the partial Pearson
@@ -335,6 +347,7 @@ def evaluate_expression(
         If a layer, gene or ``depth_key`` is missing.
     ValueError
         If the predicted array has the wrong shape or fewer than 3 observations are given.
+
     """
     if adata.n_obs < 3:
         raise ValueError(f"Need at least 3 observations to correlate, got {adata.n_obs}.")
@@ -344,7 +357,9 @@ def evaluate_expression(
         genes = list(genes)
         missing = [g for g in genes if g not in adata.var_names]
         if missing:
-            raise KeyError(f"{len(missing)} genes are not in `adata.var_names`, e.g. {missing[:5]}.")
+            raise KeyError(
+                f"{len(missing)} genes are not in `adata.var_names`, e.g. {missing[:5]}."
+            )
         idx = adata.var_names.get_indexer(genes)
     y_true = _get_matrix(adata, measured, "measured")
     y_pred = _get_matrix(adata, predicted, "predicted")
@@ -382,8 +397,9 @@ def evaluate_expression(
     if depth_key is not None:
         if depth_key not in adata.obs:
             raise KeyError(
-                f"`depth_key` {depth_key!r} is not a column of `adata.obs`; compute log total UMI first, e.g. "
-                "`sc.pp.calculate_qc_metrics(adata, inplace=True, log1p=True)` → 'log1p_total_counts'."
+                f"`depth_key` {depth_key!r} is not a column of `adata.obs`; compute log total UMI "
+                "first, e.g. `sc.pp.calculate_qc_metrics(adata, inplace=True, log1p=True)` → "
+                "'log1p_total_counts'."
             )
         depth = pd.to_numeric(adata.obs[depth_key], errors="raise").to_numpy(dtype=np.float64)
         pr, pp_ = partial_pearson_per_gene(y_true, y_pred, depth, return_pvalue=True)
@@ -399,6 +415,10 @@ def evaluate_expression(
         )
     n_nan = int(len(idx) - summary["n_genes"])
     if n_nan:
-        logger.info("evaluate_expression: %d of %d genes are constant in measured or predicted (r = NaN).", n_nan, len(idx))
+        logger.info(
+            "evaluate_expression: %d of %d genes are constant in measured or predicted (r = NaN).",
+            n_nan,
+            len(idx),
+        )
     adata.uns[key_added] = summary
     return summary

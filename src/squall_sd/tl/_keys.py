@@ -27,6 +27,8 @@ __all__ = [
     "tables_annotating",
 ]
 
+#: Prefix of the elements squall's tools write (``squall_dense``, ``squall_token_map``, ...).
+OUTPUT_PREFIX = "squall_"
 #: Suffix of the tissue polygons written by :func:`squall_sd.pp.detect_tissue` (never prediction targets).
 TISSUE_SUFFIX = "_tissue"
 
@@ -57,7 +59,7 @@ def _available(sdata: SpatialData) -> str:
 def resolve_image_key(sdata: SpatialData, image_key: str | None) -> str:
     """Return the H&E image to read.
 
-    ``None`` picks the only image, or the one a squall reader recorded in
+    ``None`` picks the only image (images squall wrote, ``squall_*``, do not count), or the one a squall reader recorded in
     ``sdata.attrs["squall"]["image_key"]``; otherwise the choice is ambiguous and a
     :class:`KeyError` lists the images.
 
@@ -85,8 +87,10 @@ def resolve_image_key(sdata: SpatialData, image_key: str | None) -> str:
             "The SpatialData holds no image. squall predicts from the H&E: read the data with a "
             "`squall.io` reader that loads the H&E, or add one with `squall.io.he(path, mpp=...)`."
         )
-    if len(images) == 1:
-        return images[0]
+    # images squall wrote itself (dense maps, token maps) are never the H&E
+    candidates = [k for k in images if not str(k).startswith(OUTPUT_PREFIX)] or images
+    if len(candidates) == 1:
+        return candidates[0]
     recorded = sdata.attrs.get(ATTRS_KEY, {}).get("image_key")
     if recorded in sdata.images:
         return str(recorded)

@@ -141,9 +141,10 @@ def niches(
     The procedure follows CellCharter: (1) a squidpy spatial graph, built per section so sections
     never connect; (2) each observation's representation concatenated with the mean
     representation of its neighbours at exactly 1, 2, …, ``n_hops`` hops; (3) clustering of the
-    standardised aggregate, either by a Gaussian mixture whose number of components is chosen by
-    stability across runs, or by Leiden on a kNN graph of the aggregate. Several sections in one
-    AnnData (``library_key``) share one model, so niche labels mean the same in all of them.
+    aggregate (centred, one global scale), either by a Gaussian mixture whose number of
+    components is chosen by stability across runs, or by Leiden on a kNN graph of the aggregate.
+    Several sections in one AnnData (``library_key``) share one model, so niche labels mean the
+    same in all of them.
 
     Parameters
     ----------
@@ -205,8 +206,8 @@ def niches(
     -------
     ``None``, or the modified copy of the table when ``copy=True``. Writes
 
-    - :attr:`anndata.AnnData.obs` ``[key_added]`` - niche labels (categorical, ``"0"`` the largest),
-    - :attr:`anndata.AnnData.obsm` ``[f"X_{key_added}"]`` - the standardised aggregated features,
+    - :attr:`anndata.AnnData.obs` ``[key_added]`` - niche labels (categorical, ``"0"`` largest),
+    - :attr:`anndata.AnnData.obsm` ``[f"X_{key_added}"]`` - the aggregated features,
     - :attr:`anndata.AnnData.obsp` ``[f"{key_added}_connectivities"]`` /
       ``[f"{key_added}_distances"]`` - the graph, when it was built here,
     - :attr:`anndata.AnnData.uns` ``[key_added]`` - parameters, provenance and (``gmm`` with
@@ -224,6 +225,7 @@ def niches(
     >>> adata = squall.datasets.example().tables["table"]  # doctest: +SKIP
     >>> sc.pp.normalize_total(adata); sc.pp.log1p(adata); sc.pp.pca(adata)  # doctest: +SKIP
     >>> squall.tl.niches(adata, n_niches=range(3, 9))  # doctest: +SKIP
+
     """
     adata = resolve_adata(data, table_key)
     if copy:
@@ -241,7 +243,8 @@ def niches(
     # 2. graph
     if library_key is not None and library_key not in adata.obs:
         raise KeyError(
-            f"`library_key={library_key!r}` not found in `adata.obs`; available: {list(adata.obs.columns)}."
+            f"`library_key={library_key!r}` not found in `adata.obs`; available: "
+            f"{list(adata.obs.columns)}."
         )
     if connectivity_key is None:
         graph_params = build_spatial_graph(
@@ -257,24 +260,31 @@ def niches(
         adj = get_connectivities(adata, conn_key)
     else:
         adj = get_connectivities(adata, connectivity_key)
-        conn_key = connectivity_key if connectivity_key in adata.obsp else f"{connectivity_key}_connectivities"
+        conn_key = (
+            connectivity_key
+            if connectivity_key in adata.obsp
+            else f"{connectivity_key}_connectivities"
+        )
         graph_params = {"graph": "existing", "connectivity_key": conn_key}
         if library_key is not None:
             check_no_cross_library_edges(adj, adata.obs[library_key].to_numpy())
     n_isolated = int(np.count_nonzero(np.diff(adj.indptr) == 0))
     if n_isolated:
         logger.warning(
-            "%d of %d observations have no spatial neighbours; their niche follows their own profile "
+            "%d of %d observations have no spatial neighbours; their niche follows their own "
+            "profile "
             "(increase `radius` / `n_neighs` if this is unexpected).",
             n_isolated,
             adata.n_obs,
         )
 
     # 3. aggregation + standardisation
+    # centred and divided by ONE global scale: the relative variance of the components (e.g. PCA
+    # ordering) is kept, so low-variance, noisy columns are not inflated to unit variance
     feats = aggregate_neighbors(rep, adj, n_hops)
-    sd = feats.std(0)
-    feats = (feats - feats.mean(0)) / np.where(sd > 0, sd, 1.0)
-    feats = feats.astype(np.float32)
+    feats -= feats.mean(0)
+    scale = float(feats.std())
+    feats /= scale if scale > 0 else 1.0
 
     # 4. clustering
     params: dict[str, Any] = {
@@ -359,7 +369,9 @@ def _cluster(
         params.update(
             {
                 "n_niches": int(k),
-                "n_niches_candidates": None if curve is None else [int(x) for x in curve["n_niches"]],
+                "n_niches_candidates": None
+                if curve is None
+                else [int(x) for x in curve["n_niches"]],
                 "n_runs": int(n_runs),
                 "covariance_type": covariance_type,
                 "subsample": None if len(fit_idx) == n_obs else int(len(fit_idx)),
@@ -371,7 +383,9 @@ def _cluster(
         import scanpy as sc
         from sklearn.neighbors import kneighbors_graph
 
-        knn = kneighbors_graph(feats, n_neighbors=min(15, n_obs - 1), include_self=False, n_jobs=n_jobs)
+        knn = kneighbors_graph(
+            feats, n_neighbors=min(15, n_obs - 1), include_self=False, n_jobs=n_jobs
+        )
         knn = ((knn + knn.T) > 0).astype(np.float32)
         tmp = AnnData(np.zeros((n_obs, 0), dtype=np.float32))
         sc.tl.leiden(
@@ -442,18 +456,27 @@ def niche_enrichment(
     ------
     KeyError
         If ``niche_key``, ``cluster_key`` or the graph is missing.
+
     """
     import squidpy as sq
 
     adata = resolve_adata(data, table_key)
-    for key, what in ((niche_key, "niche_key"), (cluster_key, "cluster_key"), (library_key, "library_key")):
+    for key, what in (
+        (niche_key, "niche_key"),
+        (cluster_key, "cluster_key"),
+        (library_key, "library_key"),
+    ):
         if key is not None and key not in adata.obs:
             hint = " Run `squall.tl.niches(adata)` first." if what == "niche_key" else ""
             raise KeyError(f"`{what}={key!r}` not found in `adata.obs`.{hint}")
     if normalize not in ("niche", "cluster", "total"):
-        raise ValueError(f"Expected `normalize` to be 'niche', 'cluster' or 'total', found {normalize!r}.")
+        raise ValueError(
+            f"Expected `normalize` to be 'niche', 'cluster' or 'total', found {normalize!r}."
+        )
     if connectivity_key is None:
-        connectivity_key = adata.uns.get(niche_key, {}).get("connectivity_key", "spatial_connectivities")
+        connectivity_key = adata.uns.get(niche_key, {}).get(
+            "connectivity_key", "spatial_connectivities"
+        )
     get_connectivities(adata, connectivity_key)  # raises with the next step if missing
     if not isinstance(adata.obs[niche_key].dtype, pd.CategoricalDtype):
         adata.obs[niche_key] = adata.obs[niche_key].astype(str).astype("category")
@@ -488,9 +511,13 @@ def niche_enrichment(
     adata.uns[f"{niche_key}_nhood_enrichment"] = {
         "zscore": out["zscore"].to_numpy(),
         "count": out["count"].to_numpy(),
-        "params": provenance(connectivity_key=connectivity_key, n_perms=int(n_perms), seed=int(seed)),
+        "params": provenance(
+            connectivity_key=connectivity_key, n_perms=int(n_perms), seed=int(seed)
+        ),
     }
     logger.info(
-        "Adding `adata.uns['%s_composition']`, `adata.uns['%s_nhood_enrichment']`", niche_key, niche_key
+        "Adding `adata.uns['%s_composition']`, `adata.uns['%s_nhood_enrichment']`",
+        niche_key,
+        niche_key,
     )
     return None

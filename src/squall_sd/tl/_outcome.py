@@ -43,6 +43,7 @@ def concordance_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> 
     Returns
     -------
     The C-index in [0, 1] (0.5: random; NaN if no pair is comparable).
+
     """
     time = np.asarray(time, dtype=float)
     event = np.asarray(event).astype(bool)
@@ -80,7 +81,9 @@ def _cox_loss(risk: torch.Tensor, time: np.ndarray, event: np.ndarray) -> torch.
 # --------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------
-def _build_net(in_dim: int, hidden_dim: int, attention_dim: int, dropout: float, pooling: str) -> Any:
+def _build_net(
+    in_dim: int, hidden_dim: int, attention_dim: int, dropout: float, pooling: str
+) -> Any:
     import torch
     from torch import nn
 
@@ -89,14 +92,18 @@ def _build_net(in_dim: int, hidden_dim: int, attention_dim: int, dropout: float,
 
         def __init__(self) -> None:
             super().__init__()
-            self.encoder = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+            self.encoder = nn.Sequential(
+                nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout)
+            )
             self.att_v = nn.Linear(hidden_dim, attention_dim)
             self.att_u = nn.Linear(hidden_dim, attention_dim)
             self.att_w = nn.Linear(attention_dim, 1)
             self.head = nn.Linear(hidden_dim, 1)
             self.pooling = pooling
 
-        def forward(self, x: torch.Tensor, seg: torch.Tensor, n_seg: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(
+            self, x: torch.Tensor, seg: torch.Tensor, n_seg: int
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             h = self.encoder(x)
             if self.pooling == "mean":
                 s = torch.zeros(x.shape[0], device=x.device)
@@ -150,6 +157,7 @@ class OutcomeModel:
         Out-of-fold predictions per slide (``risk``, ``fold`` and the outcome columns).
     metrics
         Cross-validated metrics (``c_index`` or ``auc``: per fold, mean, sd, pooled).
+
     """
 
     task: str
@@ -170,7 +178,8 @@ class OutcomeModel:
 def _slide_codes(adata: AnnData, slide_key: str) -> tuple[np.ndarray, pd.Index]:
     if slide_key not in adata.obs:
         raise KeyError(
-            f"`slide_key={slide_key!r}` not found in `adata.obs`; available: {list(adata.obs.columns)}. "
+            f"`slide_key={slide_key!r}` not found in `adata.obs`; available: "
+            f"{list(adata.obs.columns)}. "
             "The tiles of all slides go into one AnnData with a column naming each tile's slide."
         )
     cat = pd.Categorical(adata.obs[slide_key].astype(str))
@@ -181,7 +190,8 @@ def _embeddings(adata: AnnData, key: str) -> np.ndarray:
     if key not in adata.obsm:
         raise KeyError(
             f"Embeddings `adata.obsm[{key!r}]` not found; available: {list(adata.obsm.keys())}. "
-            f"Compute them with `squall.tl.embed(sdata, model, key_added={key!r})` (or pass `embeddings=`)."
+            f"Compute them with `squall.tl.embed(sdata, model, key_added={key!r})` (or pass "
+            "`embeddings=`)."
         )
     X = adata.obsm[key]
     X = X.to_numpy() if isinstance(X, pd.DataFrame) else np.asarray(X)
@@ -201,17 +211,23 @@ def _outcome_table(
         missing = [c for c in cols if c not in adata.obs]
         if missing:
             raise KeyError(
-                f"Outcome columns {missing} not found in `adata.obs`; pass `outcomes=` a DataFrame indexed "
+                f"Outcome columns {missing} not found in `adata.obs`; pass `outcomes=` a "
+                "DataFrame indexed "
                 f"by slide id with columns {cols}."
             )
-        grp = adata.obs[[slide_key, *cols]].astype({slide_key: str}).groupby(slide_key, observed=True)
+        grp = (
+            adata.obs[[slide_key, *cols]].astype({slide_key: str}).groupby(slide_key, observed=True)
+        )
         if (grp.nunique(dropna=False) > 1).any().any():
             raise ValueError(f"Outcome columns {cols} must be constant within each slide.")
         table = grp.first()
     else:
         missing = [c for c in cols if c not in outcomes.columns]
         if missing:
-            raise KeyError(f"Outcome columns {missing} not found in `outcomes`; available: {list(outcomes.columns)}.")
+            raise KeyError(
+                f"Outcome columns {missing} not found in `outcomes`; available: "
+                f"{list(outcomes.columns)}."
+            )
         table = outcomes.copy()
         if slide_key in table.columns:
             table = table.set_index(slide_key)
@@ -221,11 +237,16 @@ def _outcome_table(
     absent = slides.difference(table.index)
     if len(absent) == len(slides):
         raise KeyError(
-            f"No slide of `obs[{slide_key!r}]` (e.g. {list(slides[:3])}) is in the outcome table index "
+            f"No slide of `obs[{slide_key!r}]` (e.g. {list(slides[:3])}) is in the outcome "
+            "table index "
             f"(e.g. {list(table.index[:3])})."
         )
     if len(absent):
-        logger.warning("%d slides have no outcome and are left out of training: %s", len(absent), list(absent[:5]))
+        logger.warning(
+            "%d slides have no outcome and are left out of training: %s",
+            len(absent),
+            list(absent[:5]),
+        )
     table = table.reindex(slides)[cols]
     bad = table.isna().any(axis=1)
     return table[~bad]
@@ -246,7 +267,9 @@ def _train(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n_seg = int(seg.max()) + 1
-    net = _build_net(X.shape[1], cfg["hidden_dim"], cfg["attention_dim"], cfg["dropout"], cfg["pooling"])
+    net = _build_net(
+        X.shape[1], cfg["hidden_dim"], cfg["attention_dim"], cfg["dropout"], cfg["pooling"]
+    )
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     Xt = torch.as_tensor(X)
     segt = torch.as_tensor(seg)
@@ -259,7 +282,9 @@ def _train(
         if max_tiles is not None and np.diff(bounds).max() > max_tiles:
             idx = np.concatenate(
                 [
-                    order[lo:hi] if hi - lo <= max_tiles else rng.choice(order[lo:hi], max_tiles, replace=False)
+                    order[lo:hi]
+                    if hi - lo <= max_tiles
+                    else rng.choice(order[lo:hi], max_tiles, replace=False)
                     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
                 ]
             )
@@ -278,7 +303,9 @@ def _train(
     return net
 
 
-def _predict_net(net: Any, X: np.ndarray, seg: np.ndarray, n_seg: int) -> tuple[np.ndarray, np.ndarray]:
+def _predict_net(
+    net: Any, X: np.ndarray, seg: np.ndarray, n_seg: int
+) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     with torch.no_grad():
@@ -395,11 +422,14 @@ def fit_outcome(
         If the embeddings, the slide column or an outcome column is missing.
     ValueError
         If the outcome columns do not match ``task`` or there are too few slides.
+
     """
     adata = resolve_adata(slides, table_key)
     if task == "cox":
         if time is None or event is None:
-            raise ValueError("`task='cox'` needs `time=` and `event=` (column names of the outcome table).")
+            raise ValueError(
+                "`task='cox'` needs `time=` and `event=` (column names of the outcome table)."
+            )
         cols = [time, event]
     elif task == "binary":
         if response is None:
@@ -416,7 +446,9 @@ def fit_outcome(
     if task == "binary":
         vals = set(np.unique(table[response].astype(float)))
         if not vals <= {0.0, 1.0}:
-            raise ValueError(f"`response` must be 0/1 (or boolean), found values {sorted(vals)[:5]}.")
+            raise ValueError(
+                f"`response` must be 0/1 (or boolean), found values {sorted(vals)[:5]}."
+            )
     else:
         if (table[time].astype(float) < 0).any():
             raise ValueError("Survival times must be non-negative.")
@@ -447,7 +479,10 @@ def fit_outcome(
     def targets(rows: np.ndarray) -> dict[str, np.ndarray]:
         sub = table.iloc[rows]
         if task == "cox":
-            return {"time": sub[time].to_numpy(float), "event": sub[event].to_numpy(float).astype(bool)}
+            return {
+                "time": sub[time].to_numpy(float),
+                "event": sub[event].to_numpy(float).astype(bool),
+            }
         return {"response": sub[response].to_numpy(float)}
 
     def subset(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -478,7 +513,9 @@ def fit_outcome(
                 fold_of[te] = f
                 att_all[tile_idx[pos]] = att
                 fold_scores.append(_score(task, table.iloc[te], risk, cols))
-                logger.info("Fold %d/%d: %s = %.3f", f + 1, len(splits), _metric(task), fold_scores[-1])
+                logger.info(
+                    "Fold %d/%d: %s = %.3f", f + 1, len(splits), _metric(task), fold_scores[-1]
+                )
         net, mean, std = fit_rows(np.arange(len(table)), random_state)
 
     metric = _metric(task)
@@ -548,7 +585,10 @@ def _splits(
     if groups is not None:
         g = table[groups].astype(str).to_numpy()
         if len(np.unique(g)) < cv:
-            raise ValueError(f"`cv={cv}` folds need at least {cv} distinct `{groups}` values, found {len(np.unique(g))}.")
+            raise ValueError(
+                f"`cv={cv}` folds need at least {cv} distinct `{groups}` values, found "
+                f"{len(np.unique(g))}."
+            )
         if np.bincount(strata).min() >= cv:
             splitter = StratifiedGroupKFold(cv, shuffle=True, random_state=seed)
         else:
@@ -595,8 +635,10 @@ def predict_outcome(
     Per-slide DataFrame with ``risk`` (log relative hazard for Cox, logit for binary),
     ``probability`` (binary only) and ``n_tiles``. Unless ``copy=True`` also writes
 
-    - :attr:`anndata.AnnData.obs` ``[f"{key_added}_attention"]`` - tile attention (sums to one per slide),
+    - :attr:`anndata.AnnData.obs` ``[f"{key_added}_attention"]`` - tile attention (sums to one
+      per slide),
     - :attr:`anndata.AnnData.uns` ``[f"{key_added}_prediction"]`` - the returned table.
+
     """
     import torch
 
@@ -606,20 +648,27 @@ def predict_outcome(
     X = _embeddings(adata, embeddings)
     if X.shape[1] != model.config["in_dim"]:
         raise ValueError(
-            f"`obsm[{embeddings!r}]` has {X.shape[1]} dimensions, the model expects {model.config['in_dim']}: "
+            f"`obsm[{embeddings!r}]` has {X.shape[1]} dimensions, the model expects "
+            f"{model.config['in_dim']}: "
             "use the same embedding model as for training."
         )
     codes, slide_ids = _slide_codes(adata, slide_key)
     cfg = model.config
-    net = _build_net(cfg["in_dim"], cfg["hidden_dim"], cfg["attention_dim"], cfg["dropout"], cfg["pooling"])
+    net = _build_net(
+        cfg["in_dim"], cfg["hidden_dim"], cfg["attention_dim"], cfg["dropout"], cfg["pooling"]
+    )
     net.load_state_dict({k: torch.as_tensor(v) for k, v in model.state_dict.items()})
     net.eval()
     risk, att = _predict_net(net, (X - model.mean) / model.std, codes, len(slide_ids))
-    out = pd.DataFrame({"risk": risk, "n_tiles": np.bincount(codes, minlength=len(slide_ids))}, index=slide_ids)
+    out = pd.DataFrame(
+        {"risk": risk, "n_tiles": np.bincount(codes, minlength=len(slide_ids))}, index=slide_ids
+    )
     if model.task == "binary":
         out.insert(1, "probability", 1.0 / (1.0 + np.exp(-risk)))
     if not copy:
         adata.obs[f"{key_added}_attention"] = att
         adata.uns[f"{key_added}_prediction"] = out
-        logger.info("Adding `adata.obs['%s_attention']`, `adata.uns['%s_prediction']`", key_added, key_added)
+        logger.info(
+            "Adding `adata.obs['%s_attention']`, `adata.uns['%s_prediction']`", key_added, key_added
+        )
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -896,12 +897,19 @@ def persist(sdata: SpatialData, *, new: Sequence[str], replaced: Sequence[str], 
         raise ValueError("`write_to_store=True` but `sdata` is not backed by a zarr store (sdata.path is None).")
     on_disk = set(sdata.elements_paths_on_disk())
     written: list[str] = []
+    backups: list[tuple[str, Any, Any]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="squall_backup_"))
     try:
         for name in [*new, *replaced]:
-            exists = any(p.endswith(f"/{name}") for p in on_disk)
-            sdata.write_element(name, overwrite=exists)
-            if not exists:
-                written.append(name)
+            rel = next((p for p in on_disk if p.split("/")[-1] == name), None)
+            if rel is not None:
+                # spatialdata refuses to overwrite inside its own store: back up, delete, write
+                src = Path(sdata.path) / rel
+                shutil.copytree(src, tmp / rel.replace("/", "__"))
+                backups.append((name, src, tmp / rel.replace("/", "__")))
+                sdata.delete_element_from_disk(name)
+            sdata.write_element(name)
+            written.append(name)
             logger.info("wrote %r to %s", name, sdata.path)
     except BaseException:
         for name in written:
@@ -909,4 +917,13 @@ def persist(sdata: SpatialData, *, new: Sequence[str], replaced: Sequence[str], 
                 sdata.delete_element_from_disk(name)
             except Exception as err:  # noqa: BLE001 - best effort
                 logger.warning("could not remove %r from %s after a failed write: %s", name, sdata.path, err)
+        for _, src, bak in backups:
+            if not src.exists():
+                shutil.copytree(bak, src)
+        try:
+            sdata.write_consolidated_metadata()
+        except Exception:  # noqa: BLE001
+            pass
         raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -33,6 +33,7 @@ class Signature:
         What the score is meant to read out.
     source
         Citation of the gene list.
+
     """
 
     name: str
@@ -53,8 +54,20 @@ SIGNATURES: dict[str, Signature] = {
     for s in (
         Signature(
             "tls",
-            ("CCL2", "CCL3", "CCL4", "CCL5", "CCL8", "CCL18", "CCL19", "CCL21",
-             "CXCL9", "CXCL10", "CXCL11", "CXCL13"),
+            (
+                "CCL2",
+                "CCL3",
+                "CCL4",
+                "CCL5",
+                "CCL8",
+                "CCL18",
+                "CCL19",
+                "CCL21",
+                "CXCL9",
+                "CXCL10",
+                "CXCL11",
+                "CXCL13",
+            ),
             "12-chemokine signature of tertiary lymphoid structures",
             "Coppola D. et al. (2011) Am J Pathol 179(1):37-45; "
             "Messina J.L. et al. (2012) Sci Rep 2:765",
@@ -89,8 +102,19 @@ SIGNATURES: dict[str, Signature] = {
         ),
         Signature(
             "proliferation",
-            ("BIRC5", "CCNB1", "CDC20", "NUF2", "CEP55", "NDC80", "MKI67", "PTTG1", "RRM2",
-             "TYMS", "UBE2C"),
+            (
+                "BIRC5",
+                "CCNB1",
+                "CDC20",
+                "NUF2",
+                "CEP55",
+                "NDC80",
+                "MKI67",
+                "PTTG1",
+                "RRM2",
+                "TYMS",
+                "UBE2C",
+            ),
             "PAM50 11-gene proliferation score (NUF2 = CDCA1, NDC80 = KNTC2 in the paper)",
             "Nielsen T.O. et al. (2010) Clin Cancer Res 16(21):5222-5232",
         ),
@@ -118,7 +142,8 @@ def _resolve_signatures(
         for name, genes in signatures.items():
             if isinstance(genes, str):
                 raise TypeError(
-                    f"Signature {name!r} must be a list of gene symbols, found the string {genes!r}."
+                    f"Signature {name!r} must be a list of gene symbols, found the string "
+                    f"{genes!r}."
                 )
             out[str(name)] = (list(genes), "user")
         return out
@@ -218,6 +243,7 @@ def score_signatures(
     -----
     UserWarning
         If some genes of a signature are missing.
+
     """
     import scanpy as sc
 
@@ -244,9 +270,11 @@ def score_signatures(
         found, missing = _match_genes(genes, var_names)
         if not found:
             raise ValueError(
-                f"None of the {len(genes)} genes of signature {name!r} ({', '.join(genes[:6])}, ...) is in "
+                f"None of the {len(genes)} genes of signature {name!r} "
+                f"({', '.join(genes[:6])}, ...) is in "
                 "`adata.var_names`. Check that var_names are gene symbols (e.g. "
-                "`adata.var_names = adata.var['gene_symbols']`) or pass `signatures=` your own genes."
+                "`adata.var_names = adata.var['gene_symbols']`) or pass `signatures=` your "
+                "own genes."
             )
         if missing:
             warnings.warn(
@@ -267,6 +295,10 @@ def score_signatures(
         record[name] = {"genes_used": found, "genes_missing": missing, "source": source}
         logger.info("Adding `adata.obs['%s%s']` (%d genes)", key_prefix, name, len(found))
     adata.uns[f"{key_prefix}signatures"] = provenance(
-        signatures=record, layer=layer, use_raw=use_raw, ctrl_size=int(ctrl_size), random_state=int(random_state)
+        signatures=record,
+        layer=layer,
+        use_raw=use_raw,
+        ctrl_size=int(ctrl_size),
+        random_state=int(random_state),
     )
     return adata if copy else None

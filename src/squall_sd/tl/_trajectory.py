@@ -1,4 +1,4 @@
-"""Niche-aware diffusion pseudotime (scanpy ``dpt`` over a neighbourhood-aggregated representation)."""
+"""Niche-aware diffusion pseudotime (scanpy ``dpt`` over a neighbourhood-aggregated input)."""
 
 from __future__ import annotations
 
@@ -36,11 +36,16 @@ def _root_mask(adata: AnnData, root: Root) -> tuple[np.ndarray | None, int | Non
             raise ValueError(f"Expected `root=(obs_key, category)`, found {root!r}.")
         key, cat = root
         if key not in adata.obs:
-            raise KeyError(f"`root` column {key!r} not found in `adata.obs`; available: {list(adata.obs.columns)}.")
+            raise KeyError(
+                f"`root` column {key!r} not found in `adata.obs`; available: "
+                f"{list(adata.obs.columns)}."
+            )
         mask = (adata.obs[key] == cat).to_numpy()
         if not mask.any():
             values = list(pd.unique(adata.obs[key].dropna()))[:20]
-            raise ValueError(f"No observation has `obs[{key!r}] == {cat!r}`; values present: {values}.")
+            raise ValueError(
+                f"No observation has `obs[{key!r}] == {cat!r}`; values present: {values}."
+            )
         return mask, None, f"obs[{key!r}] == {cat!r}"
     if isinstance(root, str):
         if root not in adata.obs_names:
@@ -53,7 +58,8 @@ def _root_mask(adata: AnnData, root: Root) -> tuple[np.ndarray | None, int | Non
     mask = np.asarray(root)
     if mask.dtype != bool or mask.shape != (adata.n_obs,):
         raise TypeError(
-            "Expected `root` to be an observation name, an integer position, a boolean mask of length "
+            "Expected `root` to be an observation name, an integer position, a boolean mask "
+            "of length "
             f"n_obs ({adata.n_obs}) or a tuple `(obs_key, category)`, found {type(root).__name__}."
         )
     if not mask.any():
@@ -111,7 +117,8 @@ def trajectory(
         Key of the coordinates in ``obsm``.
     connectivity_key
         Existing spatial graph in ``obsp``; ``None`` builds one (``graph``, ``radius``,
-        ``n_neighs`` as in :func:`squall_sd.tl.niches`) into ``obsp[f"{key_added}_connectivities"]``.
+        ``n_neighs`` as in :func:`squall_sd.tl.niches`) into
+        ``obsp[f"{key_added}_connectivities"]``.
     graph
         Graph type when building: ``"radius"``, ``"knn"`` or ``"delaunay"``.
     radius
@@ -147,6 +154,7 @@ def trajectory(
     ------
     KeyError
         If ``use_rep``, the root column or ``connectivity_key`` is missing.
+
     """
     import scanpy as sc
 
@@ -197,7 +205,8 @@ def trajectory(
     n_bad = int(np.count_nonzero(~np.isfinite(pt)))
     if n_bad:
         logger.warning(
-            "%d observations are not connected to the root in the kNN graph; their pseudotime is NaN.",
+            "%d observations are not connected to the root in the kNN graph; their "
+            "pseudotime is NaN.",
             n_bad,
         )
         pt = np.where(np.isfinite(pt), pt, np.nan)
@@ -217,5 +226,10 @@ def trajectory(
         root_index=int(root_idx),
         root_obs_name=str(adata.obs_names[root_idx]),
     )
-    logger.info("Adding `adata.obs[%r]`, `adata.obsm['X_%s_diffmap']`, `adata.uns[%r]`", key_added, key_added, key_added)
+    logger.info(
+        "Adding `adata.obs[%r]`, `adata.obsm['X_%s_diffmap']`, `adata.uns[%r]`",
+        key_added,
+        key_added,
+        key_added,
+    )
     return adata if copy else None

@@ -48,6 +48,7 @@ def resolve_adata(data: AnnData | SpatialData, table_key: str | None = None) -> 
     Returns
     -------
     The AnnData (not a copy).
+
     """
     if isinstance(data, AnnData):
         if table_key is not None:
@@ -55,9 +56,7 @@ def resolve_adata(data: AnnData | SpatialData, table_key: str | None = None) -> 
         return data
     tables = getattr(data, "tables", None)
     if tables is None:
-        raise TypeError(
-            f"Expected an `AnnData` or a `SpatialData`, found `{type(data).__name__}`."
-        )
+        raise TypeError(f"Expected an `AnnData` or a `SpatialData`, found `{type(data).__name__}`.")
     available = list(tables.keys())
     if table_key is None:
         if "table" in tables:
@@ -66,10 +65,13 @@ def resolve_adata(data: AnnData | SpatialData, table_key: str | None = None) -> 
             table_key = available[0]
         else:
             raise KeyError(
-                f"SpatialData has {len(available)} tables {available}; pass `table_key=` to choose one."
+                f"SpatialData has {len(available)} tables {available}; pass `table_key=` to "
+                "choose one."
             )
     if table_key not in tables:
-        raise KeyError(f"Table {table_key!r} not found in SpatialData. Available tables: {available}.")
+        raise KeyError(
+            f"Table {table_key!r} not found in SpatialData. Available tables: {available}."
+        )
     return tables[table_key]
 
 
@@ -108,13 +110,16 @@ def get_representation(
     Returns
     -------
     The representation (float32) and a description of where it came from.
+
     """
     if use_rep in adata.obsm:
         rep = adata.obsm[use_rep]
         rep = rep.to_numpy() if isinstance(rep, pd.DataFrame) else rep
         rep = rep.toarray() if sparse.issparse(rep) else np.asarray(rep)
         if rep.ndim != 2:
-            raise ValueError(f"Expected `adata.obsm[{use_rep!r}]` to be 2-D, found shape {rep.shape}.")
+            raise ValueError(
+                f"Expected `adata.obsm[{use_rep!r}]` to be 2-D, found shape {rep.shape}."
+            )
         if n_pcs is not None:
             rep = rep[:, :n_pcs]
         return np.ascontiguousarray(rep, dtype=np.float32), f"obsm[{use_rep!r}]"
@@ -168,9 +173,11 @@ def _auto_radius(coords: np.ndarray, library: np.ndarray | None) -> float:
     from sklearn.neighbors import NearestNeighbors
 
     dists = []
-    groups = [np.arange(len(coords))] if library is None else [
-        np.flatnonzero(library == lib) for lib in pd.unique(library)
-    ]
+    groups = (
+        [np.arange(len(coords))]
+        if library is None
+        else [np.flatnonzero(library == lib) for lib in pd.unique(library)]
+    )
     for idx in groups:
         if len(idx) < 2:
             continue
@@ -200,22 +207,30 @@ def build_spatial_graph(
     if spatial_key not in adata.obsm:
         raise KeyError(
             f"Spatial coordinates `adata.obsm[{spatial_key!r}]` not found; available: "
-            f"{list(adata.obsm.keys())}. Pass `spatial_key=` or read the data with a `squall.io` reader."
+            f"{list(adata.obsm.keys())}. Pass `spatial_key=` or read the data with a "
+            "`squall.io` reader."
         )
     if library_key is not None:
         if library_key not in adata.obs:
             raise KeyError(
-                f"`library_key={library_key!r}` not found in `adata.obs`; available: {list(adata.obs.columns)}."
+                f"`library_key={library_key!r}` not found in `adata.obs`; available: "
+                f"{list(adata.obs.columns)}."
             )
         if not isinstance(adata.obs[library_key].dtype, pd.CategoricalDtype):
             adata.obs[library_key] = adata.obs[library_key].astype("category")
     common = {"spatial_key": spatial_key, "library_key": library_key, "key_added": key_added}
-    params: dict[str, Any] = {"graph": graph, "spatial_key": spatial_key, "library_key": library_key}
+    params: dict[str, Any] = {
+        "graph": graph,
+        "spatial_key": spatial_key,
+        "library_key": library_key,
+    }
     if graph == "radius":
         if radius is None:
             lib = None if library_key is None else adata.obs[library_key].to_numpy()
             radius = _auto_radius(np.asarray(adata.obsm[spatial_key])[:, :2], lib)
-            logger.info("Spatial graph radius set to %.4g (1.5 × median nearest-neighbour distance)", radius)
+            logger.info(
+                "Spatial graph radius set to %.4g (1.5 × median nearest-neighbour distance)", radius
+            )
         sq.gr.spatial_neighbors_radius(adata, radius=radius, **common)
         params["radius"] = float(radius)
     elif graph == "knn":
@@ -225,18 +240,24 @@ def build_spatial_graph(
         sq.gr.spatial_neighbors_delaunay(adata, radius=radius, **common)
         params["radius"] = None if radius is None else float(radius)
     else:
-        raise ValueError(f"Expected `graph` to be one of 'radius', 'knn', 'delaunay', found {graph!r}.")
+        raise ValueError(
+            f"Expected `graph` to be one of 'radius', 'knn', 'delaunay', found {graph!r}."
+        )
     logger.info("Adding `adata.obsp['%s_connectivities']` (%s graph)", key_added, graph)
     return params
 
 
 def get_connectivities(adata: AnnData, connectivity_key: str) -> sparse.csr_matrix:
     """Return ``obsp[connectivity_key]`` (the ``_connectivities`` suffix may be omitted)."""
-    key = connectivity_key if connectivity_key in adata.obsp else f"{connectivity_key}_connectivities"
+    key = (
+        connectivity_key if connectivity_key in adata.obsp else f"{connectivity_key}_connectivities"
+    )
     if key not in adata.obsp:
         raise KeyError(
-            f"Spatial graph `adata.obsp[{connectivity_key!r}]` not found; available: {list(adata.obsp.keys())}. "
-            "Build one with `squidpy.gr.spatial_neighbors_knn(adata, library_key=...)` (or `_radius` / "
+            f"Spatial graph `adata.obsp[{connectivity_key!r}]` not found; available: "
+            f"{list(adata.obsp.keys())}. "
+            "Build one with `squidpy.gr.spatial_neighbors_knn(adata, library_key=...)` (or "
+            "`_radius` / "
             "`_delaunay`), or pass `connectivity_key=None` to let squall build it."
         )
     return sparse.csr_matrix(adata.obsp[key])
@@ -249,7 +270,8 @@ def check_no_cross_library_edges(adj: sparse.spmatrix, library: np.ndarray) -> N
     n_cross = int(np.count_nonzero(codes[coo.row] != codes[coo.col]))
     if n_cross:
         raise ValueError(
-            f"The spatial graph has {n_cross} edges between different libraries (sections). Rebuild it "
+            f"The spatial graph has {n_cross} edges between different libraries (sections). "
+            "Rebuild it "
             "per section, e.g. `squidpy.gr.spatial_neighbors_knn(adata, library_key=...)`, or pass "
             "`connectivity_key=None` with `library_key=` to let squall build it."
         )
@@ -273,6 +295,7 @@ def aggregate_neighbors(rep: np.ndarray, adj: sparse.spmatrix, n_hops: int) -> n
     Returns
     -------
     The aggregated representation ``[self, mean hop 1, ..., mean hop L]``.
+
     """
     if n_hops < 0:
         raise ValueError(f"Expected `n_hops` to be >= 0, found {n_hops}.")

@@ -5,7 +5,8 @@
     import squall_sd as squall
     from squall_sd import train
 
-    sdata = squall.datasets.example()                         # or squall.io.legacy_st / visium / ...
+    sdata = squall.datasets.example()                         # or squall.io.legacy_st / visium /
+    ...
     train.prepare([sdata], "shards/", model_config_or_name="squall-tiny", mpp=4.0)
     res = train.pretrain_image("configs/pretrain_image_tiny.yaml")   # phase 1: H&E only
     res = train.align("configs/align_tiny.yaml")                     # phase 2: H&E + expression
@@ -20,7 +21,13 @@ From a shell: ``squall prepare ...`` and ``squall train <phase> CONFIG.yaml`` (a
 from __future__ import annotations
 
 from squall_sd.train._config import DEFAULTS, PHASES, load_config, merge_config
-from squall_sd.train._data import ShardDataModule, ShardDataset, augment_tile, collate_tiles, expression_grid
+from squall_sd.train._data import (
+    ShardDataModule,
+    ShardDataset,
+    augment_tile,
+    collate_tiles,
+    expression_grid,
+)
 from squall_sd.train._losses import (
     GatedAttentionMIL,
     cox_partial_likelihood,
@@ -39,7 +46,14 @@ from squall_sd.train._modules import (
 )
 from squall_sd.train._optim import build_optimizer, cosine_with_warmup, param_groups
 from squall_sd.train._prepare import prepare, read_manifest, resolve_model_config
-from squall_sd.train._run import ExportCheckpoint, TrainResult, align, finetune, pretrain_image, run_phase
+from squall_sd.train._run import (
+    ExportCheckpoint,
+    TrainResult,
+    align,
+    finetune,
+    pretrain_image,
+    run_phase,
+)
 
 __all__ = [
     "DEFAULTS",

@@ -12,7 +12,8 @@ writes beside its checkpoints.
     model:
       name: squall-tiny               # registry name, or a save_pretrained folder to start from
       overrides: {mpp: 4.0}           # SquallConfig fields for a model built from the registry
-      init_from: null                 # save_pretrained folder (e.g. the phase-1 export) to load first
+      init_from: null                 # save_pretrained folder (e.g. the phase-1 export) to load
+      first
       gradient_checkpointing: false   # torch.utils.checkpoint around every transformer block
     data:
       train: shards/her2st            # a folder written by squall_sd.train.prepare (or a list)
@@ -26,7 +27,8 @@ writes beside its checkpoints.
       lr: 1.0e-4
       weight_decay: 0.05              # not applied to 1-D tensors, biases and "token" parameters
       betas: [0.9, 0.999]
-      warmup_steps: null              # default: 5/200 of total_steps (the published 5 of 200 epochs)
+      warmup_steps: null              # default: 5/200 of total_steps (the published 5 of 200
+      epochs)
       warmup_start_lr: 1.0e-6
       min_lr: 1.0e-6
       total_steps: null               # length of the cosine schedule; default trainer.max_steps
@@ -150,7 +152,9 @@ DEFAULTS: dict[str, Any] = {
 _FREE_FORM = {("model", "overrides")}
 
 
-def merge_config(base: Mapping[str, Any], update: Mapping[str, Any], *, _path: tuple = ()) -> dict[str, Any]:
+def merge_config(
+    base: Mapping[str, Any], update: Mapping[str, Any], *, _path: tuple = ()
+) -> dict[str, Any]:
     """Return ``base`` updated recursively with ``update``; unknown keys raise :class:`KeyError`.
 
     Parameters
@@ -163,6 +167,7 @@ def merge_config(base: Mapping[str, Any], update: Mapping[str, Any], *, _path: t
     Returns
     -------
     The merged configuration (a new dict).
+
     """
     out = copy.deepcopy(dict(base))
     for key, value in (update or {}).items():
@@ -172,7 +177,11 @@ def merge_config(base: Mapping[str, Any], update: Mapping[str, Any], *, _path: t
             raise KeyError(
                 f"Unknown config key {'.'.join(map(str, where))!r}; valid keys here are {valid}."
             )
-        if isinstance(out.get(key), Mapping) and isinstance(value, Mapping) and where not in _FREE_FORM:
+        if (
+            isinstance(out.get(key), Mapping)
+            and isinstance(value, Mapping)
+            and where not in _FREE_FORM
+        ):
             out[key] = merge_config(out[key], value, _path=where)
         else:
             out[key] = copy.deepcopy(value)
@@ -204,6 +213,7 @@ def load_config(
     -------
     The resolved configuration (a plain dict, safe to dump as YAML). Relative paths in ``data`` and
     ``run_dir`` are resolved against the YAML file's folder.
+
     """
     base_dir: Path | None = None
     if config is None:
@@ -217,7 +227,9 @@ def load_config(
         with open(path) as fh:
             user = yaml.safe_load(fh) or {}
         if not isinstance(user, Mapping):
-            raise ValueError(f"{str(path)!r} must hold a YAML mapping, found {type(user).__name__}.")
+            raise ValueError(
+                f"{str(path)!r} must hold a YAML mapping, found {type(user).__name__}."
+            )
         base_dir = path.resolve().parent
     user = dict(user)
     user.pop("phase", None)
@@ -268,7 +280,9 @@ def _validate(cfg: Mapping[str, Any]) -> None:
     if tr["max_steps"] in (None, -1) and tr["max_epochs"] is None:
         raise ValueError("Set trainer.max_steps or trainer.max_epochs.")
     if task["type"] not in ("expression", "classification", "mil"):
-        raise ValueError(f"task.type must be expression, classification or mil; found {task['type']!r}.")
+        raise ValueError(
+            f"task.type must be expression, classification or mil; found {task['type']!r}."
+        )
     if task["level"] not in ("spot", "tile"):
         raise ValueError(f"task.level must be 'spot' or 'tile'; found {task['level']!r}.")
     if task["outcome"] not in ("survival", "binary"):

@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -36,8 +36,9 @@ def _rng(*keys: int) -> np.random.Generator:
 def stain_jitter(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
     """Jitter the haematoxylin / eosin / DAB concentrations of a (3, h, w) uint8 tile.
 
-    Uses :func:`squall_sd.pp.he_stain_jitter` when the package provides it; otherwise scales and
-    shifts each colour-deconvolution (HED) channel by ``1 + U(-s, s)`` and ``U(-s, s)``.
+    Uses :func:`squall_sd.pp.he_stain_jitter` with ``sigma = bias = strength``: each
+    colour-deconvolution (HED) concentration is scaled by ``U(1 - s, 1 + s)`` and shifted by
+    ``U(-s, s)`` optical-density units.
 
     Parameters
     ----------
@@ -51,18 +52,18 @@ def stain_jitter(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> 
     Returns
     -------
     The jittered tile (uint8, same shape).
+
     """
     if strength <= 0:
         return rgb
     try:
         from squall_sd.pp import he_stain_jitter
-    except ImportError:
+    except ImportError:  # pragma: no cover - pp always ships it
         he_stain_jitter = None
     if he_stain_jitter is not None:
-        try:
-            return np.asarray(he_stain_jitter(rgb, strength=strength, rng=rng), dtype=np.uint8)
-        except TypeError:  # different signature: fall back to the internal version
-            pass
+        return np.asarray(
+            he_stain_jitter(rgb, sigma=strength, bias=strength, rng=rng), dtype=np.uint8
+        )
     from skimage.color import hed2rgb, rgb2hed
 
     img = np.moveaxis(rgb, 0, -1).astype(np.float32) / 255.0
@@ -82,12 +83,13 @@ def augment_tile(
     rot90: bool = True,
     stain: float = 0.0,
 ) -> dict[str, Any]:
-    """Apply the same random flip / 90° rotation to a tile's RGB and expression grids, then stain jitter.
+    """Flip / rotate a tile's RGB and expression grids identically, then jitter the stain.
 
     Parameters
     ----------
     sample
-        A sample of :class:`ShardDataset` (``rgb`` (3, P, P), ``cell_spot``/``cell_weight`` (g, g) and
+        A sample of :class:`ShardDataset` (``rgb`` (3, P, P), ``cell_spot``/``cell_weight`` (g, g)
+        and
         optionally ``expr`` (G, g, g)).
     rng
         Random generator.
@@ -101,11 +103,17 @@ def augment_tile(
     Returns
     -------
     The augmented sample (a new dict).
+
     """
     out = dict(sample)
     k = int(rng.integers(4)) if rot90 else 0
     flip = bool(rng.random() < 0.5) if flips else False
-    for key, axes in (("rgb", (1, 2)), ("cell_spot", (0, 1)), ("cell_weight", (0, 1)), ("expr", (1, 2))):
+    for key, axes in (
+        ("rgb", (1, 2)),
+        ("cell_spot", (0, 1)),
+        ("cell_weight", (0, 1)),
+        ("expr", (1, 2)),
+    ):
         if key not in out or out[key] is None:
             continue
         a = out[key]
@@ -147,7 +155,7 @@ class _Shard:
 
 
 class ShardDataset(IterableDataset):
-    """Tiles of one or more prepared datasets, streamed shard by shard (a :class:`~torch.utils.data.IterableDataset`).
+    """Tiles of prepared datasets, streamed shard by shard (an iterable dataset).
 
     Parameters
     ----------
@@ -178,8 +186,10 @@ class ShardDataset(IterableDataset):
     Each item is a dict of numpy arrays: ``rgb`` uint8 (3, P, P), ``res``, ``slide``, ``label``,
     ``index`` (global tile index), ``center_um`` (2,), ``cell_spot`` int (g, g) (tile-local spot
     index or -1), ``cell_weight`` float32 (g, g), and the tile's spots as a small CSR
-    (``spot_indptr``, ``spot_indices``, ``spot_log1p``); ``expr`` (G, g, g) when the shards hold dense
+    (``spot_indptr``, ``spot_indices``, ``spot_log1p``); ``expr`` (G, g, g) when the shards hold
+    dense
     grids. Use :func:`collate_tiles` to batch them.
+
     """
 
     def __init__(
@@ -208,7 +218,8 @@ class ShardDataset(IterableDataset):
             for key in ("img_size", "expr_size", "mpp", "genes"):
                 if m[key] != ref[key]:
                     raise ValueError(
-                        f"Prepared datasets {ref['root']!r} and {m['root']!r} differ in {key!r}; prepare "
+                        f"Prepared datasets {ref['root']!r} and {m['root']!r} differ in {key!r}; "
+                        "prepare "
                         "them for the same model."
                     )
         self.genes: list[str] = list(ref["genes"])
@@ -229,7 +240,9 @@ class ShardDataset(IterableDataset):
         self.shard_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         n_all = int(self.shard_start[-1])
         self.tiles = None if tiles is None else np.asarray(tiles, dtype=np.int64)
-        if self.tiles is not None and (self.tiles.min(initial=0) < 0 or self.tiles.max(initial=-1) >= n_all):
+        if self.tiles is not None and (
+            self.tiles.min(initial=0) < 0 or self.tiles.max(initial=-1) >= n_all
+        ):
             raise IndexError(f"Tile indices must lie in [0, {n_all}).")
         if max_tiles is not None:
             base = np.arange(n_all) if self.tiles is None else self.tiles
@@ -272,7 +285,7 @@ class ShardDataset(IterableDataset):
         self._rank, self._world = int(rank), int(world_size)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Select the epoch (order and augmentations) and how many of its batches to skip (resume)."""
+        """Select the epoch (order, augmentations) and how many batches to skip (resume)."""
         self.epoch = int(epoch)
         self.skip_batches = int(skip_batches)
 
@@ -365,8 +378,12 @@ class ShardDataset(IterableDataset):
             "cell_spot": local,
             "cell_weight": cell_weight,
             "spot_indptr": np.asarray(rows_ptr, dtype=np.int64),
-            "spot_indices": np.concatenate(rows_idx).astype(np.int64) if rows_idx else np.zeros(0, np.int64),
-            "spot_log1p": np.concatenate(rows_val).astype(np.float32) if rows_val else np.zeros(0, np.float32),
+            "spot_indices": np.concatenate(rows_idx).astype(np.int64)
+            if rows_idx
+            else np.zeros(0, np.int64),
+            "spot_log1p": np.concatenate(rows_val).astype(np.float32)
+            if rows_val
+            else np.zeros(0, np.float32),
         }
         if "expr_dense" in g:
             sample["expr"] = np.asarray(g["expr_dense"][i]).astype(np.float32)
@@ -420,6 +437,7 @@ def collate_tiles(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tenso
     ``spot_tile`` (S,) the tile of each spot; ``spot_crow``, ``spot_col``, ``spot_log1p``: a CSR of
     the S spots × G genes with log1p(CP10k) values (binary = nonzero); ``expr`` (B, G, g, g) when
     the shards are dense.
+
     """
     out: dict[str, torch.Tensor] = {
         "rgb": torch.from_numpy(np.stack([s["rgb"] for s in samples])),
@@ -445,7 +463,9 @@ def collate_tiles(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tenso
     out["cell_spot"] = torch.from_numpy(np.stack(cell_spot))
     out["spot_tile"] = torch.tensor(spot_tile, dtype=torch.long)
     out["spot_crow"] = torch.tensor(crow, dtype=torch.long)
-    out["spot_col"] = torch.from_numpy(np.concatenate(cols)) if cols else torch.zeros(0, dtype=torch.long)
+    out["spot_col"] = (
+        torch.from_numpy(np.concatenate(cols)) if cols else torch.zeros(0, dtype=torch.long)
+    )
     out["spot_log1p"] = torch.from_numpy(np.concatenate(vals)) if vals else torch.zeros(0)
     if all("expr" in s for s in samples):
         out["expr"] = torch.from_numpy(np.stack([s["expr"] for s in samples]))
@@ -464,7 +484,7 @@ def spot_matrix(batch: Mapping[str, torch.Tensor], n_genes: int, *, binary: bool
 
 
 def expression_grid(batch: Mapping[str, torch.Tensor], n_genes: int) -> torch.Tensor:
-    """The binary expression target (B, G, g, g) of a batch (spec §4.10), on the batch's device."""
+    """Return the binary expression target (B, G, g, g) of a batch (spec §4.10)."""
     if "expr" in batch:
         return batch["expr"].float()
     spots = spot_matrix(batch, n_genes, binary=True)
@@ -478,13 +498,15 @@ def expression_grid(batch: Mapping[str, torch.Tensor], n_genes: int) -> torch.Te
 
 
 class ShardDataModule(pl.LightningDataModule):
-    """LightningDataModule over prepared shards, configured by the ``data`` section of a training config.
+    """LightningDataModule over prepared shards (the ``data`` section of a training config).
 
     Parameters
     ----------
     cfg
         Resolved configuration (see :func:`squall_sd.train.load_config`); uses ``seed`` and
-        ``data.{train, val, batch_size, num_workers, shuffle_buffer, augment, drop_last, max_tiles}``.
+        ``data.{train, val, batch_size, num_workers, shuffle_buffer, augment, drop_last,
+        max_tiles}``.
+
     """
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
@@ -536,7 +558,7 @@ class ShardDataModule(pl.LightningDataModule):
         )
 
     def sync_position(self, batches_seen: int) -> None:
-        """Point the training stream at batch ``batches_seen`` (epoch = quotient, skip = remainder)."""
+        """Point the training stream at batch ``batches_seen`` (epoch, skip = divmod)."""
         if self.train_ds is None:
             return
         nb = max(1, self.train_ds.n_batches())

@@ -1,4 +1,4 @@
-"""Training objectives: masked-image reconstruction, InfoNCE, spot regression helpers and Cox loss."""
+"""Training objectives: masked-image reconstruction, InfoNCE, Cox loss and MIL pooling."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["empty_expression_token", "masked_image_loss", "info_nce", "cox_partial_likelihood", "GatedAttentionMIL"]
+__all__ = [
+    "empty_expression_token",
+    "masked_image_loss",
+    "info_nce",
+    "cox_partial_likelihood",
+    "GatedAttentionMIL",
+]
 
 
 def empty_expression_token(model: nn.Module) -> torch.Tensor:
@@ -23,6 +29,7 @@ def empty_expression_token(model: nn.Module) -> torch.Tensor:
     Returns
     -------
     The token embedding, broadcastable over the batch.
+
     """
     c = model.config
     gene_conv, patch = model.encoder.patch_embed_expr[0], model.encoder.patch_embed_expr[1]
@@ -66,6 +73,7 @@ def masked_image_loss(
     Returns
     -------
     The scalar loss.
+
     """
     c = model.config
     if not 0.0 < float(mask_ratio) < 1.0:
@@ -75,7 +83,9 @@ def masked_image_loss(
     res = model._prepare_res(res, b)
     enc = model.encoder
     visible = torch.rand(b, c.num_tokens, device=x.device, generator=generator) >= float(mask_ratio)
-    tokens = torch.where(visible[..., None], enc.embed_rgb(x), empty_expression_token(model).to(x.dtype))
+    tokens = torch.where(
+        visible[..., None], enc.embed_rgb(x), empty_expression_token(model).to(x.dtype)
+    )
     z = enc.forward_tokens(tokens + enc.pos_embed(res), visible)
     pred = model.decoder.rgb(z)  # (B, H, W, 3)
     hidden = ~visible.reshape(b, c.grid, c.grid)
@@ -104,6 +114,7 @@ def info_nce(z_rgb: torch.Tensor, z_expr: torch.Tensor, temperature: float = 0.1
     Returns
     -------
     The scalar loss.
+
     """
     a = F.normalize(z_rgb.float(), dim=-1)
     e = F.normalize(z_expr.float(), dim=-1)
@@ -112,16 +123,28 @@ def info_nce(z_rgb: torch.Tensor, z_expr: torch.Tensor, temperature: float = 0.1
     if b > 1:  # inter: per position, across the batch -> (N, B, B)
         logits = torch.einsum("bnd,cnd->nbc", a, e) / temperature
         tgt = torch.arange(b, device=a.device).expand(n, b)
-        losses.append(0.5 * (F.cross_entropy(logits.reshape(n * b, b), tgt.reshape(-1))
-                             + F.cross_entropy(logits.transpose(1, 2).reshape(n * b, b), tgt.reshape(-1))))
+        losses.append(
+            0.5
+            * (
+                F.cross_entropy(logits.reshape(n * b, b), tgt.reshape(-1))
+                + F.cross_entropy(logits.transpose(1, 2).reshape(n * b, b), tgt.reshape(-1))
+            )
+        )
     logits = torch.einsum("bnd,bmd->bnm", a, e) / temperature  # intra: (B, N, N)
     tgt = torch.arange(n, device=a.device).expand(b, n)
-    losses.append(0.5 * (F.cross_entropy(logits.reshape(b * n, n), tgt.reshape(-1))
-                         + F.cross_entropy(logits.transpose(1, 2).reshape(b * n, n), tgt.reshape(-1))))
+    losses.append(
+        0.5
+        * (
+            F.cross_entropy(logits.reshape(b * n, n), tgt.reshape(-1))
+            + F.cross_entropy(logits.transpose(1, 2).reshape(b * n, n), tgt.reshape(-1))
+        )
+    )
     return torch.stack(losses).mean()
 
 
-def cox_partial_likelihood(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
+def cox_partial_likelihood(
+    risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor
+) -> torch.Tensor:
     """Negative Cox partial log-likelihood (Breslow ties), averaged over events.
 
     Parameters
@@ -136,6 +159,7 @@ def cox_partial_likelihood(risk: torch.Tensor, time: torch.Tensor, event: torch.
     Returns
     -------
     The scalar loss (0 when the batch has no event).
+
     """
     risk = risk.reshape(-1).float()
     order = torch.argsort(time.reshape(-1), descending=True)
@@ -148,9 +172,10 @@ def cox_partial_likelihood(risk: torch.Tensor, time: torch.Tensor, event: torch.
 
 
 class GatedAttentionMIL(nn.Module):
-    """Gated-attention multiple-instance pooling (Ilse et al. 2018; the ``ABMIL`` aggregator of spec §6.2).
+    """Gated-attention MIL pooling (Ilse et al. 2018; the ``ABMIL`` aggregator, spec §6.2).
 
-    ``h = Dropout(ReLU(W_in x))``, ``a = w_c · (tanh(W_a h) ⊙ σ(W_b h))``, softmax over the tiles of a
+    ``h = Dropout(ReLU(W_in x))``, ``a = w_c · (tanh(W_a h) ⊙ σ(W_b h))``, softmax over the tiles of
+    a
     slide, ``bag = Σ softmax(a) h``, ``out = classifier(bag)``.
 
     Parameters
@@ -163,18 +188,25 @@ class GatedAttentionMIL(nn.Module):
         Outputs per slide (1 for a Cox risk or a binary logit).
     dropout
         Dropout after the input layer and inside the attention branches.
+
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 256, n_outputs: int = 1, dropout: float = 0.25) -> None:
+    def __init__(
+        self, in_dim: int, hidden_dim: int = 256, n_outputs: int = 1, dropout: float = 0.25
+    ) -> None:
         super().__init__()
         att = max(1, hidden_dim // 2)
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
         self.attention_a = nn.Sequential(nn.Linear(hidden_dim, att), nn.Tanh(), nn.Dropout(dropout))
-        self.attention_b = nn.Sequential(nn.Linear(hidden_dim, att), nn.Sigmoid(), nn.Dropout(dropout))
+        self.attention_b = nn.Sequential(
+            nn.Linear(hidden_dim, att), nn.Sigmoid(), nn.Dropout(dropout)
+        )
         self.attention_c = nn.Linear(att, 1)
         self.classifier = nn.Linear(hidden_dim, n_outputs)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool bags of tile embeddings.
 
         Parameters
@@ -187,6 +219,7 @@ class GatedAttentionMIL(nn.Module):
         Returns
         -------
         ``(out, attention)``: (B, n_outputs) and the (B, T) attention weights.
+
         """
         h = self.fc(x)
         a = self.attention_c(self.attention_a(h) * self.attention_b(h)).squeeze(-1)

@@ -14,7 +14,12 @@ from torch import nn
 
 from squall_sd._logging import logger
 from squall_sd.train._data import expression_grid, spot_matrix
-from squall_sd.train._losses import GatedAttentionMIL, cox_partial_likelihood, info_nce, masked_image_loss
+from squall_sd.train._losses import (
+    GatedAttentionMIL,
+    cox_partial_likelihood,
+    info_nce,
+    masked_image_loss,
+)
 from squall_sd.train._optim import build_optimizer
 
 __all__ = [
@@ -29,7 +34,7 @@ __all__ = [
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> int:
-    """Recompute every transformer block in the backward pass (:func:`torch.utils.checkpoint.checkpoint`).
+    """Recompute every transformer block in the backward pass (gradient checkpointing).
 
     Wraps the ``forward`` of each child of every ``blocks`` :class:`~torch.nn.ModuleList` (the
     encoder's MultiWay blocks and the decoder blocks); active only in training mode with gradients
@@ -44,6 +49,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
     Returns
     -------
     The number of wrapped blocks.
+
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -77,6 +83,7 @@ class SquallModule(pl.LightningModule):
         The :class:`~squall_sd.models.Squall` being trained.
     cfg
         Resolved training configuration.
+
     """
 
     phase = "base"
@@ -102,7 +109,9 @@ class SquallModule(pl.LightningModule):
 
     def _seed_step(self) -> None:
         seed = int(self.cfg["seed"])
-        value = (seed * 1_000_003 + self.batches_seen * 7_919 + self.global_rank * 104_729) % (2**62)
+        value = (seed * 1_000_003 + self.batches_seen * 7_919 + self.global_rank * 104_729) % (
+            2**62
+        )
         torch.manual_seed(value)
 
     def _sync_data(self) -> None:
@@ -135,18 +144,27 @@ class SquallModule(pl.LightningModule):
         out = self.losses(batch)
         bs = int(batch["rgb"].shape[0]) if "rgb" in batch else None
         for k, v in out.items():
-            self.log(f"train/{k}", v.detach(), on_step=True, on_epoch=False, prog_bar=k == "loss", batch_size=bs)
+            self.log(
+                f"train/{k}",
+                v.detach(),
+                on_step=True,
+                on_epoch=False,
+                prog_bar=k == "loss",
+                batch_size=bs,
+            )
         return out["loss"]
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        """Validation losses (masks drawn with a fixed seed per batch)."""
+        """Log validation losses (masks drawn with a fixed seed per batch)."""
         gen_state = torch.get_rng_state()
         torch.manual_seed(int(self.cfg["seed"]) + batch_idx)
         out = self.losses(batch)
         torch.set_rng_state(gen_state)
         bs = int(batch["rgb"].shape[0]) if "rgb" in batch else None
         for k, v in out.items():
-            self.log(f"val/{k}", v.detach(), on_step=False, on_epoch=True, sync_dist=True, batch_size=bs)
+            self.log(
+                f"val/{k}", v.detach(), on_step=False, on_epoch=True, sync_dist=True, batch_size=bs
+            )
 
     # ------------------------------------------------------------------ export
     def export(self, directory: str | Path) -> Path:
@@ -164,7 +182,9 @@ class SquallModule(pl.LightningModule):
 
         state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
         save_file(state, str(directory / "head.safetensors"))
-        (directory / "head.json").write_text(json.dumps({"phase": self.phase, **meta}, indent=2) + "\n")
+        (directory / "head.json").write_text(
+            json.dumps({"phase": self.phase, **meta}, indent=2) + "\n"
+        )
 
 
 class ImagePretrainModule(SquallModule):
@@ -184,7 +204,7 @@ class ImagePretrainModule(SquallModule):
 
 
 class AlignModule(SquallModule):
-    """Phase 2: the published complementary-masked cross-modal reconstruction, plus optional InfoNCE.
+    """Phase 2: the published complementary-masked reconstruction, plus optional InfoNCE.
 
     ``loss = rgb_weight * rgb_loss + expr_weight * expr_loss + contrastive_weight * InfoNCE`` with
     the two SmoothL1 losses of :meth:`Squall.forward <squall_sd.models.Squall.forward>` and the
@@ -224,7 +244,8 @@ class ExpressionFinetuneModule(_FinetuneBase):
     """Phase 3, expression regression for a gene panel (log1p CP10k, MSE).
 
     The predicted grid is aggregated over each spot's disc (``task.level: spot``; mean over the
-    spot's cells, done on the pre-``fc2`` features, which is exact because ``fc2`` is linear) or over
+    spot's cells, done on the pre-``fc2`` features, which is exact because ``fc2`` is linear) or
+    over
     all spot cells of the tile (``tile``; the target is then the cell-weighted mean of the spots),
     mapped through a per-gene affine calibration (``head.scale``, ``head.shift``; the backbone
     predicts in the binary pretraining space) and regressed on log1p(CP10k) with MSE.
@@ -237,6 +258,7 @@ class ExpressionFinetuneModule(_FinetuneBase):
         Resolved configuration.
     genes
         The panel (symbols in the model vocabulary).
+
     """
 
     def __init__(self, model: nn.Module, cfg: Mapping[str, Any], genes: Sequence[str]) -> None:
@@ -245,11 +267,16 @@ class ExpressionFinetuneModule(_FinetuneBase):
         idx = model.gene_index(self.genes)
         self.register_buffer("gene_idx", torch.as_tensor(idx, dtype=torch.long), persistent=False)
         self.head = nn.ParameterDict(
-            {"scale": nn.Parameter(torch.ones(len(idx))), "shift": nn.Parameter(torch.zeros(len(idx)))}
+            {
+                "scale": nn.Parameter(torch.ones(len(idx))),
+                "shift": nn.Parameter(torch.zeros(len(idx))),
+            }
         )
         self.level = cfg["task"]["level"]
 
-    def predict_regions(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_regions(
+        self, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictions and targets (R, P) per spot (or per tile) of a batch."""
         m = self.model
         z = m.forward_rgb(batch["rgb"], batch["res"])
@@ -262,7 +289,9 @@ class ExpressionFinetuneModule(_FinetuneBase):
         target_all = spot_matrix(batch, m.n_genes, binary=False)[:, self.gene_idx]
         counts = torch.bincount(cs[valid], minlength=n_sp).float()
         if self.level == "spot":
-            feats = torch.zeros(n_sp, h.shape[-1], device=h.device).index_add_(0, cs[valid], h[valid])
+            feats = torch.zeros(n_sp, h.shape[-1], device=h.device).index_add_(
+                0, cs[valid], h[valid]
+            )
             keep = counts > 0
             feats = feats[keep] / counts[keep, None]
             target = target_all[keep]
@@ -270,7 +299,9 @@ class ExpressionFinetuneModule(_FinetuneBase):
             bsz = cs.shape[0]
             tile_of_cell = torch.arange(bsz, device=h.device)[:, None, None].expand_as(cs)
             ncell = torch.bincount(tile_of_cell[valid], minlength=bsz).float()
-            feats = torch.zeros(bsz, h.shape[-1], device=h.device).index_add_(0, tile_of_cell[valid], h[valid])
+            feats = torch.zeros(bsz, h.shape[-1], device=h.device).index_add_(
+                0, tile_of_cell[valid], h[valid]
+            )
             tiles = batch["spot_tile"]
             tgt = torch.zeros(bsz, target_all.shape[1], device=h.device).index_add_(
                 0, tiles, target_all * counts[:, None]
@@ -293,7 +324,12 @@ class ExpressionFinetuneModule(_FinetuneBase):
         self._save_head(
             directory,
             self.head,
-            {"task": "expression", "level": self.level, "genes": self.genes, "target": "log1p_cp10k"},
+            {
+                "task": "expression",
+                "level": self.level,
+                "genes": self.genes,
+                "target": "log1p_cp10k",
+            },
         )
 
 
@@ -310,6 +346,7 @@ class ClassificationFinetuneModule(_FinetuneBase):
         Resolved configuration.
     classes
         Class names (the label codes index this list).
+
     """
 
     def __init__(self, model: nn.Module, cfg: Mapping[str, Any], classes: Sequence[str]) -> None:
@@ -354,6 +391,7 @@ class MILModule(SquallModule):
         The (frozen) model.
     cfg
         Resolved configuration.
+
     """
 
     phase = "finetune"
@@ -363,7 +401,9 @@ class MILModule(SquallModule):
         self.model.requires_grad_(False)
         t = cfg["task"]
         self.outcome = t["outcome"]
-        self.head = GatedAttentionMIL(model.config.embed_dim, int(t["hidden_dim"]), 1, float(t["dropout"]))
+        self.head = GatedAttentionMIL(
+            model.config.embed_dim, int(t["hidden_dim"]), 1, float(t["dropout"])
+        )
 
     def losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # noqa: D102
         out, _ = self.head(batch["x"], batch["mask"])
@@ -378,7 +418,13 @@ class MILModule(SquallModule):
         self._seed_step()
         self.batches_seen += 1
         out = self.losses(batch)
-        self.log("train/loss", out["loss"].detach(), on_step=True, prog_bar=True, batch_size=batch["x"].shape[0])
+        self.log(
+            "train/loss",
+            out["loss"].detach(),
+            on_step=True,
+            prog_bar=True,
+            batch_size=batch["x"].shape[0],
+        )
         return out["loss"]
 
     def _export_head(self, directory: Path) -> None:

@@ -30,6 +30,7 @@ def param_groups(
     Returns
     -------
     Two parameter groups for :class:`torch.optim.AdamW`.
+
     """
     decay, no_decay = [], []
     for name, p in named_params:
@@ -50,9 +51,15 @@ def param_groups(
 
 
 def cosine_with_warmup(
-    step: int, *, total_steps: int, warmup_steps: int, lr: float, warmup_start_lr: float, min_lr: float
+    step: int,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    lr: float,
+    warmup_start_lr: float,
+    min_lr: float,
 ) -> float:
-    """Learning rate at ``step``: linear warm-up from ``warmup_start_lr``, then cosine down to ``min_lr``.
+    """Return the learning rate at ``step``: linear warm-up, then cosine down to ``min_lr``.
 
     Parameters
     ----------
@@ -72,6 +79,7 @@ def cosine_with_warmup(
     Returns
     -------
     The learning rate.
+
     """
     if warmup_steps > 0 and step < warmup_steps:
         return warmup_start_lr + (lr - warmup_start_lr) * step / warmup_steps
@@ -97,6 +105,7 @@ def build_optimizer(
     Returns
     -------
     The optimizer and a :class:`~torch.optim.lr_scheduler.LambdaLR` to step every optimizer step.
+
     """
     lr = float(optim["lr"])
     total = int(optim.get("total_steps") or total_steps)

@@ -9,8 +9,10 @@ On-disk layout of ``out_dir``::
         slide        int32   (N,)           index into manifest["slides"]
         center_um    float32 (N, 2)         tile centre (x, y) in the slide's ``microns`` frame
         label        int32   (N,)           tile class (-1: none), see manifest["labels"]
-        cell_spot    int32   (N, g, g)      shard-local spot index of each expression cell (-1: none)
-        cell_weight  float16 (N, g, g)      value multiplier of each cell (1 / cells per spot, binary)
+        cell_spot    int32   (N, g, g)      shard-local spot index of each expression cell (-1:
+        none)
+        cell_weight  float16 (N, g, g)      value multiplier of each cell (1 / cells per spot,
+        binary)
         spot_indptr  int64   (M + 1,)       CSR over the shard's M spots × G model genes
         spot_indices int32   (nnz,)         gene (vocabulary) index of each detected gene
         spot_log1p   float32 (nnz,)         log1p(CP10k) of that gene in that spot
@@ -19,7 +21,8 @@ On-disk layout of ``out_dir``::
         spot_center_um float32 (M, 2)       spot centre (x, y), microns
         expr_dense   float16 (N, G, g, g)   only with ``expr_format="dense"``
 
-The expression grid of tile ``i`` is ``grid[:, y, x] = cell_weight[i, y, x] * b[cell_spot[i, y, x]]``
+The expression grid of tile ``i`` is ``grid[:, y, x] = cell_weight[i, y, x] * b[cell_spot[i, y,
+x]]``
 where ``b`` is the spot's binary detection vector over the model vocabulary (1 where the gene has at
 least one count). That is the published binary target (spec §4.10): every grid cell whose centre
 lies inside a spot's disc (its true size, from the shapes' radius) gets that spot's binary vector
@@ -56,7 +59,7 @@ _READ_BATCH = 64
 
 # ------------------------------------------------------------------------------------ model config
 def resolve_model_config(model_config_or_name: Any, **overrides: Any) -> Any:
-    """Return a :class:`~squall_sd.models.SquallConfig` from a config, a registry name or a model folder.
+    """Return a :class:`~squall_sd.models.SquallConfig` from a config, name or model folder.
 
     Parameters
     ----------
@@ -70,6 +73,7 @@ def resolve_model_config(model_config_or_name: Any, **overrides: Any) -> Any:
     Returns
     -------
     The configuration.
+
     """
     from squall_sd.models._config import SquallConfig, get_config
 
@@ -110,7 +114,12 @@ def _as_sdata(obj: Any) -> tuple[Any, str]:
 
     if isinstance(obj, SpatialData):
         meta = obj.attrs.get(ATTRS_KEY, {}) if obj.attrs else {}
-        sid = meta.get("sample") or meta.get("section") or meta.get("sample_id") or meta.get("dataset_id")
+        sid = (
+            meta.get("sample")
+            or meta.get("section")
+            or meta.get("sample_id")
+            or meta.get("dataset_id")
+        )
         if sid is None and obj.path is not None:
             sid = Path(obj.path).stem
         return obj, (str(sid) if sid is not None else None)
@@ -132,7 +141,9 @@ def _affine(element: Any) -> np.ndarray:
             f"An element has no transformation to the {MICRONS!r} coordinate system. Read the data "
             "with a `squall.io` reader so that every element is registered in microns."
         )
-    return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
+    return np.asarray(
+        t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float
+    )
 
 
 @dataclass
@@ -176,7 +187,8 @@ def _read_spots(
     gdf = sdata.shapes[shapes_key]
     if "radius" not in gdf.columns:
         raise ValueError(
-            f"Shapes {shapes_key!r} are not circles (no 'radius' column); prepare rasterises spots as "
+            f"Shapes {shapes_key!r} are not circles (no 'radius' column); prepare "
+            "rasterises spots as "
             "discs. Polygons (cells, bins) are not supported yet."
         )
     m = _affine(gdf)
@@ -203,7 +215,8 @@ def _read_spots(
     X = X[rows]
     if X.nnz and (X.data.min() < 0 or not np.allclose(X.data, np.round(X.data))):
         logger.warning(
-            "Table %r does not look like raw counts (negative or non-integer values); prepare expects "
+            "Table %r does not look like raw counts (negative or non-integer values); "
+            "prepare expects "
             "raw counts and computes the binary target and log1p(CP10k) itself.",
             table_key,
         )
@@ -214,7 +227,8 @@ def _read_spots(
     sel = np.flatnonzero(cols >= 0)
     if len(sel) == 0:
         raise ValueError(
-            f"No gene of table {table_key!r} is in the model vocabulary (e.g. table genes {var[:5]}). "
+            f"No gene of table {table_key!r} is in the model vocabulary (e.g. table genes "
+            f"{var[:5]}). "
             "Check that gene symbols are used, or build the vocabulary from the data (genes=None)."
         )
     Xs = X[:, sel].tocoo()
@@ -228,7 +242,9 @@ def _read_spots(
     label = None
     if label_key is not None:
         if label_key not in adata.obs:
-            raise KeyError(f"label_key {label_key!r} not found in the table's obs columns {list(adata.obs)}.")
+            raise KeyError(
+                f"label_key {label_key!r} not found in the table's obs columns {list(adata.obs)}."
+            )
         lab = adata.obs[label_key].astype(str).to_numpy()[rows]
         cat_index = {c: i for i, c in enumerate(categories or [])}
         label = np.array([cat_index.get(v, -1) for v in lab])
@@ -236,7 +252,7 @@ def _read_spots(
 
 
 def _vocab_from_data(sdatas: Sequence[Any], table_key: str, n_genes: int) -> list[str]:
-    """The ``n_genes`` genes detected in the most spots over all inputs (ties by name)."""
+    """Return the ``n_genes`` genes detected in the most spots over all inputs (ties by name)."""
     freq: dict[str, float] = {}
     for sdata in sdatas:
         if table_key not in sdata.tables:
@@ -247,7 +263,9 @@ def _vocab_from_data(sdatas: Sequence[Any], table_key: str, n_genes: int) -> lis
         for g, d in zip(adata.var_names, det, strict=True):
             freq[str(g)] = freq.get(str(g), 0.0) + float(d)
     if not freq:
-        raise ValueError("No table with counts found; pass `genes=` or a model with a gene vocabulary.")
+        raise ValueError(
+            "No table with counts found; pass `genes=` or a model with a gene vocabulary."
+        )
     ranked = sorted(freq, key=lambda g: (-freq[g], g))
     if len(ranked) < n_genes:
         raise ValueError(f"The data hold only {len(ranked)} genes; the model needs {n_genes}.")
@@ -256,7 +274,7 @@ def _vocab_from_data(sdatas: Sequence[Any], table_key: str, n_genes: int) -> lis
 
 # ------------------------------------------------------------------------------------ geometry
 def _tissue_fraction(rgb: np.ndarray) -> float:
-    """Share of pixels of a (3, h, w) uint8 tile that look like stained tissue (not glass, not black)."""
+    """Return the share of a (3, h, w) uint8 tile that looks like stained tissue."""
     x = rgb.astype(np.float32) / 255.0
     mx, mn = x.max(axis=0), x.min(axis=0)
     sat = (mx - mn) / np.maximum(mx, 1e-6)
@@ -265,7 +283,7 @@ def _tissue_fraction(rgb: np.ndarray) -> float:
 
 
 def _cells_in_disc(cx: float, cy: float, r: float, x0: float, y0: float, cell: float) -> int:
-    """Number of lattice cells (origin x0, y0; pitch ``cell``) whose centre lies in the disc."""
+    """Count the lattice cells (origin x0, y0; pitch ``cell``) whose centre lies in the disc."""
     i0 = int(np.floor((cx - r - x0) / cell)) - 1
     i1 = int(np.ceil((cx + r - x0) / cell)) + 1
     j0 = int(np.floor((cy - r - y0) / cell)) - 1
@@ -279,14 +297,17 @@ def _cells_in_disc(cx: float, cy: float, r: float, x0: float, y0: float, cell: f
 def _rasterise(
     origin: tuple[float, float], g: int, cell: float, spots: _Spots, n_cells: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Slide-spot index and weight of each of the g×g cells of a tile with top-left ``origin`` (µm)."""
+    """Return the slide-spot index and weight of the g×g cells of a tile at ``origin`` (µm)."""
     x0, y0 = origin
     xs = x0 + (np.arange(g) + 0.5) * cell
     ys = y0 + (np.arange(g) + 0.5) * cell
     span = g * cell
     c, r = spots.center, spots.radius
     near = np.flatnonzero(
-        (c[:, 0] + r >= x0) & (c[:, 0] - r <= x0 + span) & (c[:, 1] + r >= y0) & (c[:, 1] - r <= y0 + span)
+        (c[:, 0] + r >= x0)
+        & (c[:, 0] - r <= x0 + span)
+        & (c[:, 1] + r >= y0)
+        & (c[:, 1] - r <= y0 + span)
     )
     idx = np.full((g, g), -1, dtype=np.int64)
     best = np.full((g, g), np.inf)
@@ -331,7 +352,15 @@ class _ShardWriter:
         else:
             weight = np.zeros_like(weight)
         self.tiles.append(
-            dict(rgb=rgb, res=res, slide=slide, center=center, label=label, cell_spot=local, cell_weight=weight)
+            dict(
+                rgb=rgb,
+                res=res,
+                slide=slide,
+                center=center,
+                label=label,
+                cell_spot=local,
+                cell_weight=weight,
+            )
         )
         if len(self.tiles) >= self.shard_size:
             self.flush()
@@ -350,7 +379,9 @@ class _ShardWriter:
         grp.create_array("rgb", data=rgb, chunks=(1, 3, p, p))
         grp.create_array("res", data=np.array([t["res"] for t in self.tiles], dtype=np.float32))
         grp.create_array("slide", data=np.array([t["slide"] for t in self.tiles], dtype=np.int32))
-        grp.create_array("center_um", data=np.array([t["center"] for t in self.tiles], dtype=np.float32))
+        grp.create_array(
+            "center_um", data=np.array([t["center"] for t in self.tiles], dtype=np.float32)
+        )
         grp.create_array("label", data=np.array([t["label"] for t in self.tiles], dtype=np.int32))
         cell_spot = np.stack([t["cell_spot"] for t in self.tiles]).astype(np.int32)
         cell_weight = np.stack([t["cell_weight"] for t in self.tiles]).astype(np.float16)
@@ -374,7 +405,9 @@ class _ShardWriter:
         grp.create_array("spot_log1p", data=csr.data.astype(np.float32), chunks=(chunk,))
         grp.create_array("spot_slide", data=np.asarray(slides, dtype=np.int32).reshape(-1))
         grp.create_array("spot_obs", data=np.asarray(obs, dtype=np.int64).reshape(-1))
-        grp.create_array("spot_center_um", data=np.asarray(centers, dtype=np.float32).reshape(-1, 2))
+        grp.create_array(
+            "spot_center_um", data=np.asarray(centers, dtype=np.float32).reshape(-1, 2)
+        )
         if self.dense:
             dense = np.zeros((n, self.n_genes, g, g), dtype=np.float16)
             binary = csr.copy()
@@ -388,7 +421,9 @@ class _ShardWriter:
                     flat[has] = vals
                     dense[i] = flat.T.reshape(self.n_genes, g, g)
             grp.create_array("expr_dense", data=dense, chunks=(1, self.n_genes, g, g))
-        self.shards.append({"path": name, "n_tiles": n, "n_spots": len(self.spot_rows), "nnz": int(csr.nnz)})
+        self.shards.append(
+            {"path": name, "n_tiles": n, "n_spots": len(self.spot_rows), "nnz": int(csr.nnz)}
+        )
         logger.info("prepare: wrote %s (%d tiles, %d spots)", name, n, len(self.spot_rows))
         self._reset()
 
@@ -431,7 +466,8 @@ def prepare(
     Parameters
     ----------
     sdatas_or_paths
-        One or several :class:`~spatialdata.SpatialData` objects or paths of SpatialData zarr stores.
+        One or several :class:`~spatialdata.SpatialData` objects or paths of SpatialData zarr
+        stores.
         Each needs the H&E image ``image_key`` registered in ``microns``; ``shapes_key`` circles and
         the ``table_key`` raw-count table are optional (H&E-only slides give image-only tiles).
     out_dir
@@ -474,6 +510,7 @@ def prepare(
     Returns
     -------
     The path of the written folder (``manifest.json`` inside).
+
     """
     from squall_sd import __version__
 
@@ -483,7 +520,9 @@ def prepare(
         raise ValueError(f"min_tissue must lie in [0, 1], found {min_tissue!r}.")
     target = Path(out_dir).expanduser().resolve()
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{str(target)!r} already exists; pass overwrite=True or choose another folder.")
+        raise FileExistsError(
+            f"{str(target)!r} already exists; pass overwrite=True or choose another folder."
+        )
     if not target.parent.is_dir():
         raise FileNotFoundError(f"The folder {str(target.parent)!r} to write into does not exist.")
 
@@ -492,7 +531,11 @@ def prepare(
         raise ValueError("No SpatialData given.")
     loaded = [_as_sdata(x) for x in items]
     sdatas = [s for s, _ in loaded]
-    ids = list(slide_ids) if slide_ids is not None else [sid or f"slide{i}" for i, (_, sid) in enumerate(loaded)]
+    ids = (
+        list(slide_ids)
+        if slide_ids is not None
+        else [sid or f"slide{i}" for i, (_, sid) in enumerate(loaded)]
+    )
     if len(ids) != len(sdatas):
         raise ValueError(f"Got {len(ids)} slide_ids for {len(sdatas)} slides.")
     if len(set(ids)) != len(ids):
@@ -500,10 +543,14 @@ def prepare(
 
     cfg = resolve_model_config(model_config_or_name, **model_overrides)
     if cfg.genes is None:
-        vocab = list(genes) if genes is not None else _vocab_from_data(sdatas, table_key, cfg.n_genes)
+        vocab = (
+            list(genes) if genes is not None else _vocab_from_data(sdatas, table_key, cfg.n_genes)
+        )
         cfg = cfg.replace(genes=tuple(vocab))
     elif genes is not None and list(genes) != list(cfg.genes):
-        raise ValueError("`genes` was given but the model already has a vocabulary; leave `genes` unset.")
+        raise ValueError(
+            "`genes` was given but the model already has a vocabulary; leave `genes` unset."
+        )
     vocab = list(cfg.genes)
     gene_index = {g: i for i, g in enumerate(vocab)}
     n_genes = len(vocab)
@@ -527,7 +574,9 @@ def prepare(
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        writer = _ShardWriter(tmp, shard_size=shard_size, g=g, n_genes=n_genes, dense=expr_format == "dense")
+        writer = _ShardWriter(
+            tmp, shard_size=shard_size, g=g, n_genes=n_genes, dense=expr_format == "dense"
+        )
         slides_meta = []
         n_total = 0
         for si, (sdata, sid) in enumerate(zip(sdatas, ids, strict=True)):
@@ -559,7 +608,8 @@ def prepare(
         writer.flush()
         if n_total == 0:
             raise ValueError(
-                "No tile passed the filters (min_tissue, min_spot_cells); lower them or check that the "
+                "No tile passed the filters (min_tissue, min_spot_cells); lower them or check "
+                "that the "
                 "image and spots overlap in the 'microns' coordinate system."
             )
         manifest = {
@@ -643,7 +693,9 @@ def _tile_slide(
     from tqdm.auto import tqdm
 
     if image_key not in sdata.images:
-        raise KeyError(f"Slide {slide_name!r} has no image {image_key!r}; available: {list(sdata.images)}.")
+        raise KeyError(
+            f"Slide {slide_name!r} has no image {image_key!r}; available: {list(sdata.images)}."
+        )
     spots = _read_spots(
         sdata,
         shapes_key=shapes_key,
@@ -674,14 +726,23 @@ def _tile_slide(
     n_cells = None
     if has_expr:
         n_cells = np.array(
-            [_cells_in_disc(c[0], c[1], r, x0, y0, cell_um) for c, r in zip(spots.center, spots.radius, strict=True)]
+            [
+                _cells_in_disc(c[0], c[1], r, x0, y0, cell_um)
+                for c, r in zip(spots.center, spots.radius, strict=True)
+            ]
         )
         # cheap pre-filter: tiles whose square touches at least one spot's bounding box
         c, r = spots.center, spots.radius
         touch = np.array(
             [
-                bool(np.any((c[:, 0] + r >= ox) & (c[:, 0] - r <= ox + tile_um)
-                            & (c[:, 1] + r >= oy) & (c[:, 1] - r <= oy + tile_um)))
+                bool(
+                    np.any(
+                        (c[:, 0] + r >= ox)
+                        & (c[:, 0] - r <= ox + tile_um)
+                        & (c[:, 1] + r >= oy)
+                        & (c[:, 1] - r <= oy + tile_um)
+                    )
+                )
                 for ox, oy in origins
             ]
         )
@@ -696,14 +757,18 @@ def _tile_slide(
                 rast[int(k)] = (idx.astype(np.int32), weight.astype(np.float16))
         cand = np.array(sorted(rast), dtype=int)
     centers = origins[cand] + tile_um / 2
-    ds = _extract(sdata, centers, image_key=image_key, patch_px=int(cfg.img_size), mpp=float(cfg.mpp))
+    ds = _extract(
+        sdata, centers, image_key=image_key, patch_px=int(cfg.img_size), mpp=float(cfg.mpp)
+    )
     kept = 0
     empty = (np.full((g, g), -1, dtype=np.int64), np.zeros((g, g), dtype=np.float32))
     bar = tqdm(total=len(cand), disable=not show_progress, desc=f"tiles {slide_name}")
     for b0 in range(0, len(cand), _READ_BATCH):
         if max_tiles is not None and kept >= max_tiles:
             break
-        batch = ds.get_batch(np.arange(b0, min(b0 + _READ_BATCH, len(cand))))  # windows read together
+        batch = ds.get_batch(
+            np.arange(b0, min(b0 + _READ_BATCH, len(cand)))
+        )  # windows read together
         bar.update(len(batch))
         for j, rgb in enumerate(batch):
             k = b0 + j
@@ -748,6 +813,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     Returns
     -------
     The manifest, with ``"root"`` set to the folder.
+
     """
     p = Path(path).expanduser()
     f = p / MANIFEST if p.is_dir() else p
@@ -761,7 +827,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{str(f)!r} is not a squall-sd shard manifest.")
     if int(man.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(
-            f"{str(f)!r} was written by a newer squall-sd (format {man['format_version']}); upgrade squall-sd."
+            f"{str(f)!r} was written by a newer squall-sd (format {man['format_version']}); "
+            "upgrade squall-sd."
         )
     man["root"] = str(f.parent.resolve())
     return man

@@ -1,4 +1,4 @@
-"""Phase entry points (:func:`pretrain_image`, :func:`align`, :func:`finetune`), Trainer and checkpoint export."""
+"""Phase entry points (pretrain_image, align, finetune), Trainer and checkpoint export."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ class TrainResult:
         Per-step training losses ``[{"step": ..., "loss": ...}, ...]`` of this call.
     module
         The trained LightningModule (its ``model`` attribute is the Squall model).
+
     """
 
     run_dir: Path
@@ -69,7 +71,12 @@ def _git_sha() -> str | None:
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
+            ["git", "rev-parse", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -107,7 +114,9 @@ def _provenance(trainer: pl.Trainer, module: SquallModule) -> dict[str, Any]:
 
 def _write_beside(directory: Path, trainer: pl.Trainer, module: SquallModule) -> None:
     dump_config(module.cfg, directory / "config.yaml")
-    (directory / "provenance.json").write_text(json.dumps(_provenance(trainer, module), indent=2) + "\n")
+    (directory / "provenance.json").write_text(
+        json.dumps(_provenance(trainer, module), indent=2) + "\n"
+    )
     metrics = {**_plain_metrics(trainer.callback_metrics), "global_step": int(trainer.global_step)}
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
@@ -128,6 +137,7 @@ class ExportCheckpoint(ModelCheckpoint):
         Write the exported folders (rank 0 only).
     **kwargs
         Passed to :class:`~lightning.pytorch.callbacks.ModelCheckpoint`.
+
     """
 
     def __init__(self, *, export: bool = True, **kwargs: Any) -> None:
@@ -165,7 +175,7 @@ class ExportCheckpoint(ModelCheckpoint):
 
 
 class _History(Callback):
-    """Append per-step training losses to ``run_dir/metrics.jsonl`` (rank 0) and keep them in memory."""
+    """Append per-step losses to ``run_dir/metrics.jsonl`` (rank 0) and keep them."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -175,7 +185,13 @@ class _History(Callback):
         if not trainer.is_global_zero:
             return
         row = {"step": int(trainer.global_step), "batches_seen": int(pl_module.batches_seen)}
-        row.update({k[6:]: v for k, v in _plain_metrics(trainer.callback_metrics).items() if k.startswith("train/")})
+        row.update(
+            {
+                k[6:]: v
+                for k, v in _plain_metrics(trainer.callback_metrics).items()
+                if k.startswith("train/")
+            }
+        )
         if isinstance(outputs, Mapping) and "loss" in outputs:
             row["loss"] = float(outputs["loss"].detach())
         elif isinstance(outputs, torch.Tensor):
@@ -219,7 +235,8 @@ def _build_model(cfg: Mapping[str, Any], genes: list[str] | None) -> Any:
         if model.genes is None:
             if len(genes) != model.n_genes:
                 raise ValueError(
-                    f"The prepared data have {len(genes)} genes but the model has {model.n_genes} channels."
+                    f"The prepared data have {len(genes)} genes but the model has "
+                    f"{model.n_genes} channels."
                 )
             model.set_vocabulary(list(genes))
         elif list(model.genes) != list(genes):
@@ -230,7 +247,9 @@ def _build_model(cfg: Mapping[str, Any], genes: list[str] | None) -> Any:
     return model
 
 
-def _build_trainer(cfg: Mapping[str, Any], run_dir: Path, extra: list[Callback]) -> tuple[pl.Trainer, ExportCheckpoint, _History]:
+def _build_trainer(
+    cfg: Mapping[str, Any], run_dir: Path, extra: list[Callback]
+) -> tuple[pl.Trainer, ExportCheckpoint, _History]:
     from lightning.pytorch.loggers import CSVLogger
 
     t = _resolve_trainer_kwargs(cfg)
@@ -258,7 +277,7 @@ def _build_trainer(cfg: Mapping[str, Any], run_dir: Path, extra: list[Callback])
         "deterministic": t["deterministic"],
         "default_root_dir": str(run_dir),
         "callbacks": [ckpt_cb, hist, *extra],
-        "logger": CSVLogger(str(run_dir), name="logs", version=""),
+        "logger": CSVLogger(str(run_dir), name="logs"),
         "enable_progress_bar": bool(t.get("enable_progress_bar", True)),
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
@@ -268,6 +287,8 @@ def _build_trainer(cfg: Mapping[str, Any], run_dir: Path, extra: list[Callback])
         kwargs["max_epochs"] = -1 if t["max_epochs"] is None else int(t["max_epochs"])
     else:
         kwargs["max_epochs"] = int(t["max_epochs"])
+    if cfg["data"].get("val") is None:
+        kwargs["limit_val_batches"] = 0
     if t.get("val_check_interval") is not None:
         kwargs["val_check_interval"] = t["val_check_interval"]
         kwargs["check_val_every_n_epoch"] = None
@@ -303,15 +324,27 @@ def _fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = _resume_path(run_dir, resume)
     if ckpt is None and (run_dir / CKPT_DIR / LAST).exists():
-        logger.warning("starting from scratch although %s exists (resume disabled)", run_dir / CKPT_DIR / LAST)
+        logger.warning(
+            "starting from scratch although %s exists (resume disabled)", run_dir / CKPT_DIR / LAST
+        )
     trainer, ckpt_cb, hist = _build_trainer(cfg, run_dir, [])
     if trainer.is_global_zero:
         dump_config(cfg, run_dir / "config.yaml")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    with warnings.catch_warnings():
+        # the shard stream resumes exactly (it skips the batches already seen, see ShardDataset),
+        # and
+        # it deals whole batches to workers, so these two Lightning warnings do not apply
+        warnings.filterwarnings(
+            "ignore", message=".*resuming from a checkpoint that ended before the epoch"
+        )
+        warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     last = run_dir / CKPT_DIR / LAST
     metrics = _plain_metrics(trainer.callback_metrics)
     if trainer.is_global_zero:
-        (run_dir / "metrics.json").write_text(json.dumps({**metrics, "global_step": trainer.global_step}, indent=2))
+        (run_dir / "metrics.json").write_text(
+            json.dumps({**metrics, "global_step": trainer.global_step}, indent=2)
+        )
     return TrainResult(run_dir, last, last.with_suffix(""), metrics, hist.history, module)
 
 
@@ -330,7 +363,10 @@ def _data_genes(cfg: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------ phases
 def pretrain_image(
-    config: str | os.PathLike | Mapping[str, Any], *, resume: Any = "auto", overrides: Mapping[str, Any] | None = None
+    config: str | os.PathLike | Mapping[str, Any],
+    *,
+    resume: Any = "auto",
+    overrides: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Phase 1: self-supervised image pretraining on H&E tiles alone.
 
@@ -352,6 +388,7 @@ def pretrain_image(
     Returns
     -------
     A :class:`TrainResult`.
+
     """
     cfg = load_config(config, overrides)
     _seed(cfg)
@@ -361,9 +398,12 @@ def pretrain_image(
 
 
 def align(
-    config: str | os.PathLike | Mapping[str, Any], *, resume: Any = "auto", overrides: Mapping[str, Any] | None = None
+    config: str | os.PathLike | Mapping[str, Any],
+    *,
+    resume: Any = "auto",
+    overrides: Mapping[str, Any] | None = None,
 ) -> TrainResult:
-    """Phase 2: complementary-masked cross-modal reconstruction (the published objective) + optional InfoNCE.
+    """Phase 2: the published complementary-masked reconstruction + optional InfoNCE.
 
     Parameters
     ----------
@@ -379,6 +419,7 @@ def align(
     Returns
     -------
     A :class:`TrainResult`.
+
     """
     cfg = load_config(config, overrides)
     _seed(cfg)
@@ -399,14 +440,19 @@ def _panel(task: Mapping[str, Any], model: Any) -> list[str]:
     vocab = set(model.genes)
     missing = [g for g in genes if g not in vocab]
     if missing:
-        raise KeyError(f"{len(missing)} panel genes are not in the model vocabulary, e.g. {missing[:5]}.")
+        raise KeyError(
+            f"{len(missing)} panel genes are not in the model vocabulary, e.g. {missing[:5]}."
+        )
     return list(genes)
 
 
 def finetune(
-    config: str | os.PathLike | Mapping[str, Any], *, resume: Any = "auto", overrides: Mapping[str, Any] | None = None
+    config: str | os.PathLike | Mapping[str, Any],
+    *,
+    resume: Any = "auto",
+    overrides: Mapping[str, Any] | None = None,
 ) -> TrainResult:
-    """Phase 3: fine-tune a head (``task.type``): expression regression, tile classification or slide MIL.
+    """Phase 3: fine-tune a head (``task.type``): expression, tile classes or slide MIL.
 
     - ``expression``: spot-level (or tile-level) regression of log1p(CP10k) for ``task.genes``,
       see :class:`~squall_sd.train.ExpressionFinetuneModule`;
@@ -428,6 +474,7 @@ def finetune(
     Returns
     -------
     A :class:`TrainResult`.
+
     """
     cfg = load_config(config, overrides)
     _seed(cfg)
@@ -441,14 +488,21 @@ def finetune(
         classes = (man.get("labels") or {}).get("categories")
         if not classes:
             raise ValueError(
-                "The prepared data have no tile labels; run `prepare(..., label_key=<obs column>)` first."
+                "The prepared data have no tile labels; run "
+                "`prepare(..., label_key=<obs column>)` first."
             )
-        return _fit(ClassificationFinetuneModule(model, cfg, classes), cfg, ShardDataModule(cfg), resume)
+        return _fit(
+            ClassificationFinetuneModule(model, cfg, classes), cfg, ShardDataModule(cfg), resume
+        )
     return _fit(MILModule(model, cfg), cfg, _MILDataModule(cfg, model), resume)
 
 
 def run_phase(
-    phase: str, config: str | os.PathLike | Mapping[str, Any], *, resume: Any = "auto", overrides: Mapping[str, Any] | None = None
+    phase: str,
+    config: str | os.PathLike | Mapping[str, Any],
+    *,
+    resume: Any = "auto",
+    overrides: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Run ``phase`` (``pretrain_image``, ``align`` or ``finetune``) with ``config``.
 
@@ -466,8 +520,14 @@ def run_phase(
     Returns
     -------
     A :class:`TrainResult`.
+
     """
-    aliases = {"pretrain": "pretrain_image", "image": "pretrain_image", "alignment": "align", "fine-tune": "finetune"}
+    aliases = {
+        "pretrain": "pretrain_image",
+        "image": "pretrain_image",
+        "alignment": "align",
+        "fine-tune": "finetune",
+    }
     phase = aliases.get(phase, phase)
     fns = {"pretrain_image": pretrain_image, "align": align, "finetune": finetune}
     if phase not in fns:
@@ -493,8 +553,15 @@ class _MILDataModule(pl.LightningDataModule):
         if cache.is_file():
             data = torch.load(cache, weights_only=True)
             return list(data["slides"]), list(data["bags"])
-        ds = ShardDataset(self.cfg["data"]["train"], batch_size=int(self.cfg["data"]["batch_size"]),
-                          shuffle=False, augment=None, drop_last=False, rank=0, world_size=1)
+        ds = ShardDataset(
+            self.cfg["data"]["train"],
+            batch_size=int(self.cfg["data"]["batch_size"]),
+            shuffle=False,
+            augment=None,
+            drop_last=False,
+            rank=0,
+            world_size=1,
+        )
         cap = int(self.cfg["task"]["max_tiles_per_slide"])
         names = [s["id"] for s in ds.slides]
         feats: dict[int, list[torch.Tensor]] = {}
@@ -518,14 +585,22 @@ class _MILDataModule(pl.LightningDataModule):
             return
         task = self.cfg["task"]
         if task["slide_labels"] is None:
-            raise ValueError("task.slide_labels (a CSV with slide and time/event or label columns) is required for MIL.")
+            raise ValueError(
+                "task.slide_labels (a CSV with slide and time/event or label columns) is "
+                "required for MIL."
+            )
         labels = pd.read_csv(task["slide_labels"])
         if "slide" not in labels:
-            raise KeyError(f"{task['slide_labels']!r} needs a 'slide' column; found {list(labels.columns)}.")
+            raise KeyError(
+                f"{task['slide_labels']!r} needs a 'slide' column; found {list(labels.columns)}."
+            )
         need = ["time", "event"] if task["outcome"] == "survival" else ["label"]
         miss = [c for c in need if c not in labels]
         if miss:
-            raise KeyError(f"{task['slide_labels']!r} lacks the column(s) {miss} for outcome {task['outcome']!r}.")
+            raise KeyError(
+                f"{task['slide_labels']!r} lacks the column(s) {miss} for outcome "
+                f"{task['outcome']!r}."
+            )
         slides, bags = self._embed()
         labels = labels.set_index(labels["slide"].astype(str))
         keep = [i for i, s in enumerate(slides) if s in labels.index]
@@ -542,7 +617,9 @@ class _MILDataModule(pl.LightningDataModule):
         self.bags = {"x": x, "mask": mask, "slides": slides}
         if task["outcome"] == "survival":
             self.bags["time"] = torch.tensor(labels.loc[slides, "time"].to_numpy(dtype=np.float32))
-            self.bags["event"] = torch.tensor(labels.loc[slides, "event"].to_numpy(dtype=np.float32))
+            self.bags["event"] = torch.tensor(
+                labels.loc[slides, "event"].to_numpy(dtype=np.float32)
+            )
         else:
             self.bags["y"] = torch.tensor(labels.loc[slides, "label"].to_numpy(dtype=np.float32))
         logger.info("MIL: %d slides, up to %d tiles each", len(slides), t)

@@ -1,0 +1,441 @@
+"""Niche benchmark (docs/benchmarks/niches.md; design: evaluation.md §2).
+
+1. her2st A1, C1, D1 (measured counts, HER2+ breast cancer, legacy ST): ARI and NMI of niche labels
+   against the pathologist's regions (joined on ROUNDED array coordinates by
+   ``squall.datasets.her2st``; "undetermined" and unlabelled spots excluded from the scores, every
+   spot used for clustering). All methods get the same input: per section CP10k + log1p, then PCA.
+   Nothing is chosen with the labels: tl.niches picks its number of niches by stability.
+2. Scale: graph + niches on the 36,602-cell Xenium mouse brain fixture, wall time and peak memory.
+
+    python benchmarks/niches.py                      # full run (~25-40 min on 2 shared cores, CellCharter dominates)
+    python benchmarks/niches.py --quick              # 1 seed, no CellCharter, smaller Xenium candidate range
+    python benchmarks/niches.py --skip-cellcharter --seeds 3
+
+Rows (methods):
+  squall gmm          squall.tl.niches defaults: radius graph (1.5 x median NN distance), 3 hops,
+                      10 PCs, Gaussian mixture, n_niches in 2..10 chosen by stability (5 runs)
+  squall leiden       squall.tl.niches(method="leiden"), resolution 1
+  squall gmm joint    one tl.niches call on A1+C1+D1 together (library_key, joint PCA), scored per section
+  scanpy leiden expr  sc.pp.neighbors on X_pca (scanpy defaults) + sc.tl.leiden(resolution=1): expression only
+  squidpy+leiden space  squidpy radius graph (same as squall) + scanpy Leiden on that graph: space only
+  CellCharter         cellcharter 0.3.7 (pip): squidpy Delaunay graph + cc.gr.remove_long_links,
+                      cc.gr.aggregate_neighbors(n_layers=3) on the same 10 PCs,
+                      cc.tl.ClusterAutoK(n_clusters=(2, 10), max_runs=5) -> best_k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import tracemalloc
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SHARED = Path(os.environ.get("SQUALL_SHARED_DATA", ROOT.parent / "shared" / "data"))
+XENIUM = SHARED / "fixtures/spatialexperiment_3f497ac/inst/extdata/10xXenium"
+SECTIONS = ("A1", "C1", "D1")
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def _prep(adata, seed: int = 0):
+    import scanpy as sc
+
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    sc.pp.pca(adata, n_comps=50, random_state=seed)
+    return adata
+
+
+def load_section(sec: str):
+    import squall_sd as squall
+
+    a = squall.datasets.her2st(sec, SHARED / "her2st").tables["table"]
+    a.obs_names = [f"{sec}_{n}" for n in a.obs_names]
+    return a
+
+
+def _scores(adata, labels) -> dict[str, float]:
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    lab = adata.obs["pathologist_label"].astype(object)
+    m = (lab.notna() & (lab != "undetermined")).to_numpy()
+    y, p = lab[m].astype(str).to_numpy(), np.asarray(labels).astype(str)[m]
+    return {
+        "ari": adjusted_rand_score(y, p),
+        "nmi": normalized_mutual_info_score(y, p),
+        "k": len(np.unique(labels)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- methods
+def m_squall_gmm(a, seed):
+    import squall_sd as squall
+
+    squall.tl.niches(a, use_rep="X_pca", random_state=seed)
+    return a.obs["squall_niche"].to_numpy()
+
+
+def m_squall_leiden(a, seed):
+    import squall_sd as squall
+
+    squall.tl.niches(a, use_rep="X_pca", method="leiden", random_state=seed)
+    return a.obs["squall_niche"].to_numpy()
+
+
+def m_scanpy_leiden(a, seed):
+    import scanpy as sc
+
+    sc.pp.neighbors(a, use_rep="X_pca", random_state=seed)
+    sc.tl.leiden(
+        a, flavor="igraph", n_iterations=2, directed=False, random_state=seed, key_added="lx"
+    )
+    return a.obs["lx"].to_numpy()
+
+
+def m_squidpy_space_leiden(a, seed):
+    import scanpy as sc
+    import squidpy as sq
+
+    from squall_sd.tl._utils import _auto_radius
+
+    r = _auto_radius(np.asarray(a.obsm["spatial"]), None)
+    sq.gr.spatial_neighbors_radius(a, radius=r)
+    sc.tl.leiden(
+        a,
+        adjacency=a.obsp["spatial_connectivities"],
+        flavor="igraph",
+        n_iterations=2,
+        directed=False,
+        random_state=seed,
+        key_added="ls",
+    )
+    return a.obs["ls"].to_numpy()
+
+
+def m_cellcharter(a, seed):
+    import cellcharter as cc
+    import squidpy as sq
+    import torch
+
+    torch.set_num_threads(1)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    a.obsm["X_pca10"] = np.ascontiguousarray(a.obsm["X_pca"][:, :10])
+    sq.gr.spatial_neighbors_delaunay(a)
+    cc.gr.remove_long_links(a)
+    cc.gr.aggregate_neighbors(a, n_layers=3, use_rep="X_pca10")
+    model = cc.tl.ClusterAutoK(
+        n_clusters=(2, 10),
+        max_runs=5,
+        model_params={
+            "random_state": seed,
+            "trainer_params": {"accelerator": "cpu", "enable_progress_bar": False},
+        },
+    )
+    with open(os.devnull, "w") as devnull:  # ClusterAutoK prints its iterations
+        old, sys.stdout = sys.stdout, devnull
+        try:
+            model.fit(a, use_rep="X_cellcharter")
+        finally:
+            sys.stdout = old
+    return np.asarray(model.predict(a, use_rep="X_cellcharter"))
+
+
+METHODS = {
+    "squall.tl.niches gmm (stability k)": m_squall_gmm,
+    "squall.tl.niches leiden": m_squall_leiden,
+    "scanpy Leiden on expression (no space)": m_scanpy_leiden,
+    "squidpy graph + scanpy Leiden (space only)": m_squidpy_space_leiden,
+    "CellCharter 0.3.7 (ClusterAutoK)": m_cellcharter,
+}
+
+
+def run_her2st(seeds: list[int], cc_seeds: list[int], skip_cc: bool) -> pd.DataFrame:
+    import anndata as ad
+
+    import squall_sd as squall
+
+    rows = []
+    raw = {sec: load_section(sec) for sec in SECTIONS}
+    for sec in SECTIONS:
+        base = _prep(raw[sec].copy())
+        for name, fn in METHODS.items():
+            if fn is m_cellcharter and skip_cc:
+                continue
+            for seed in cc_seeds if fn is m_cellcharter else seeds:
+                a = base.copy()
+                t0 = time.perf_counter()
+                labels = fn(a, seed)
+                dt = time.perf_counter() - t0
+                rows.append(
+                    {
+                        "method": name,
+                        "section": sec,
+                        "seed": seed,
+                        "time_s": dt,
+                        **_scores(a, labels),
+                    }
+                )
+                print(
+                    f"  {sec} {name} seed={seed}: ARI={rows[-1]['ari']:.3f} NMI={rows[-1]['nmi']:.3f} "
+                    f"k={rows[-1]['k']} ({dt:.1f}s)",
+                    flush=True,
+                )
+    # one joint fit on the three sections (one model, consistent labels), scored per section
+    for seed in seeds:
+        parts = [_prep(raw[s].copy()) for s in SECTIONS]  # per-section normalisation
+        joint = ad.concat(parts, join="inner")
+        import scanpy as sc
+
+        sc.pp.pca(joint, n_comps=50, random_state=seed)
+        joint.obs["section"] = joint.obs["section"].astype("category")
+        t0 = time.perf_counter()
+        squall.tl.niches(joint, use_rep="X_pca", library_key="section", random_state=seed)
+        dt = time.perf_counter() - t0
+        for sec in SECTIONS:
+            sub = joint[joint.obs["section"] == sec]
+            rows.append(
+                {
+                    "method": "squall.tl.niches gmm, joint A1+C1+D1",
+                    "section": sec,
+                    "seed": seed,
+                    "time_s": dt / 3,
+                    **_scores(sub, sub.obs["squall_niche"].to_numpy()),
+                }
+            )
+        print(
+            f"  joint seed={seed}: k={joint.uns['squall_niche']['n_niches']} ({dt:.1f}s)",
+            flush=True,
+        )
+    return pd.DataFrame(rows)
+
+
+def her2st_table(df: pd.DataFrame) -> str:
+    def fmt(x: pd.Series) -> str:
+        return f"{x.mean():.3f}" if len(x) == 1 else f"{x.mean():.3f} ± {x.std(ddof=0):.3f}"
+
+    order = list(dict.fromkeys(df["method"]))
+    head = "| method | seeds | " + " | ".join(f"{s} ARI | {s} NMI" for s in SECTIONS)
+    head += " | mean ARI | mean NMI | k (A1/C1/D1) | s per section |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for m in order:
+        d = df[df["method"] == m]
+        cells = []
+        for s in SECTIONS:
+            ds = d[d["section"] == s]
+            cells += [fmt(ds["ari"]), fmt(ds["nmi"])]
+        per_seed = d.groupby("seed")[["ari", "nmi"]].mean()
+        ks = "/".join(
+            "–".join(sorted({str(k) for k in d[d["section"] == s]["k"]}, key=int)) for s in SECTIONS
+        )
+        lines.append(
+            f"| {m} | {d['seed'].nunique()} | "
+            + " | ".join(cells)
+            + f" | **{fmt(per_seed['ari'])}** | **{fmt(per_seed['nmi'])}** | {ks} | {d['time_s'].mean():.1f} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- Xenium scale
+def xenium_child(method: str, candidates: str) -> None:
+    """Run in a fresh process so ru_maxrss measures this workload only; prints one JSON line."""
+    import scanpy as sc
+
+    import squall_sd as squall
+
+    t0 = time.perf_counter()
+    adata = sc.read_10x_h5(XENIUM / "cell_feature_matrix.h5")
+    cells = pd.read_csv(XENIUM / "cells.csv.gz")
+    adata.obs_names = adata.obs_names.astype(str)
+    cells.index = cells["cell_id"].astype(str)
+    cells = cells.reindex(adata.obs_names)
+    adata.obsm["spatial"] = cells[["x_centroid", "y_centroid"]].to_numpy()
+    keep = np.asarray(adata.X.sum(1)).ravel() > 0
+    adata = adata[keep].copy()
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    sc.pp.pca(adata, n_comps=50, random_state=0)
+    t_prep = time.perf_counter() - t0
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    lo, hi = (int(x) for x in candidates.split("-"))
+    tracemalloc.start()
+    t1 = time.perf_counter()
+    cpu1 = time.process_time()
+    if method == "gmm":
+        squall.tl.niches(adata, use_rep="X_pca", n_niches=range(lo, hi + 1))
+    else:
+        squall.tl.niches(adata, use_rep="X_pca", method="leiden")
+    wall = time.perf_counter() - t1
+    cpu = time.process_time() - cpu1
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # graph alone, for the breakdown
+    t2 = time.perf_counter()
+    from squall_sd.tl._utils import build_spatial_graph
+
+    build_spatial_graph(
+        adata,
+        graph="radius",
+        radius=None,
+        n_neighs=6,
+        library_key=None,
+        spatial_key="spatial",
+        key_added="g",
+    )
+    t_graph = time.perf_counter() - t2
+    deg = np.diff(adata.obsp["g_connectivities"].indptr)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    p = adata.uns["squall_niche"]
+    print(
+        json.dumps(
+            {
+                "method": method,
+                "n_cells": int(adata.n_obs),
+                "n_genes": int(adata.n_vars),
+                "prep_s": t_prep,
+                "niches_wall_s": wall,
+                "niches_cpu_s": cpu,
+                "graph_s": t_graph,
+                "tracemalloc_peak_mib": peak / 2**20,
+                "rss_before_mib": rss_before,
+                "rss_peak_mib": rss,
+                "n_niches": int(p["n_niches"]),
+                "candidates": candidates if method == "gmm" else "-",
+                "subsample": p.get("subsample"),
+                "radius_um": p["graph_params"].get("radius"),
+                "mean_degree": float(deg.mean()),
+            }
+        ),
+        flush=True,
+    )
+
+
+def run_xenium(candidates: str, methods: tuple[str, ...]) -> list[dict]:
+    out = []
+    for m in methods:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--xenium-child", m, "--xenium-candidates", candidates],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+        if proc.returncode or not line:
+            raise RuntimeError(
+                f"Xenium child failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+            )
+        out.append(json.loads(line[-1]))
+        print(f"  xenium {m}: {out[-1]}", flush=True)
+    return out
+
+
+def xenium_table(rows: list[dict]) -> str:
+    lines = [
+        "| method | cells × genes | graph (radius, mean degree) | graph alone s | tl.niches wall s | CPU s | "
+        "niches found | tracemalloc peak MiB | process peak RSS MiB (before → after) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = (
+            f"squall gmm, k in {r['candidates']}, fit on {r['subsample']} cells"
+            if r["method"] == "gmm"
+            else "squall leiden"
+        )
+        lines.append(
+            f"| {name} | {r['n_cells']:,} × {r['n_genes']} | {r['radius_um']:.1f} µm, {r['mean_degree']:.1f} | "
+            f"{r['graph_s']:.2f} | {r['niches_wall_s']:.1f} | {r['niches_cpu_s']:.1f} | {r['n_niches']} | "
+            f"{r['tracemalloc_peak_mib']:.0f} | {r['rss_before_mib']:.0f} → {r['rss_peak_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--cellcharter-seeds", type=int, default=1)
+    ap.add_argument("--skip-cellcharter", action="store_true")
+    ap.add_argument("--skip-xenium", action="store_true")
+    ap.add_argument("--skip-her2st", action="store_true")
+    ap.add_argument("--xenium-candidates", default="2-10")
+    ap.add_argument("--xenium-child", default=None)
+    ap.add_argument("--out", default=str(HERE / "results" / "niches.md"))
+    args = ap.parse_args()
+    if args.xenium_child:
+        xenium_child(args.xenium_child, args.xenium_candidates)
+        return
+    if args.quick:
+        args.seeds, args.skip_cellcharter, args.xenium_candidates = 1, True, "4-8"
+    import squall_sd
+
+    cmd = "python benchmarks/niches.py " + " ".join(sys.argv[1:])
+    parts = [
+        "# Niche benchmark",
+        "",
+        f"Command: `{cmd.strip()}`  ",
+        f"squall-sd {squall_sd.__version__}, Python {platform.python_version()}, {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores shared with other jobs (load average at start "
+        f"{os.getloadavg()[0]:.1f}); BLAS/OpenMP threads = 1.",
+        "",
+    ]
+    if not args.skip_her2st:
+        cc_ok = not args.skip_cellcharter
+        if cc_ok:
+            try:
+                import cellcharter  # noqa: F401
+            except ImportError:
+                print("cellcharter not installed: skipping it (pip install cellcharter)")
+                cc_ok = False
+        df = run_her2st(list(range(args.seeds)), list(range(args.cellcharter_seeds)), not cc_ok)
+        df.to_csv(Path(args.out).with_suffix(".her2st.csv"), index=False)
+        parts += [
+            "## her2st A1, C1, D1: agreement with the pathologist's regions",
+            "",
+            "Measured counts → CP10k + log1p → PCA (per section). ARI / NMI over spots with a pathologist label "
+            'other than "undetermined" (A1 341, C1 167, D1 255 spots); mean ± sd over seeds. k = number of '
+            "clusters found (range over seeds). No method sees the labels; tl.niches chooses k by stability.",
+            "",
+            her2st_table(df),
+            "",
+        ]
+    if not args.skip_xenium:
+        methods = ("gmm", "leiden")
+        rows = run_xenium(args.xenium_candidates, methods)
+        parts += [
+            "## Scale: Xenium mouse brain (36,602 cells)",
+            "",
+            "`cell_feature_matrix.h5` + `cells.csv.gz` (x/y centroids, µm) → CP10k + log1p → PCA 50 (not timed), "
+            "then `squall.tl.niches` (squidpy radius graph, 3-hop aggregation of 10 PCs, clustering), each in a "
+            "fresh process. tracemalloc peak: Python/numpy allocations during the call; RSS: the process "
+            "(includes imports and the data).",
+            "",
+            xenium_table(rows),
+            "",
+        ]
+    text = "\n".join(parts)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""`squall predict`: a cohort of 2 tiny slides, atomic outputs, resumable, dask LocalCluster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import spatialdata as sd
+import torch
+
+import squall_sd as squall
+from squall_sd.cli import main
+from squall_sd.cli._predict import is_complete, run_predict
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Two tiny slides (first 6 spots of the bundled example, one shifted crop each) and a saved model."""
+    root = tmp_path_factory.mktemp("cohort")
+    ex = squall.datasets.example()
+    slides = root / "slides"
+    slides.mkdir()
+    for name, sl in (("s1", slice(0, 6)), ("s2", slice(6, 12))):
+        sub = sd.SpatialData(
+            images={"he": ex.images["he"]},
+            shapes={"spots": ex.shapes["spots"].iloc[sl]},
+            tables={"table": ex.tables["table"][sl].copy()},
+        )
+        from spatialdata.transformations import get_transformation, set_transformation
+
+        set_transformation(sub.shapes["spots"], get_transformation(ex.shapes["spots"], get_all=True), set_all=True)
+        sub.write(slides / f"{name}.zarr")
+    torch.manual_seed(0)
+    genes = list(ex.tables["table"].var_names[:8])
+    model = squall.models.create("squall-tiny", img_size=64, expr_size=16, genes=genes, mpp=4.0)
+    model.save_pretrained(root / "model")
+    return slides, root / "model"
+
+
+def test_cli_predict_sync_and_resume(cohort, tmp_path):
+    slides, model = cohort
+    out = tmp_path / "out"
+    assert main(["predict", str(slides), "--model", str(model), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["s1.zarr", "s2.zarr"]  # no temporary leftovers
+    for name in ("s1", "s2"):
+        assert is_complete(out / f"{name}.zarr")
+        back = sd.read_zarr(out / f"{name}.zarr")
+        layer = back.tables["table"].layers["squall"]
+        assert np.isfinite(layer[:, back.tables["table"].var["squall_predicted"].to_numpy()]).all()
+        assert back.tables["table"].uns["squall"]["predict_expression"]["weights_sha256"] != "none (random weights)"
+    # the inputs are untouched
+    assert "squall" not in sd.read_zarr(slides / "s1.zarr").tables["table"].layers
+    # resumable: complete outputs are skipped
+    mtime = (out / "s1.zarr" / "zarr.json").stat().st_mtime_ns
+    assert run_predict(slides, out, model=str(model), progress=False) == []
+    assert (out / "s1.zarr" / "zarr.json").stat().st_mtime_ns == mtime
+
+
+def test_cli_predict_local_cluster(cohort, tmp_path):
+    from dask.distributed import Client, LocalCluster
+
+    slides, model = cohort
+    out = tmp_path / "out"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        done = run_predict(slides, out, model=str(model), scheduler="local", client=client)
+    assert sorted(p.split("/")[-1] for p in done) == ["s1.zarr", "s2.zarr"]
+    assert all(is_complete(out / n) for n in ("s1.zarr", "s2.zarr"))
+
+
+def test_cli_predict_errors(tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "missing"), "--model", "squall-tiny", "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
