@@ -60,8 +60,9 @@ def predict_spots(
 ) -> tuple[np.ndarray, list[str], str]:
     """Predicted expression of ``genes`` (those in the model's vocabulary) averaged over each spot disc.
 
-    Uses ``squall_sd.tl.predict_expression`` when it exists and accepts tiles, else ``model.predict``
-    with the spot disc as aggregation weights (``reduce="mean"``). Returns predictions, the genes
+    Uses ``model.predict`` with the spot disc as aggregation weights (``reduce="mean"``) on the
+    benchmark's own tiles (``squall_sd.tl.predict_expression`` works on a SpatialData and cuts its
+    own tiles; switch to it once it can take the same tiles). Returns predictions, the genes
     predicted and the path used.
     """
     vocab = model.genes

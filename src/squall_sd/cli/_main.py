@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     from squall_sd.cli._predict import add_predict_parser
 
     add_predict_parser(sub)
+
+    from squall_sd.cli._view import add_view_parser
+
+    add_view_parser(sub)
     return parser
 
 

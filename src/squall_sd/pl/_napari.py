@@ -23,6 +23,8 @@ __all__ = ["napari", "require_napari"]
 NAPARI_HINT = 'pip install "squall-sd[napari]"'
 #: Genes shown when ``genes=None``: this many predicted genes with the most variable predictions.
 DEFAULT_N_GENES = 3
+#: Units of the layers' world coordinates (the ``microns`` coordinate system).
+UNITS = ("um", "um")
 
 
 def require_napari() -> Any:
@@ -79,6 +81,7 @@ def _add_image(viewer: _napari.Viewer, sdata: SpatialData, image_key: str) -> An
         rgb=rgb,
         affine=_swap_xy(levels[0].affine),
         name=image_key,
+        units=UNITS,
         metadata={"coordinate_system": MICRONS},
     )
 
@@ -102,6 +105,7 @@ def _add_spots(
         opacity=opacity,
         name=name,
         visible=visible,
+        units=UNITS,
         metadata={"coordinate_system": MICRONS, "shapes_key": spots.shapes_key},
     )
 
@@ -257,9 +261,24 @@ def napari(
             logger.info("no `obs[%r]` in the table; not adding a niche layer", niches)
 
     viewer.scale_bar.visible = True
-    viewer.scale_bar.unit = "um"
     viewer.reset_view()
+    _focus(viewer, spots)
     return viewer
+
+
+def _focus(viewer: _napari.Viewer, spots: Spots, *, margin: float = 0.05) -> None:
+    """Centre the camera on the spots and zoom so that they fill the canvas (after ``reset_view``)."""
+    x0, y0, x1, y1 = spots.bounds_um
+    extent = np.asarray(viewer.layers.extent.world, dtype=float)[:, -2:]  # (min, max) x (y, x)
+    span_world = extent[1] - extent[0]
+    span_spots = np.array([y1 - y0, x1 - x0]) * (1 + 2 * margin)
+    if np.all(span_spots > 0) and np.all(span_world > 0):
+        factor = float(np.min(span_world / span_spots))
+        if factor > 1:
+            viewer.camera.zoom = viewer.camera.zoom * factor
+    center = list(viewer.camera.center)
+    center[-2:] = [(y0 + y1) / 2.0, (x0 + x1) / 2.0]
+    viewer.camera.center = tuple(center)
 
 
 def _to_rgba(c: str) -> tuple[float, float, float, float]:
