@@ -60,9 +60,12 @@ def _default_genes(sdata: SpatialData, table_key: str, layer: str | None) -> lis
     t = sdata.tables[table_key]
     mat = t.X if layer is None else t.layers[layer]
     mat = mat.toarray() if sparse.issparse(mat) else np.asarray(mat, dtype=float)
-    with np.errstate(invalid="ignore"):
-        var = np.nanvar(mat, axis=0) if mat.size else np.array([])
-    var = np.where(np.isfinite(var), var, -np.inf)
+    finite = np.isfinite(mat)
+    n = finite.sum(axis=0)
+    filled = np.where(finite, mat, 0.0)
+    mean = filled.sum(axis=0) / np.maximum(n, 1)
+    var = np.where(finite, (mat - mean) ** 2, 0.0).sum(axis=0) / np.maximum(n, 1)
+    var = np.where(n >= 2, var, -np.inf)
     order = np.argsort(-var, kind="stable")[:DEFAULT_N_GENES]
     return [str(t.var_names[i]) for i in order if np.isfinite(var[i])]
 
