@@ -13,11 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
-
-import matplotlib
 
 matplotlib.use("Agg")
 
@@ -34,7 +33,7 @@ UNPREDICTED = slice(900, None)
 
 
 def _fill_squall_outputs(sdata) -> None:
-    """Write deterministic stand-ins of the squall tool outputs into the example's table (TEST DATA).
+    """Write deterministic stand-ins of squall tool outputs into the example's table (TEST DATA).
 
     - ``layers["squall"]``: NOT a model prediction: the log1p-CP10k measured expression averaged
       over each spot and its 6 nearest neighbours (a smooth, deterministic function of the
@@ -58,10 +57,16 @@ def _fill_squall_outputs(sdata) -> None:
     t.layers["squall"] = pred
     t.layers["log1p"] = lg.astype(np.float32)
     t.var["squall_predicted"] = np.isfinite(pred).all(0)
-    t.obs["squall_niche"] = pd.Categorical(t.obs["her2st_cluster"].astype(str).replace("nan", np.nan))
+    t.obs["squall_niche"] = pd.Categorical(
+        t.obs["her2st_cluster"].astype(str).replace("nan", np.nan)
+    )
     genes = list(t.var_names)
-    t.obs["sig_tls"] = lg[:, [genes.index(g) for g in ("CD74", "HLA-DRA", "CXCL13", "CCL19") if g in genes]].mean(1)
-    t.obs["sig_her2_amplicon"] = lg[:, [genes.index(g) for g in ("ERBB2", "GRB7", "PGAP3") if g in genes]].mean(1)
+    t.obs["sig_tls"] = lg[
+        :, [genes.index(g) for g in ("CD74", "HLA-DRA", "CXCL13", "CCL19") if g in genes]
+    ].mean(1)
+    t.obs["sig_her2_amplicon"] = lg[
+        :, [genes.index(g) for g in ("ERBB2", "GRB7", "PGAP3") if g in genes]
+    ].mean(1)
     t.obs["squall_pseudotime"] = (xy[:, 0] - xy[:, 0].min()) / np.ptp(xy[:, 0])
 
 
@@ -78,6 +83,14 @@ def _example_session():
 def sdata(_example_session):
     """The bundled example with stand-in squall outputs (shared; tests must not modify it)."""
     return _example_session
+
+
+@pytest.fixture(scope="session")
+def bare():
+    """The bundled example without squall outputs (shared; tests must not modify it)."""
+    import squall_sd as squall
+
+    return squall.datasets.example()
 
 
 @pytest.fixture()
@@ -102,7 +115,9 @@ def check_figure(request):
             fig.savefig(expected, dpi=DPI)
             plt.close(fig)
             if not UPDATE:
-                pytest.fail(f"reference image {expected} did not exist; written now - check it and rerun")
+                pytest.fail(
+                    f"reference image {expected} did not exist; written now - check it and rerun"
+                )
             return
         FAILED.mkdir(exist_ok=True)
         actual = FAILED / f"{name}-actual.png"

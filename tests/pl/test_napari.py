@@ -59,7 +59,7 @@ def _pump(app, n: int = 20) -> None:
 
 @pytest.fixture(scope="module")
 def predicted():
-    """The bundled example with a real prediction layer (tiny random model; colours are arbitrary)."""
+    """The bundled example with a real prediction layer (tiny random model: arbitrary colours)."""
     import torch
 
     sdata = squall.datasets.example()
@@ -78,7 +78,7 @@ def predicted():
 
 
 def _disc_distance(viewer, shape_hw, spots) -> np.ndarray:
-    """Signed distance (screen px) of each canvas pixel to the nearest projected spot disc (<0: inside)."""
+    """Signed distance (screen px) of each canvas pixel to the nearest projected disc."""
     h, w = shape_hw
     cy, cx = viewer.camera.center[-2:]
     zoom = viewer.camera.zoom  # screen px per world unit (µm)
@@ -129,8 +129,12 @@ def test_napari_overlay_lines_up_with_spots(qt_display, predicted):
         dist = _disc_distance(viewer, changed.shape, resolve_spots(predicted))
         inside, outside = dist < -EDGE_PX, dist > EDGE_PX
         assert inside.sum() > 2000, "the spot discs should cover a visible part of the canvas"
-        assert changed[inside].mean() > 0.97, "the overlay should change the pixels inside the spots"
-        assert changed[outside].mean() < 0.001, "the overlay should not change pixels outside the spots"
+        assert changed[inside].mean() > 0.97, (
+            "the overlay should change the pixels inside the spots"
+        )
+        assert changed[outside].mean() < 0.001, (
+            "the overlay should not change pixels outside the spots"
+        )
     finally:
         viewer.close()
 
@@ -148,7 +152,9 @@ def test_napari_layers_and_niches(qt_display, sdata):
         assert [layer.visible for layer in viewer.layers][:2] == [True, True]
         assert not any(layer.visible for layer in list(viewer.layers)[2:])
         # the H&E's level 0 is scaled from pixels to microns (2 µm/px in the example)
-        np.testing.assert_allclose(np.diag(viewer.layers["he"].affine.affine_matrix)[:2], 1.99998, rtol=1e-4)
+        np.testing.assert_allclose(
+            np.diag(viewer.layers["he"].affine.affine_matrix)[:2], 1.99998, rtol=1e-4
+        )
         niche = viewer.layers["squall_niche"]
         assert list(niche.features["squall_niche"].cat.categories) == list(
             sdata.tables["table"].obs["squall_niche"].cat.categories

@@ -54,15 +54,22 @@ def test_plot_trajectory(sdata, check_figure):
 
 def test_plot_predicted_vs_measured(sdata, check_figure):
     adata = sdata.tables["table"].copy()
-    summary = squall.tl.evaluate_expression(adata, measured="log1p", predicted="squall")  # the real tool
+    summary = squall.tl.evaluate_expression(
+        adata, measured="log1p", predicted="squall"
+    )  # the real tool
     axes = squall.pl.predicted_vs_measured(adata, genes=["ERBB2", "CD74"], measured_layer="log1p")
     assert len(axes) == 3
-    assert axes[0].get_title() == f"{summary['n_genes']} genes, median r = {summary['median_pearson']:.2f}"
+    assert (
+        axes[0].get_title()
+        == f"{summary['n_genes']} genes, median r = {summary['median_pearson']:.2f}"
+    )
     check_figure("predicted_vs_measured")
 
 
 def test_plot_predicted_vs_measured_bar(sdata, check_figure):
-    axes = squall.pl.predicted_vs_measured(sdata, summary="bar", n_top=10, n_genes=1, measured_layer="log1p")
+    axes = squall.pl.predicted_vs_measured(
+        sdata, summary="bar", n_top=10, n_genes=1, measured_layer="log1p"
+    )
     assert len(axes) == 2
     assert len(axes[0].patches) == 10
     check_figure("predicted_vs_measured_bar")
@@ -83,7 +90,7 @@ def test_expression_ax_and_save(sdata, tmp_path):
 
 
 def test_expression_prediction_table_without_measurements(sdata):
-    """A ``squall_expression`` table (predictions in X, var['squall_predicted']) is found without keys."""
+    """A ``squall_expression`` table (predictions in X) is found without keys."""
     from spatialdata import SpatialData
 
     from squall_sd.pl._spatial import find_prediction
@@ -93,16 +100,18 @@ def test_expression_prediction_table_without_measurements(sdata):
     pred.X = np.asarray(t.layers["squall"][:, :5])
     for key in ("squall", "log1p"):
         del pred.layers[key]
-    only = SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes), tables={"squall_expression": pred})
+    only = SpatialData(
+        images=dict(sdata.images), shapes=dict(sdata.shapes), tables={"squall_expression": pred}
+    )
     src = find_prediction(only, table_key=None, layer="squall")
     assert (src.table_key, src.layer) == ("squall_expression", None)
     axes = squall.pl.expression(only, [str(pred.var_names[0])], show_image=False)
     assert axes.shape == (1, 1)  # no measured expression on this slide
 
 
-def test_expression_errors(sdata, example_copy):
+def test_expression_errors(sdata, bare):
     with pytest.raises(KeyError, match="predict_expression"):
-        squall.pl.expression(example_copy, "ERBB2")
+        squall.pl.expression(bare, "ERBB2")
     with pytest.raises(KeyError, match="not in table"):
         squall.pl.expression(sdata, "NOT_A_GENE")
     unpredicted = str(sdata.tables["table"].var_names[-1])
@@ -110,15 +119,15 @@ def test_expression_errors(sdata, example_copy):
         squall.pl.expression(sdata, unpredicted, show_image=False)
 
 
-def test_obs_plot_errors(example_copy):
+def test_obs_plot_errors(bare):
     with pytest.raises(KeyError, match="tl.niches"):
-        squall.pl.niches(example_copy)
+        squall.pl.niches(bare)
     with pytest.raises(KeyError, match="score_signatures"):
-        squall.pl.signatures(example_copy)
+        squall.pl.signatures(bare)
     with pytest.raises(KeyError, match="tl.trajectory"):
-        squall.pl.trajectory(example_copy)
+        squall.pl.trajectory(bare)
     with pytest.raises(ValueError, match="'hist' or 'bar'"):
-        squall.pl.predicted_vs_measured(example_copy.tables["table"], summary="pie")
+        squall.pl.predicted_vs_measured(bare.tables["table"], summary="pie")
 
 
 def test_with_tools(example_copy):
@@ -131,7 +140,9 @@ def test_with_tools(example_copy):
     sc.pp.log1p(adata)
     sc.pp.pca(adata, n_comps=10, random_state=0)
     squall.tl.niches(adata, n_niches=4)
-    squall.tl.score_signatures(adata, {"her2": ["ERBB2", "GRB7", "PGAP3"], "mhc2": ["CD74", "HLA-DRA", "HLA-DRB1"]})
+    squall.tl.score_signatures(
+        adata, {"her2": ["ERBB2", "GRB7", "PGAP3"], "mhc2": ["CD74", "HLA-DRA", "HLA-DRB1"]}
+    )
     squall.tl.trajectory(adata, root=0)
     assert isinstance(squall.pl.niches(sdata, show_image=False), Axes)
     assert len(squall.pl.signatures(sdata, show_image=False)) == 2

@@ -23,23 +23,40 @@ def add_view_parser(sub: Any) -> argparse.ArgumentParser:
     Returns
     -------
     The ``view`` parser.
+
     """
     view = sub.add_parser(
         "view",
         help="open a SpatialData store (e.g. from `squall predict`) in napari",
-        description="Open the H&E with predicted / measured expression and niches in napari, all in microns.",
+        description="Open the H&E with predicted / measured expression and niches in napari "
+        "(all in microns).",
     )
     view.add_argument("store", help="SpatialData zarr store (e.g. result.zarr)")
-    view.add_argument("--genes", nargs="+", default=None, help="genes to overlay (default: 3 most variable predicted)")
-    view.add_argument("--niches", default="squall_niche", help="obs column with niche labels (default: %(default)s)")
-    view.add_argument("--table-key", default=None, help="table with the predictions (default: found automatically)")
-    view.add_argument("--layer", default="squall", help="layer holding the predictions (default: %(default)s)")
+    view.add_argument(
+        "--genes",
+        nargs="+",
+        default=None,
+        help="genes to overlay (default: 3 most variable predicted)",
+    )
+    view.add_argument(
+        "--niches",
+        default="squall_niche",
+        help="obs column with niche labels (default: %(default)s)",
+    )
+    view.add_argument(
+        "--table-key",
+        default=None,
+        help="table with the predictions (default: found automatically)",
+    )
+    view.add_argument(
+        "--layer", default="squall", help="layer holding the predictions (default: %(default)s)"
+    )
     view.add_argument("--no-measured", action="store_true", help="do not add measured expression")
     view.add_argument(
         "--screenshot",
         default=None,
         metavar="PNG",
-        help="save a screenshot of the canvas to PNG and exit instead of opening an interactive window",
+        help="save a screenshot of the canvas to PNG and exit (no interactive window)",
     )
     view.set_defaults(func=run_view)
     return view
@@ -56,12 +73,13 @@ def run_view(args: argparse.Namespace) -> int:
     Returns
     -------
     The exit code.
+
     """
     from spatialdata import read_zarr
 
     from squall_sd.io._common import check_path
-    from squall_sd.pl._napari import require_napari
     from squall_sd.pl._napari import napari as open_napari
+    from squall_sd.pl._napari import require_napari
 
     store = check_path(args.store, "SpatialData zarr store", kind="dir")
     try:

@@ -115,7 +115,9 @@ class PatchEmbed(nn.Module):
                 f"Expected input of spatial size {self.img_size}×{self.img_size}, found "
                 f"{tuple(x.shape[-2:])}; cut tiles of exactly this size."
             )
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # contiguous (B, N, D): otherwise every residual add keeps the conv's (B, D, N) strides and each
+        # LayerNorm / Linear of every block copies its input back to row-major
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class PositionEmbeddingMLP(nn.Module):
@@ -142,12 +144,38 @@ class RelativePositionBias(nn.Module):
     def __init__(self, num_heads: int, hidden: int = 64) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, num_heads))
+        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
 
     def forward(self, n: int) -> torch.Tensor:
-        """Return the additive attention bias (1, heads, n, n) for a sequence of length ``n``."""
+        """Return the additive attention bias (1, heads, n, n) for a sequence of length ``n``.
+
+        Without gradients (inference) the bias is computed once and reused until the MLP's
+        parameters change (they are keyed by storage and version counter), the sequence length,
+        device, dtype or autocast state change.
+        """
         w = self.mlp[0].weight
+        key = None
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            dev = w.device.type
+            key = (
+                int(n),
+                str(w.device),
+                w.dtype,
+                torch.is_inference_mode_enabled(),
+                torch.is_autocast_enabled(dev) if dev in ("cuda", "cpu") else False,
+                torch.get_autocast_dtype(dev) if dev in ("cuda", "cpu") else None,
+                tuple((p.data_ptr(), p._version) for p in self.mlp.parameters()),
+            )
+            cached = self._bias_cache
+            if cached is not None and cached[0] == key:
+                return cached[1]
         offsets = rpb_offsets(n, w.device).to(w.dtype)
-        return self.mlp(offsets).permute(2, 0, 1).unsqueeze(0)
+        bias = self.mlp(offsets).permute(2, 0, 1).unsqueeze(0).contiguous()
+        if key is not None:
+            self._bias_cache = (key, bias)
+        else:
+            self._bias_cache = None
+        return bias
 
 
 class Attention(nn.Module):
@@ -168,7 +196,8 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = self.relative_position_bias(n).to(q.dtype).expand(b, -1, -1, -1)
+        # (1, heads, n, n), broadcast over the batch by SDPA (expanding it to B would copy it)
+        bias = self.relative_position_bias(n).to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 

@@ -1,4 +1,4 @@
-"""How well do predictions agree with measurements: per-gene correlation summary and scatter plots."""
+"""Agreement of predictions with measurements: per-gene correlation summary and scatter plots."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def _resolve_table(data: AnnData | SpatialData, table_key: str | None, layer: st
         raise ValueError(
             f"Table {src.table_key!r} holds predictions in `X` and no measured expression. "
             "predicted_vs_measured needs both in one table: predict at the measured spots "
-            "(`squall.tl.predict_expression(sdata, model)` writes `layers['squall']` of the measured table)."
+            "(`squall.tl.predict_expression(sdata, model)` writes `layers['squall']` of the "
+            "measured table)."
         )
     return data.tables[src.table_key]
 
@@ -51,7 +52,11 @@ def _correlations(adata: AnnData, *, layer: str, measured_layer: str | None, key
             f"`layers[{layer!r}]` not found (layers: {list(adata.layers)}). Run "
             "`squall.tl.predict_expression(sdata, model)` first, or pass `layer=`."
         )
-    pred = np.asarray(adata.layers[layer].toarray() if sparse.issparse(adata.layers[layer]) else adata.layers[layer])
+    pred = np.asarray(
+        adata.layers[layer].toarray()
+        if sparse.issparse(adata.layers[layer])
+        else adata.layers[layer]
+    )
     keep = np.isfinite(pred).all(axis=0)
     if "squall_predicted" in adata.var:
         keep &= adata.var["squall_predicted"].to_numpy(dtype=bool)
@@ -65,7 +70,8 @@ def _correlations(adata: AnnData, *, layer: str, measured_layer: str | None, key
     out = pd.Series(np.nan, index=adata.var_names, dtype=float)
     out.iloc[np.flatnonzero(keep)] = r
     logger.info(
-        "computed Pearson r of %d genes (not stored; `squall.tl.evaluate_expression` stores them)", int(keep.sum())
+        "computed Pearson r of %d genes (not stored; `squall.tl.evaluate_expression` stores them)",
+        int(keep.sum()),
     )
     return out
 
@@ -139,12 +145,15 @@ def predicted_vs_measured(
         No predictions (``layers[layer]``) or an unknown gene.
     ValueError
         An unknown ``summary``, no finite correlation, or the wrong number of ``ax``.
+
     """
     if summary not in ("hist", "bar"):
         raise ValueError(f"`summary` must be 'hist' or 'bar', got {summary!r}.")
     adata = _resolve_table(data, table_key, layer)
     if measured_layer is not None and measured_layer not in adata.layers:
-        raise KeyError(f"`measured_layer={measured_layer!r}` not found (layers: {list(adata.layers)}).")
+        raise KeyError(
+            f"`measured_layer={measured_layer!r}` not found (layers: {list(adata.layers)})."
+        )
     r = _correlations(adata, layer=layer, measured_layer=measured_layer, key=key)
     finite = r[np.isfinite(r.to_numpy())].sort_values(ascending=False, kind="mergesort")
     if finite.empty:
@@ -157,13 +166,17 @@ def predicted_vs_measured(
         if missing:
             raise KeyError(f"Genes {missing} not found in `var_names` ({adata.n_vars} genes).")
     if layer not in adata.layers and gene_list:
-        raise KeyError(f"`layers[{layer!r}]` not found (layers: {list(adata.layers)}); pass `layer=`.")
+        raise KeyError(
+            f"`layers[{layer!r}]` not found (layers: {list(adata.layers)}); pass `layer=`."
+        )
     n = 1 + len(gene_list)
     fig, axes = get_axes(ax, n, ncols=ncols, panel_size=(3.5, 3.5), figsize=figsize)
 
     ax0 = axes[0]
     if summary == "hist":
-        ax0.hist(finite.to_numpy(), bins=bins, range=(-1.0, 1.0), color="#4c72b0", edgecolor="white")
+        ax0.hist(
+            finite.to_numpy(), bins=bins, range=(-1.0, 1.0), color="#4c72b0", edgecolor="white"
+        )
         med = float(finite.median())
         ax0.axvline(med, color="#c44e52", linestyle="--", linewidth=1.5)
         ax0.set_xlim(-1.0, 1.0)

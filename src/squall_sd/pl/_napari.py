@@ -1,4 +1,4 @@
-"""Interactive viewing in napari: the H&E with predicted / measured expression and niches in microns."""
+"""Interactive viewing in napari: H&E, predicted / measured expression and niches in microns."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ UNITS = ("um", "um")
 
 
 def require_napari() -> Any:
-    """Import and return :mod:`napari`, or raise an :class:`ImportError` that says how to install it."""
+    """Import and return :mod:`napari`, or raise an :class:`ImportError` with the install hint."""
     try:
         import napari as napari_module
     except ImportError as e:
@@ -148,7 +148,7 @@ def napari(
     sdata
         SpatialData with the H&E registered in ``microns`` and spots annotated by a table.
     genes
-        Genes to overlay; default the :data:`DEFAULT_N_GENES` predicted genes with the most variable
+        Genes to overlay; default the three predicted genes with the most variable
         predictions (none when there are no predictions).
     niches
         Categorical ``obs`` column with niche labels to overlay (skipped when absent); ``None``
@@ -188,6 +188,7 @@ def napari(
         napari is not installed (``pip install "squall-sd[napari]"``).
     KeyError
         Genes were asked for but there are no predictions, or an unknown gene.
+
     """
     from squall_sd.pl._spatial import (
         _as_list,
@@ -211,12 +212,18 @@ def napari(
     if pred is not None and gene_list is None:
         gene_list = _default_genes(sdata, pred.table_key, pred.layer)
     gene_list = gene_list or []
-    meas = _measured_source(sdata, pred, spots.shapes_key, measured_layer) if (pred and measured) else None
+    meas = (
+        _measured_source(sdata, pred, spots.shapes_key, measured_layer)
+        if (pred and measured)
+        else None
+    )
     if pred is not None:
         ptab = sdata.tables[pred.table_key]
         missing = [g for g in gene_list if g not in ptab.var_names]
         if missing:
-            raise KeyError(f"Genes {missing} not in table {pred.table_key!r} ({ptab.n_vars} genes).")
+            raise KeyError(
+                f"Genes {missing} not in table {pred.table_key!r} ({ptab.n_vars} genes)."
+            )
 
     if viewer is None:
         viewer = napari_module.Viewer(title=title, show=show)
@@ -234,11 +241,18 @@ def napari(
                 continue
             values = _spot_order(sdata, spots, src.table_key, table_values(tab, gene, src.layer))
             if kind == "predicted" and not np.isfinite(values).any():
-                raise ValueError(f"Gene {gene!r} has no predicted values (the model does not predict it).")
+                raise ValueError(
+                    f"Gene {gene!r} has no predicted values (the model does not predict it)."
+                )
             norm = robust_norm(values, vmin=None, vmax=vmax)
             _add_spots(
-                viewer, spots, name=f"{gene} {kind}", face=_rgba(values, cmap, norm),
-                features=pd.DataFrame({gene: values}), opacity=opacity, visible=first,
+                viewer,
+                spots,
+                name=f"{gene} {kind}",
+                face=_rgba(values, cmap, norm),
+                features=pd.DataFrame({gene: values}),
+                opacity=opacity,
+                visible=first,
             )
             first = False
 
@@ -252,12 +266,19 @@ def napari(
             colors = _palette(_with_categorical(tab, niches, series), niches, None)
             labels = _spot_order(sdata, spots, tkey, series.astype(object).to_numpy(), fill=None)
             face = np.array(
-                [_to_rgba(colors.get(str(v), "#bbbbbb")) if pd.notna(v) else _to_rgba("#bbbbbb") for v in labels]
+                [
+                    _to_rgba(colors.get(str(v), "#bbbbbb")) if pd.notna(v) else _to_rgba("#bbbbbb")
+                    for v in labels
+                ]
             )
             _add_spots(
-                viewer, spots, name=niches, face=face,
+                viewer,
+                spots,
+                name=niches,
+                face=face,
                 features=pd.DataFrame({niches: pd.Categorical(labels, categories=list(colors))}),
-                opacity=opacity, visible=first,
+                opacity=opacity,
+                visible=first,
             )
             first = False
         else:
@@ -270,7 +291,7 @@ def napari(
 
 
 def _focus(viewer: _napari.Viewer, spots: Spots, *, margin: float = 0.05) -> None:
-    """Centre the camera on the spots and zoom so that they fill the canvas (after ``reset_view``)."""
+    """Centre the camera on the spots and zoom so that they fill the canvas."""
     x0, y0, x1, y1 = spots.bounds_um
     extent = np.asarray(viewer.layers.extent.world, dtype=float)[:, -2:]  # (min, max) x (y, x)
     span_world = extent[1] - extent[0]
@@ -290,11 +311,19 @@ def _to_rgba(c: str) -> tuple[float, float, float, float]:
     return to_rgba(c)
 
 
-def _spot_order(sdata: SpatialData, spots: Spots, table_key: str, values: np.ndarray, *, fill: Any = np.nan) -> np.ndarray:
-    """Reorder per-table-row ``values`` into the order of the shapes element (missing rows: ``fill``)."""
+def _spot_order(
+    sdata: SpatialData, spots: Spots, table_key: str, values: np.ndarray, *, fill: Any = np.nan
+) -> np.ndarray:
+    """Reorder per-table-row ``values`` into the shapes element's order (missing rows: ``fill``)."""
     from squall_sd.tl._keys import instance_positions
 
-    rows, pos = instance_positions(sdata.tables[table_key], spots.shapes_key, sdata.shapes[spots.shapes_key].index)
-    out = np.full(len(spots.centers_um), fill, dtype=object if fill is None or values.dtype == object else float)
+    rows, pos = instance_positions(
+        sdata.tables[table_key], spots.shapes_key, sdata.shapes[spots.shapes_key].index
+    )
+    out = np.full(
+        len(spots.centers_um),
+        fill,
+        dtype=object if fill is None or values.dtype == object else float,
+    )
     out[pos] = np.asarray(values)[rows]
     return out

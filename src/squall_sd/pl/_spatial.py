@@ -1,4 +1,4 @@
-"""Static spatial plots on the H&E: predicted / measured expression, niches, signatures, pseudotime."""
+"""Static spatial plots on the H&E: expression, niches, signatures, pseudotime."""
 
 from __future__ import annotations
 
@@ -83,10 +83,14 @@ def find_prediction(
     Returns
     -------
     The table and layer (``None``: ``X``) holding the predictions.
+
     """
     if table_key is not None:
         if table_key not in sdata.tables:
-            raise KeyError(f"Table {table_key!r} not found in `sdata.tables`. Available: {sorted(sdata.tables)}.")
+            raise KeyError(
+                f"Table {table_key!r} not found in `sdata.tables`. "
+                f"Available: {sorted(sdata.tables)}."
+            )
         t = sdata.tables[table_key]
         if layer in t.layers:
             return _Source(table_key, layer)
@@ -94,7 +98,8 @@ def find_prediction(
             return _Source(table_key, None)
         raise KeyError(
             f"Table {table_key!r} holds no predicted expression: no `layers[{layer!r}]` (layers: "
-            f"{list(t.layers)}) and no `var[{PREDICTED_VAR!r}]`. Run `squall.tl.predict_expression(sdata, "
+            f"{list(t.layers)}) and no `var[{PREDICTED_VAR!r}]`. "
+            "Run `squall.tl.predict_expression(sdata, "
             "model)` first, or pass `layer=` / `table_key=`."
         )
     names = [n for n in sorted(sdata.tables) if _annotates(sdata, n, shapes_key)]
@@ -104,25 +109,39 @@ def find_prediction(
         if len(group) == 1:
             return _Source(group[0], lay)
         if len(group) > 1:
-            raise KeyError(f"Several tables hold predicted expression: {group}; pass `table_key=` to choose one.")
+            raise KeyError(
+                f"Several tables hold predicted expression: {group}; "
+                "pass `table_key=` to choose one."
+            )
     raise KeyError(
-        f"No predicted expression found: no table has `layers[{layer!r}]` or `var[{PREDICTED_VAR!r}]` "
+        f"No predicted expression found: no table has `layers[{layer!r}]` or "
+        f"`var[{PREDICTED_VAR!r}]` "
         f"(tables: {sorted(sdata.tables)}). Run `squall.tl.predict_expression(sdata, model)` first."
     )
 
 
-def _measured_source(sdata: SpatialData, pred: _Source, shapes_key: str, measured_layer: str | None) -> _Source | None:
-    """The measured expression of the predicted spots, or ``None`` when there is none."""
+def _measured_source(
+    sdata: SpatialData, pred: _Source, shapes_key: str, measured_layer: str | None
+) -> _Source | None:
+    """Return the measured expression of the predicted spots, or ``None`` when there is none."""
     from squall_sd.tl._keys import tables_annotating
 
     if pred.layer is not None:
         key = pred.table_key
     else:
         others = [n for n in tables_annotating(sdata, shapes_key) if n != pred.table_key]
-        others = [n for n in others if PREDICTED_VAR not in sdata.tables[n].var or sdata.tables[n].n_vars > 0]
+        others = [
+            n
+            for n in others
+            if PREDICTED_VAR not in sdata.tables[n].var or sdata.tables[n].n_vars > 0
+        ]
         if len(others) != 1:
             if len(others) > 1:
-                logger.info("several tables annotate %r (%s); not plotting measured expression", shapes_key, others)
+                logger.info(
+                    "several tables annotate %r (%s); not plotting measured expression",
+                    shapes_key,
+                    others,
+                )
             return None
         key = others[0]
     if measured_layer is not None and measured_layer not in sdata.tables[key].layers:
@@ -228,6 +247,7 @@ def expression(
         No predictions (run :func:`squall_sd.tl.predict_expression` first), or an unknown gene.
     ValueError
         A gene the model does not predict (all values NaN), or the wrong number of ``ax``.
+
     """
     gene_list = _as_list(genes) or []
     if not gene_list:
@@ -239,7 +259,8 @@ def expression(
     missing = [g for g in gene_list if g not in ptab.var_names]
     if missing:
         raise KeyError(
-            f"Genes {missing} not in table {pred.table_key!r} ({ptab.n_vars} genes, e.g. {list(ptab.var_names[:5])})."
+            f"Genes {missing} not in table {pred.table_key!r} ({ptab.n_vars} genes, "
+            f"e.g. {list(ptab.var_names[:5])})."
         )
     if meas is not None and not any(g in sdata.tables[meas.table_key].var_names for g in gene_list):
         meas = None
@@ -251,7 +272,8 @@ def expression(
         values = table_values(ptab, gene, pred.layer)
         if not np.isfinite(values).any():
             raise ValueError(
-                f"Gene {gene!r} has no predicted values in table {pred.table_key!r} (all NaN): the model "
+                f"Gene {gene!r} has no predicted values in table {pred.table_key!r} (all NaN): "
+                "the model "
                 f"does not predict it. Predicted genes are marked by `var[{PREDICTED_VAR!r}]`."
             )
         render_panel(
@@ -300,14 +322,23 @@ def expression(
 # ---------------------------------------------------------------------------------------------
 # obs columns (niches, signatures, pseudotime)
 # ---------------------------------------------------------------------------------------------
-def _palette(adata: AnnData, key: str, palette: dict[str, str] | Sequence[str] | str | None) -> dict[str, str]:
-    """Category → colour: ``palette``, else ``uns[f"{key}_colors"]``, else scanpy's default palette."""
+def _palette(
+    adata: AnnData, key: str, palette: dict[str, str] | Sequence[str] | str | None
+) -> dict[str, str]:
+    """Return category → colour: ``palette``, ``uns[f"{key}_colors"]`` or scanpy's default."""
     from matplotlib import colormaps
     from matplotlib.colors import to_hex
     from scanpy.plotting import palettes
 
     series = adata.obs[key]
-    cats = [str(c) for c in (series.cat.categories if isinstance(series.dtype, pd.CategoricalDtype) else pd.unique(series.dropna()))]
+    cats = [
+        str(c)
+        for c in (
+            series.cat.categories
+            if isinstance(series.dtype, pd.CategoricalDtype)
+            else pd.unique(series.dropna())
+        )
+    ]
     if isinstance(palette, dict):
         missing = [c for c in cats if c not in palette]
         if missing:
@@ -358,7 +389,8 @@ def _scatter_obs(
 
     if spatial_key not in adata.obsm:
         raise KeyError(
-            f"`obsm[{spatial_key!r}]` not found: an AnnData needs spot positions (µm) to be plotted. Pass the "
+            f"`obsm[{spatial_key!r}]` not found: an AnnData needs spot positions (µm) to be "
+            "plotted. Pass the "
             "SpatialData instead, or `spatial_key=`."
         )
     xy = np.asarray(adata.obsm[spatial_key], dtype=float)[:, :2]
@@ -376,7 +408,13 @@ def _scatter_obs(
         ax.add_collection(coll)
         shown = [c for c in (colors or {}) if groups is None or c in groups]
         handles = [Patch(color=colors[c], label=c) for c in shown]
-        ax.legend(handles=handles, title=legend_title, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        ax.legend(
+            handles=handles,
+            title=legend_title,
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            frameon=False,
+        )
     else:
         cm = colormaps[cmap] if isinstance(cmap, str) else cmap
         coll = PatchCollection(patches, cmap=cm, norm=norm, edgecolors="none", alpha=fill_alpha)
@@ -442,17 +480,34 @@ def _obs_panels(
             if groups is not None:
                 unknown = [g for g in groups if g not in colors]
                 if unknown:
-                    raise ValueError(f"`groups` {unknown} are not categories of `obs[{key!r}]` ({list(colors)}).")
+                    raise ValueError(
+                        f"`groups` {unknown} are not categories of `obs[{key!r}]` ({list(colors)})."
+                    )
             if spots is None:
                 _scatter_obs(
-                    adata, target, categories=series, colors=colors, title=title, legend_title=key,
-                    groups=groups, fill_alpha=fill_alpha,
+                    adata,
+                    target,
+                    categories=series,
+                    colors=colors,
+                    title=title,
+                    legend_title=key,
+                    groups=groups,
+                    fill_alpha=fill_alpha,
                 )
             else:
                 render_panel(
-                    _with_table(data, spots.table_key, plot_table), image_key=ikey, image=image, spots=spots,
-                    ax=target, color=key, table_key=spots.table_key, palette=colors, groups=groups, title=title,
-                    fill_alpha=fill_alpha, pad_um=pad_um,
+                    _with_table(data, spots.table_key, plot_table),
+                    image_key=ikey,
+                    image=image,
+                    spots=spots,
+                    ax=target,
+                    color=key,
+                    table_key=spots.table_key,
+                    palette=colors,
+                    groups=groups,
+                    title=title,
+                    fill_alpha=fill_alpha,
+                    pad_um=pad_um,
                 )
         else:
             values = pd.to_numeric(obs_values(adata, key), errors="coerce").to_numpy(dtype=float)
@@ -461,21 +516,36 @@ def _obs_panels(
             norm = robust_norm(values, vmin=vmin, vmax=vmax)
             if spots is None:
                 _scatter_obs(
-                    adata, target, values=values, cmap=cmap, norm=norm, title=title, legend_title=key,
+                    adata,
+                    target,
+                    values=values,
+                    cmap=cmap,
+                    norm=norm,
+                    title=title,
+                    legend_title=key,
                     fill_alpha=fill_alpha,
                 )
             else:
                 render_panel(
-                    data, image_key=ikey, image=image, spots=spots, ax=target, color=key,
-                    table_key=spots.table_key, cmap=cmap, norm=norm, title=title,
-                    fill_alpha=fill_alpha, pad_um=pad_um,
+                    data,
+                    image_key=ikey,
+                    image=image,
+                    spots=spots,
+                    ax=target,
+                    color=key,
+                    table_key=spots.table_key,
+                    cmap=cmap,
+                    norm=norm,
+                    title=title,
+                    fill_alpha=fill_alpha,
+                    pad_um=pad_um,
                 )
     save_figure(fig, save)
     return axes
 
 
 def _with_categorical(adata: AnnData, key: str, series: pd.Series) -> AnnData:
-    """``adata`` itself when ``obs[key]`` is categorical, else a light copy whose ``obs[key]`` is."""
+    """Return ``adata`` if ``obs[key]`` is categorical, else a light copy where it is."""
     if isinstance(adata.obs[key].dtype, pd.CategoricalDtype):
         return adata
     from anndata import AnnData
@@ -483,12 +553,14 @@ def _with_categorical(adata: AnnData, key: str, series: pd.Series) -> AnnData:
     obs = adata.obs.copy()
     obs[key] = series
     out = AnnData(obs=obs, uns=dict(adata.uns))
-    out.obsm["spatial"] = adata.obsm["spatial"] if "spatial" in adata.obsm else np.zeros((adata.n_obs, 2))
+    out.obsm["spatial"] = (
+        adata.obsm["spatial"] if "spatial" in adata.obsm else np.zeros((adata.n_obs, 2))
+    )
     return out
 
 
 def _with_table(sdata: SpatialData, table_key: str, table: AnnData) -> SpatialData:
-    """``sdata`` itself, or a shallow SpatialData with ``table`` (a plotting copy) under ``table_key``."""
+    """Return ``sdata``, or a shallow SpatialData with ``table`` under ``table_key``."""
     if sdata.tables[table_key] is table:
         return sdata
     from spatialdata import SpatialData
@@ -561,18 +633,36 @@ def niches(
     ------
     KeyError
         ``obs[key]`` is missing (run :func:`squall_sd.tl.niches` first).
+
     """
     _require_obs(data, table_key, shapes_key, key, "squall.tl.niches(adata)")
     axes = _obs_panels(
-        data, [key], kind="categorical", table_key=table_key, shapes_key=shapes_key, image_key=image_key,
-        show_image=show_image, cmap=None, vmin=None, vmax=None, palette=palette, groups=groups,
-        titles=[title if title is not None else key], fill_alpha=fill_alpha, pad_um=pad_um, ncols=1,
-        figsize=figsize, ax=ax, save=save,
+        data,
+        [key],
+        kind="categorical",
+        table_key=table_key,
+        shapes_key=shapes_key,
+        image_key=image_key,
+        show_image=show_image,
+        cmap=None,
+        vmin=None,
+        vmax=None,
+        palette=palette,
+        groups=groups,
+        titles=[title if title is not None else key],
+        fill_alpha=fill_alpha,
+        pad_um=pad_um,
+        ncols=1,
+        figsize=figsize,
+        ax=ax,
+        save=save,
     )
     return axes[0]
 
 
-def _table_of(data: SpatialData | AnnData, table_key: str | None, shapes_key: str | None) -> AnnData:
+def _table_of(
+    data: SpatialData | AnnData, table_key: str | None, shapes_key: str | None
+) -> AnnData:
     if _is_sdata(data):
         spots = resolve_spots(data, shapes_key=shapes_key, table_key=table_key)
         if spots.table_key is None:
@@ -583,7 +673,9 @@ def _table_of(data: SpatialData | AnnData, table_key: str | None, shapes_key: st
     return resolve_adata(data, table_key)
 
 
-def _require_obs(data: SpatialData | AnnData, table_key: str | None, shapes_key: str | None, key: str, run: str) -> None:
+def _require_obs(
+    data: SpatialData | AnnData, table_key: str | None, shapes_key: str | None, key: str, run: str
+) -> None:
     adata = _table_of(data, table_key, shapes_key)
     if key not in adata.obs:
         raise KeyError(f"`obs[{key!r}]` not found in the table. Run `{run}` first, or pass `key=`.")
@@ -652,17 +744,26 @@ def signatures(
     ------
     KeyError
         No score column (run :func:`squall_sd.tl.score_signatures` first) or an unknown key.
+
     """
     adata = _table_of(data, table_key, shapes_key)
     names = _as_list(keys)
     if names is None:
-        names = [str(c) for c in adata.obs.columns if str(c).startswith(key_prefix) and _numeric(adata.obs[c])]
+        names = [
+            str(c)
+            for c in adata.obs.columns
+            if str(c).startswith(key_prefix) and _numeric(adata.obs[c])
+        ]
         if not names:
             raise KeyError(
-                f"No signature scores (`obs` columns starting with {key_prefix!r}) in the table. Run "
+                f"No signature scores (`obs` columns starting with {key_prefix!r}) in the "
+                "table. Run "
                 "`squall.tl.score_signatures(adata)` first, or pass `keys=`."
             )
-    cols = [n if n in adata.obs or f"{key_prefix}{n}" not in adata.obs else f"{key_prefix}{n}" for n in names]
+    cols = [
+        n if n in adata.obs or f"{key_prefix}{n}" not in adata.obs else f"{key_prefix}{n}"
+        for n in names
+    ]
     for c, n in zip(cols, names, strict=True):
         if c not in adata.obs:
             near = [str(x) for x in adata.obs.columns if str(x).startswith(key_prefix)]
@@ -672,9 +773,25 @@ def signatures(
             )
     titles = [c[len(key_prefix) :] if c.startswith(key_prefix) else c for c in cols]
     return _obs_panels(
-        data, cols, kind="continuous", table_key=table_key, shapes_key=shapes_key, image_key=image_key,
-        show_image=show_image, cmap=cmap, vmin=vmin, vmax=vmax, palette=None, groups=None, titles=titles,
-        fill_alpha=fill_alpha, pad_um=pad_um, ncols=ncols, figsize=figsize, ax=ax, save=save,
+        data,
+        cols,
+        kind="continuous",
+        table_key=table_key,
+        shapes_key=shapes_key,
+        image_key=image_key,
+        show_image=show_image,
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        palette=None,
+        groups=None,
+        titles=titles,
+        fill_alpha=fill_alpha,
+        pad_um=pad_um,
+        ncols=ncols,
+        figsize=figsize,
+        ax=ax,
+        save=save,
     )
 
 
@@ -741,12 +858,28 @@ def trajectory(
     ------
     KeyError
         ``obs[key]`` is missing (run :func:`squall_sd.tl.trajectory` first).
+
     """
     _require_obs(data, table_key, shapes_key, key, "squall.tl.trajectory(adata, root=...)")
     axes = _obs_panels(
-        data, [key], kind="continuous", table_key=table_key, shapes_key=shapes_key, image_key=image_key,
-        show_image=show_image, cmap=cmap, vmin=vmin, vmax=vmax, palette=None, groups=None,
-        titles=[title if title is not None else key], fill_alpha=fill_alpha, pad_um=pad_um, ncols=1,
-        figsize=figsize, ax=ax, save=save,
+        data,
+        [key],
+        kind="continuous",
+        table_key=table_key,
+        shapes_key=shapes_key,
+        image_key=image_key,
+        show_image=show_image,
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        palette=None,
+        groups=None,
+        titles=[title if title is not None else key],
+        fill_alpha=fill_alpha,
+        pad_um=pad_um,
+        ncols=1,
+        figsize=figsize,
+        ax=ax,
+        save=save,
     )
     return axes[0]

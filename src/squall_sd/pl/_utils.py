@@ -57,6 +57,7 @@ class Spots:
         (n,) radii in microns (of the disc with the same area, for polygons).
     bounds_um
         ``(xmin, ymin, xmax, ymax)`` of the shapes in microns.
+
     """
 
     shapes_key: str
@@ -66,8 +67,10 @@ class Spots:
     bounds_um: tuple[float, float, float, float]
 
 
-def shapes_in_microns(shapes: gpd.GeoDataFrame) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float, float]]:
-    """Return centres (x, y, µm), radii (µm; equal-area radius for polygons) and bounds (µm) of shapes.
+def shapes_in_microns(
+    shapes: gpd.GeoDataFrame,
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float, float]]:
+    """Return centres (x, y), radii and bounds of a shapes element, all in µm.
 
     Parameters
     ----------
@@ -77,6 +80,7 @@ def shapes_in_microns(shapes: gpd.GeoDataFrame) -> tuple[np.ndarray, np.ndarray,
     Returns
     -------
     ``(centers, radius, bounds)``.
+
     """
     from squall_sd.pp._utils import affine_mpp, affine_to_microns
 
@@ -89,14 +93,19 @@ def shapes_in_microns(shapes: gpd.GeoDataFrame) -> tuple[np.ndarray, np.ndarray,
     else:
         cent = geom.centroid
         xy = np.c_[cent.x.to_numpy(float), cent.y.to_numpy(float)]
-        radius = np.sqrt(geom.area.to_numpy(float) / np.pi) * affine_mpp(m)  # equivalent-area radius
+        radius = np.sqrt(geom.area.to_numpy(float) / np.pi) * affine_mpp(
+            m
+        )  # equivalent-area radius
         polygons = True
     centers = xy @ m[:2, :2].T + m[:2, 2]
     if len(centers) == 0:
         raise ValueError("The shapes element is empty: nothing to plot.")
     if polygons:
         b = np.asarray(geom.total_bounds, dtype=float)  # intrinsic xmin, ymin, xmax, ymax
-        corners = np.array([[b[0], b[1]], [b[2], b[1]], [b[0], b[3]], [b[2], b[3]]]) @ m[:2, :2].T + m[:2, 2]
+        corners = (
+            np.array([[b[0], b[1]], [b[2], b[1]], [b[0], b[3]], [b[2], b[3]]]) @ m[:2, :2].T
+            + m[:2, 2]
+        )
         lo, hi = corners.min(0), corners.max(0)
     else:
         lo = (centers - radius[:, None]).min(0)
@@ -104,7 +113,9 @@ def shapes_in_microns(shapes: gpd.GeoDataFrame) -> tuple[np.ndarray, np.ndarray,
     return centers, radius, (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
 
 
-def resolve_spots(sdata: SpatialData, *, shapes_key: str | None = None, table_key: str | None = None) -> Spots:
+def resolve_spots(
+    sdata: SpatialData, *, shapes_key: str | None = None, table_key: str | None = None
+) -> Spots:
     """Find the shapes to colour and the table annotating them.
 
     With ``table_key`` given, its annotated shapes element is used (unless ``shapes_key`` says
@@ -123,12 +134,16 @@ def resolve_spots(sdata: SpatialData, *, shapes_key: str | None = None, table_ke
     Returns
     -------
     The resolved :class:`Spots`.
+
     """
     from squall_sd.tl._keys import resolve_region, resolve_table_key
 
     if shapes_key is None and table_key is not None:
         if table_key not in sdata.tables:
-            raise KeyError(f"Table {table_key!r} not found in `sdata.tables`. Available: {sorted(sdata.tables)}.")
+            raise KeyError(
+                f"Table {table_key!r} not found in `sdata.tables`. "
+                f"Available: {sorted(sdata.tables)}."
+            )
         shapes_key = annotated_shapes(sdata, table_key)
     region = resolve_region(sdata, shapes_key=shapes_key)
     if region is None or region.kind != "shapes":
@@ -149,13 +164,15 @@ def annotated_shapes(sdata: SpatialData, table_key: str) -> str:
         regions, _, _ = get_table_keys(sdata.tables[table_key])
     except Exception as e:  # noqa: BLE001
         raise ValueError(
-            f"Table {table_key!r} does not annotate any element (no spatialdata region / instance keys)."
+            f"Table {table_key!r} does not annotate any element "
+            "(no spatialdata region / instance keys)."
         ) from e
     regions = [regions] if isinstance(regions, str) else list(regions or [])
     shapes = [r for r in regions if r in sdata.shapes]
     if len(shapes) != 1:
         raise ValueError(
-            f"Table {table_key!r} annotates {regions}; expected exactly one shapes element. Pass `shapes_key=`."
+            f"Table {table_key!r} annotates {regions}; expected exactly one shapes element. "
+            "Pass `shapes_key=`."
         )
     return str(shapes[0])
 
@@ -189,6 +206,7 @@ def cropped_image(
     Returns
     -------
     A :class:`~spatialdata.models.Image2DModel` element (``(c, y, x)``, uint8 or the image dtype).
+
     """
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Affine
@@ -215,18 +233,27 @@ def cropped_image(
         h, w = level.shape_yx
         px = (max(lo[0], 0), max(lo[1], 0), min(hi[0], w), min(hi[1], h))
     if px[2] <= px[0] or px[3] <= px[1]:
-        raise ValueError(f"The spots lie outside image {image_key!r} in {MICRONS!r}; check their transformations.")
+        raise ValueError(
+            f"The spots lie outside image {image_key!r} in {MICRONS!r}; "
+            "check their transformations."
+        )
     data = level.data[:, px[1] : px[3], px[0] : px[2]].compute()
     shift = np.array([[1.0, 0.0, px[0]], [0.0, 1.0, px[1]], [0.0, 0.0, 1.0]])
     affine = Affine(m @ shift, input_axes=("x", "y"), output_axes=("x", "y"))
     c_coords = None
     element = sdata.images[image_key]
     try:
-        first = element if not hasattr(element, "children") else next(iter(element["scale0"].data_vars.values()))
+        first = (
+            element
+            if not hasattr(element, "children")
+            else next(iter(element["scale0"].data_vars.values()))
+        )
         c_coords = [str(c) for c in first.coords["c"].values]
     except Exception:  # noqa: BLE001 - channel names are cosmetic
         c_coords = None
-    return Image2DModel.parse(data, dims=("c", "y", "x"), c_coords=c_coords, transformations={MICRONS: affine})
+    return Image2DModel.parse(
+        data, dims=("c", "y", "x"), c_coords=c_coords, transformations={MICRONS: affine}
+    )
 
 
 def table_values(adata: AnnData, gene: str, layer: str | None) -> np.ndarray:
@@ -234,7 +261,9 @@ def table_values(adata: AnnData, gene: str, layer: str | None) -> np.ndarray:
     from scipy import sparse
 
     if gene not in adata.var_names:
-        raise KeyError(f"Gene {gene!r} not found in the table's `var_names` ({adata.n_vars} genes).")
+        raise KeyError(
+            f"Gene {gene!r} not found in the table's `var_names` ({adata.n_vars} genes)."
+        )
     j = int(adata.var_names.get_loc(gene))
     mat = adata.X if layer is None else adata.layers[layer]
     col = mat[:, j]
@@ -247,7 +276,9 @@ def obs_values(adata: AnnData, key: str) -> pd.Series:
     """Return ``adata.obs[key]``, or raise a :class:`KeyError` listing similar columns."""
     if key not in adata.obs:
         prefix = key.split("_")[0]
-        near = [c for c in adata.obs.columns if str(c).startswith(prefix)][:10] or list(adata.obs.columns)[:10]
+        near = [c for c in adata.obs.columns if str(c).startswith(prefix)][:10] or list(
+            adata.obs.columns
+        )[:10]
         raise KeyError(f"`obs[{key!r}]` not found in the table. Columns like it: {near}.")
     return adata.obs[key]
 
@@ -255,7 +286,8 @@ def obs_values(adata: AnnData, key: str) -> pd.Series:
 def robust_norm(values: np.ndarray, *, vmin: float | None, vmax: float | str | None) -> Normalize:
     """Return a :class:`~matplotlib.colors.Normalize` for ``values``.
 
-    ``vmax`` may be a number, ``None`` (the maximum) or ``"pNN"`` (the NN-th percentile of the finite values).
+    ``vmax`` may be a number, ``None`` (the maximum) or ``"pNN"`` (the NN-th percentile of the
+    finite values).
     """
     from matplotlib.colors import Normalize
 
@@ -337,6 +369,7 @@ def render_panel(
     Returns
     -------
     ``ax``.
+
     """
     import spatialdata_plot  # noqa: F401 - registers the `sdata.pl` accessor
     from spatialdata import SpatialData
@@ -368,14 +401,20 @@ def render_panel(
             kwargs["groups"] = list(groups)
             kwargs["na_color"] = "lightgrey"
     chain.render_shapes(spots.shapes_key, **kwargs).pl.show(
-        coordinate_systems=MICRONS, ax=ax, show=False, title=title if title is not None else "", frameon=True
+        coordinate_systems=MICRONS,
+        ax=ax,
+        show=False,
+        title=title if title is not None else "",
+        frameon=True,
     )
     if color is not None and norm is not None:
         from matplotlib import colormaps
         from matplotlib.cm import ScalarMappable
 
         cm = colormaps[cmap] if isinstance(cmap, str) or cmap is None else cmap
-        ax.figure.colorbar(ScalarMappable(norm=norm, cmap=cm), ax=ax, shrink=0.8, label=colorbar_label)
+        ax.figure.colorbar(
+            ScalarMappable(norm=norm, cmap=cm), ax=ax, shrink=0.8, label=colorbar_label
+        )
     x0, y0, x1, y1 = spots.bounds_um
     ax.set_xlim(x0 - pad_um, x1 + pad_um)
     ax.set_ylim(y1 + pad_um, y0 - pad_um)
@@ -411,6 +450,7 @@ def get_axes(
     Returns
     -------
     ``(figure, axes)``, the axes flattened in row-major order.
+
     """
     import matplotlib.pyplot as plt
     from matplotlib.axes import Axes
@@ -418,7 +458,9 @@ def get_axes(
     if ax is not None:
         axes = [ax] if isinstance(ax, Axes) else list(np.asarray(ax, dtype=object).ravel())
         if len(axes) != n:
-            raise ValueError(f"This plot needs {n} axes, got {len(axes)} in `ax=`; pass {n} axes or `ax=None`.")
+            raise ValueError(
+                f"This plot needs {n} axes, got {len(axes)} in `ax=`; pass {n} axes or `ax=None`."
+            )
         return axes[0].figure, axes
     ncols = max(1, min(ncols, n))
     nrows = int(np.ceil(n / ncols))
@@ -440,7 +482,11 @@ def save_figure(fig: Figure, save: str | os.PathLike | None, *, dpi: float | Non
 
 
 def spot_radius_um(adata: AnnData, centers: np.ndarray) -> float:
-    """A spot radius (µm) for AnnData-only plots: ``uns["squall"]["spot_diameter_um"]`` or 40 % of the NN distance."""
+    """Return a spot radius (µm) for AnnData-only plots.
+
+    ``uns["squall"]["spot_diameter_um"] / 2`` when recorded, else 40 % of the median
+    nearest-neighbour distance.
+    """
     meta = adata.uns.get(ATTRS_KEY, {}) if isinstance(adata.uns.get(ATTRS_KEY, {}), dict) else {}
     if meta.get("spot_diameter_um"):
         return float(meta["spot_diameter_um"]) / 2.0

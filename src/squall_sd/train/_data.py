@@ -64,14 +64,16 @@ def stain_jitter(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> 
         return np.asarray(
             he_stain_jitter(rgb, sigma=strength, bias=strength, rng=rng), dtype=np.uint8
         )
-    from skimage.color import hed2rgb, rgb2hed
+    # same maths and random draws as squall_sd.pp.he_stain_jitter, for training nodes without
+    # spatialdata (squall_sd.pp imports it); before, this fallback scaled the bias by 0.05
+    from skimage import color
 
-    img = np.moveaxis(rgb, 0, -1).astype(np.float32) / 255.0
-    hed = rgb2hed(img)
-    alpha = 1.0 + rng.uniform(-strength, strength, size=3)
-    beta = rng.uniform(-strength, strength, size=3) * 0.05
-    out = hed2rgb(hed * alpha + beta)
-    out = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+    alpha = rng.uniform(1 - strength, 1 + strength, size=3)
+    beta = rng.uniform(-strength, strength, size=3)
+    img = np.moveaxis(rgb, 0, -1).astype(np.float64) / 255.0
+    od = -np.log(np.clip(img, 1.0 / 512, 1.0))
+    out = np.exp(-((od @ color.hed_from_rgb * alpha + beta) @ color.rgb_from_hed))
+    out = np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
     return np.ascontiguousarray(np.moveaxis(out, -1, 0))
 
 
