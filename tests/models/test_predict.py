@@ -135,3 +135,40 @@ def test_channel_indices_without_vocabulary(rgb):
     torch.testing.assert_close(out, full[:, [3, 1]])
     with pytest.raises(KeyError, match="no gene vocabulary"):
         m.predict(rgb[:1], 0.5, genes=["ERBB2"])
+
+
+def test_predict_dense_genes_from_one_forward(model, rgb, dense):
+    g = torch.Generator().manual_seed(5)
+    w = torch.rand(2, 4, 56, 56, generator=g)
+    agg, dmap = model.predict(rgb, [0.5, 1.0], aggregate=w, dense_genes=[3, 0])
+    torch.testing.assert_close(agg, model.predict(rgb, [0.5, 1.0], aggregate=w))
+    assert dmap.dtype == torch.float32 and dmap.shape == (2, 56, 56, 2)
+    torch.testing.assert_close(dmap, dense[..., [3, 0]], rtol=1e-5, atol=1e-5)
+    # with a gene subset for the aggregate, with "tile", and with the dense grid itself
+    sub, dmap2 = model.predict(rgb, [0.5, 1.0], aggregate=w, genes=[1], dense_genes=[3, 0], reduce="mean")
+    torch.testing.assert_close(sub, model.predict(rgb, [0.5, 1.0], aggregate=w, genes=[1], reduce="mean"))
+    torch.testing.assert_close(dmap2, dmap)
+    tile, _ = model.predict(rgb, [0.5, 1.0], aggregate="tile", dense_genes=[0])
+    torch.testing.assert_close(tile, model.predict(rgb, [0.5, 1.0], aggregate="tile"))
+    full, dmap3 = model.predict(rgb, [0.5, 1.0], dense_genes=[2])
+    torch.testing.assert_close(full, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dmap3, dense[..., [2]], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_bias_cache_follows_weights(rgb):
+    m = randomize_(sm.Squall(micro_config()), seed=11).eval()
+    a = m.predict(rgb[:1], 0.5, aggregate="tile")
+    assert torch.equal(a, m.predict(rgb[:1], 0.5, aggregate="tile"))  # cached bias: same result
+    with torch.no_grad():  # an in-place update (as an optimiser step) invalidates the cache
+        m.encoder.blocks.blocks[0].attn.relative_position_bias.mlp[2].weight.mul_(3.0)
+    b = m.predict(rgb[:1], 0.5, aggregate="tile")
+    assert not torch.allclose(a, b)
+    fresh = randomize_(sm.Squall(micro_config()), seed=11).eval()
+    with torch.no_grad():
+        fresh.encoder.blocks.blocks[0].attn.relative_position_bias.mlp[2].weight.mul_(3.0)
+    torch.testing.assert_close(b, fresh.predict(rgb[:1], 0.5, aggregate="tile"))
+    # training (with gradients) never uses the cache: the bias gets gradients
+    m.train()
+    z = m.forward_rgb(rgb[:1], 0.5)
+    z.sum().backward()
+    assert m.encoder.blocks.blocks[0].attn.relative_position_bias.mlp[0].weight.grad is not None

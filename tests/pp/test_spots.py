@@ -67,3 +67,46 @@ def test_make_spots_detects_tissue_when_missing(mob_sdata):
         squall.pp.make_spots(mob_sdata, tissue_key="missing", key_added="c")
     with pytest.raises(ValueError, match="`kind` must be one of"):
         squall.pp.make_spots(mob_sdata, kind="hexagons", key_added="c")
+
+
+def test_make_spots_not_inplace_never_mutates(mob_sdata):
+    # tissue_key=None and no tissue yet: detected on the fly, but not written with inplace=False
+    before = set(mob_sdata.shapes)
+    gdf = squall.pp.make_spots(mob_sdata, kind="bins", size_um=50, inplace=False)
+    assert set(mob_sdata.shapes) == before
+    assert "he_tissue" not in mob_sdata.shapes and "virtual_spots" not in mob_sdata.shapes
+    # the same spots as with the stored tissue
+    squall.pp.detect_tissue(mob_sdata)
+    ref = squall.pp.make_spots(mob_sdata, kind="bins", size_um=50, inplace=False)
+    assert len(gdf) == len(ref)
+    assert shapely.equals_exact(gdf.geometry.to_numpy(), ref.geometry.to_numpy(), 0).all()
+
+
+def test_make_spots_tissue_argument(mob_sdata):
+    tissue = squall.pp.detect_tissue(mob_sdata, inplace=False)
+    before = set(mob_sdata.shapes)
+    gdf = squall.pp.make_spots(mob_sdata, tissue=tissue, inplace=False)
+    assert set(mob_sdata.shapes) == before
+    mob_sdata.shapes["he_tissue"] = tissue
+    ref = squall.pp.make_spots(mob_sdata, inplace=False)
+    np.testing.assert_array_equal(gdf["array_row"].to_numpy(), ref["array_row"].to_numpy())
+    np.testing.assert_array_equal(gdf["tissue_fraction"].to_numpy(), ref["tissue_fraction"].to_numpy())
+    with pytest.raises(ValueError, match="not both"):
+        squall.pp.make_spots(mob_sdata, tissue=tissue, tissue_key="he_tissue", inplace=False)
+
+
+@pytest.mark.parametrize("kind", ["visium", "bins"])
+def test_make_spots_fraction_matches_polygons(mob_with_tissue, kind):
+    # the boundary shortcut gives exactly the fractions of intersecting every lattice polygon
+    from squall_sd.pp._spots import _tissue_fraction, _tissue_union
+
+    gdf = squall.pp.make_spots(
+        mob_with_tissue, kind=kind, size_um=40, inplace=False, min_tissue_fraction=0.0
+    )
+    tissue = _tissue_union(mob_with_tissue, "he", "he_tissue")
+    if kind == "visium":
+        shapes = shapely.buffer(gdf.geometry.to_numpy(), 20.0, quad_segs=16)
+    else:
+        shapes = gdf.geometry.to_numpy()
+    ref = _tissue_fraction(tissue, shapes).astype(np.float32)
+    np.testing.assert_array_equal(gdf["tissue_fraction"].to_numpy(), ref)

@@ -610,7 +610,8 @@ class Squall(nn.Module):
         aggregate: Literal["tile"] | torch.Tensor | None = None,
         reduce: Literal["sum", "mean"] = "sum",
         autocast: bool | None = None,
-    ) -> torch.Tensor:
+        dense_genes: GenesLike = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict expression from H&E, optionally aggregated inside the forward pass.
 
         Aggregation is done on the pre-``fc2`` cell features (``fc2`` is linear, so the weighted sum
@@ -635,11 +636,16 @@ class Squall(nn.Module):
             regions with zero weight give NaN).
         autocast
             bf16 autocast; default: on for CUDA, off on CPU.
+        dense_genes
+            Also return the dense grid (B, S, S, len(dense_genes)) of these genes (symbols, Ensembl
+            ids or channel indices) from the same forward pass, e.g. to write dense maps while
+            aggregating all genes to spots (only these rows of ``fc2`` are evaluated per cell).
 
         Returns
         -------
-        float32 predictions on the model's device, in the pretraining target space. The model runs
-        in eval mode under :func:`torch.inference_mode` (its training flag is restored afterwards).
+        float32 predictions on the model's device, in the pretraining target space; with
+        ``dense_genes`` a tuple ``(predictions, dense)``. The model runs in eval mode under
+        :func:`torch.inference_mode` (its training flag is restored afterwards).
 
         """
         c = self.config
@@ -647,6 +653,9 @@ class Squall(nn.Module):
             raise ValueError(f"`reduce` must be 'sum' or 'mean', found {reduce!r}.")
         with torch.inference_mode(), self._eval_mode():
             idx = self._index_tensor(genes)
+            dense_idx = None if dense_genes is None else self._index_tensor(dense_genes)
+            if dense_genes is not None and dense_idx is None:  # all channels
+                dense_idx = torch.arange(self.n_genes, device=self.device)
             rgb_t = self._prepare_rgb(rgb)
             b = rgb_t.shape[0]
             res_t = self._prepare_res(res, b)
@@ -654,34 +663,52 @@ class Squall(nn.Module):
                 z = self.encoder.forward_rgb(rgb_t, res_t)
                 h = self.decoder.expression_features(z)
                 if aggregate is None:
-                    return self._project(h, idx).float()
-            fc2 = self.decoder.increase_dim_rgb.fc2
-            weight = fc2.weight if idx is None else fc2.weight[idx]
-            bias = fc2.bias if idx is None else fc2.bias[idx]
-            weight, bias, h = weight.float(), bias.float(), h.float()
-            s = c.expr_size
-            if isinstance(aggregate, str):
-                if aggregate != "tile":
-                    raise ValueError(
-                        f"`aggregate` must be None, 'tile' or a weight tensor, found {aggregate!r}."
-                    )
-                hs = h.sum(dim=(1, 2))
-                if reduce == "mean":
-                    return F.linear(hs / (s * s), weight, bias)
-                return F.linear(hs, weight) + bias * float(s * s)
-            w = torch.as_tensor(aggregate).to(self.device, torch.float32)
-            if w.ndim == 3:
-                w = w.unsqueeze(0).expand(b, -1, -1, -1)
-            if w.ndim != 4 or w.shape[0] != b or w.shape[2:] != (s, s):
+                    out = self._project(h, idx).float()
+                    if dense_idx is None:
+                        return out
+            if aggregate is None:
+                return out, self._dense(h, dense_idx)
+            out = self._aggregate(h, idx, aggregate, reduce)
+            return out if dense_idx is None else (out, self._dense(h, dense_idx))
+
+    def _dense(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Dense float32 grid (B, S, S, len(idx)) of channels ``idx`` from cell features."""
+        fc2 = self.decoder.increase_dim_rgb.fc2
+        return F.linear(h.float(), fc2.weight[idx].float(), fc2.bias[idx].float())
+
+    def _aggregate(
+        self, h: torch.Tensor, idx: torch.Tensor | None, aggregate: Any, reduce: str
+    ) -> torch.Tensor:
+        """Region (or tile) vectors from cell features ``h`` (B, S, S, E); see :meth:`predict`."""
+        c = self.config
+        b = h.shape[0]
+        fc2 = self.decoder.increase_dim_rgb.fc2
+        weight = fc2.weight if idx is None else fc2.weight[idx]
+        bias = fc2.bias if idx is None else fc2.bias[idx]
+        weight, bias, h = weight.float(), bias.float(), h.float()
+        s = c.expr_size
+        if isinstance(aggregate, str):
+            if aggregate != "tile":
                 raise ValueError(
-                    f"Region weights must have shape (B={b}, R, {s}, {s}) or (R, {s}, {s}), found "
-                    f"{tuple(torch.as_tensor(aggregate).shape)}."
+                    f"`aggregate` must be None, 'tile' or a weight tensor, found {aggregate!r}."
                 )
-            hs = torch.einsum("brij,bije->bre", w, h)
-            wsum = w.sum(dim=(2, 3))
+            hs = h.sum(dim=(1, 2))
             if reduce == "mean":
-                return F.linear(hs / wsum[..., None], weight, bias)
-            return F.linear(hs, weight) + wsum[..., None] * bias
+                return F.linear(hs / (s * s), weight, bias)
+            return F.linear(hs, weight) + bias * float(s * s)
+        w = torch.as_tensor(aggregate).to(self.device, torch.float32)
+        if w.ndim == 3:
+            w = w.unsqueeze(0).expand(b, -1, -1, -1)
+        if w.ndim != 4 or w.shape[0] != b or w.shape[2:] != (s, s):
+            raise ValueError(
+                f"Region weights must have shape (B={b}, R, {s}, {s}) or (R, {s}, {s}), found "
+                f"{tuple(torch.as_tensor(aggregate).shape)}."
+            )
+        hs = torch.einsum("brij,bije->bre", w, h)
+        wsum = w.sum(dim=(2, 3))
+        if reduce == "mean":
+            return F.linear(hs / wsum[..., None], weight, bias)
+        return F.linear(hs, weight) + wsum[..., None] * bias
 
     def embed(
         self,

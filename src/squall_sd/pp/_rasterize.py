@@ -169,35 +169,7 @@ class RegionGrid:
         kx1 = int(np.ceil((ext[2] - ox) / cell)) + 1
         ky1 = int(np.ceil((ext[3] - oy) / cell)) + 1
         h, w = ky1 - ky0, kx1 - kx0
-        label = np.full((h, w), -1, dtype=np.int64)
-        best = np.full((h, w), np.inf)
-        small: list[int] = []
-        for local, ridx in enumerate(every):
-            x0, y0, x1, y1 = self.bounds[ridx]
-            # lattice cells whose centres may fall inside the region's bounding box
-            ax = int(np.ceil((x0 - ox) / cell - 0.5)) - kx0
-            bx = int(np.floor((x1 - ox) / cell - 0.5)) - kx0 + 1
-            ay = int(np.ceil((y0 - oy) / cell - 0.5)) - ky0
-            by = int(np.floor((y1 - oy) / cell - 0.5)) - ky0 + 1
-            ax, ay, bx, by = max(ax, 0), max(ay, 0), min(bx, w), min(by, h)
-            if ax >= bx or ay >= by:
-                small.append(local)
-                continue
-            xs = ox + (np.arange(ax, bx) + kx0 + 0.5) * cell
-            ys = oy + (np.arange(ay, by) + ky0 + 0.5) * cell
-            ccx, ccy = self.center[ridx]
-            d2 = (xs[None, :] - ccx) ** 2 + (ys[:, None] - ccy) ** 2
-            if self.kind == "circles":
-                inside = d2 <= self.radius[ridx] ** 2
-            else:
-                inside = shapely.contains_xy(self.geoms[ridx], *np.meshgrid(xs, ys))
-            if not inside.any():
-                small.append(local)
-                continue
-            sub_best = best[ay:by, ax:bx]
-            win = inside & (d2 < sub_best)
-            sub_best[win] = d2[win]
-            label[ay:by, ax:bx][win] = local
+        label, small = self._label_lattice(every, ox, oy, kx0, ky0, h, w)
         counts = np.bincount(label[label >= 0], minlength=len(every))
         # the tile inside the extended lattice
         ty, tx = -ky0, -kx0
@@ -221,6 +193,67 @@ class RegionGrid:
             local_ids = np.concatenate([local_ids, np.asarray(extra_local, dtype=np.int64)])
         regions = np.asarray(every, dtype=np.int64)[local_ids]
         return cells, regions, counts[local_ids].astype(np.int64)
+
+    def _label_lattice(
+        self, every: np.ndarray, ox: float, oy: float, kx0: int, ky0: int, h: int, w: int
+    ) -> tuple[np.ndarray, list[int]]:
+        """Label the (h, w) lattice cells (offset ``kx0``, ``ky0``) with the local index of the region
+        in ``every`` holding their centre (nearest centre wins, ties to the lower local index), all
+        regions at once; also return the local indices of regions that hold no cell centre."""
+        cell = self.cell_um
+        every = np.asarray(every, dtype=np.int64)
+        n = len(every)
+        label = np.full((h, w), -1, dtype=np.int64)
+        if n == 0:
+            return label, []
+        bnd = self.bounds[every]
+        # lattice cells whose centres may fall inside each region's bounding box
+        ax = np.maximum(np.ceil((bnd[:, 0] - ox) / cell - 0.5).astype(np.int64) - kx0, 0)
+        bx = np.minimum(np.floor((bnd[:, 2] - ox) / cell - 0.5).astype(np.int64) - kx0 + 1, w)
+        ay = np.maximum(np.ceil((bnd[:, 1] - oy) / cell - 0.5).astype(np.int64) - ky0, 0)
+        by = np.minimum(np.floor((bnd[:, 3] - oy) / cell - 0.5).astype(np.int64) - ky0 + 1, h)
+        nx = np.maximum(bx - ax, 0)
+        ny = np.maximum(by - ay, 0)
+        sizes = nx * ny
+        total = int(sizes.sum())
+        if total == 0:
+            return label, list(range(n))
+        # one row per (region, candidate cell) pair, regions in local order
+        local = np.repeat(np.arange(n, dtype=np.int64), sizes)
+        start = np.repeat(np.cumsum(sizes) - sizes, sizes)
+        k = np.arange(total, dtype=np.int64) - start
+        nxr = nx[local]
+        iy = ay[local] + k // nxr
+        ix = ax[local] + k % nxr
+        xs = ox + (ix + kx0 + 0.5) * cell
+        ys = oy + (iy + ky0 + 0.5) * cell
+        ctr = self.center[every]
+        d2 = (xs - ctr[local, 0]) ** 2 + (ys - ctr[local, 1]) ** 2
+        if self.kind == "circles":
+            inside = d2 <= self.radius[every][local] ** 2
+        elif total <= 64 * n:  # small polygons: one vectorised call over all pairs
+            inside = shapely.contains_xy(self.geoms[every][local], xs, ys)
+        else:  # large polygons: one call per polygon (GEOS prepares each geometry once)
+            inside = np.zeros(total, dtype=bool)
+            ends = np.cumsum(sizes)
+            for i in np.flatnonzero(sizes):
+                lo, hi = int(ends[i] - sizes[i]), int(ends[i])
+                inside[lo:hi] = shapely.contains_xy(self.geoms[every[i]], xs[lo:hi], ys[lo:hi])
+        has = np.bincount(local[inside], minlength=n) > 0
+        small = [int(i) for i in np.flatnonzero(~has)]
+        if not inside.any():
+            return label, small
+        flat = (iy * w + ix)[inside]
+        d2, local = d2[inside], local[inside]
+        # nearest centre wins; equal distances go to the region met first (lowest local index)
+        best = np.full(h * w, np.inf)
+        np.minimum.at(best, flat, d2)
+        win = d2 == best[flat]
+        lab = np.full(h * w, n, dtype=np.int64)
+        np.minimum.at(lab, flat[win], local[win])
+        hit = lab < n
+        label.reshape(-1)[hit] = lab[hit]
+        return label, small
 
     def regions(self, centers_um: np.ndarray) -> TileRegions:
         """Region masks of every tile (see :class:`TileRegions`)."""

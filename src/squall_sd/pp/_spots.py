@@ -34,6 +34,7 @@ def make_spots(
     pitch_um: float | None = None,
     image_key: str = "he",
     tissue_key: str | None = None,
+    tissue: gpd.GeoDataFrame | None = None,
     key_added: str = "virtual_spots",
     min_tissue_fraction: float = 0.5,
     overwrite: bool = False,
@@ -65,7 +66,11 @@ def make_spots(
         coordinate systems of the result).
     tissue_key
         Shapes element with the tissue polygons; default ``f"{image_key}_tissue"``, which is
-        computed with :func:`detect_tissue` (and stored) when absent.
+        computed with :func:`detect_tissue` when absent (and stored in ``sdata`` only when
+        ``inplace=True``; with ``inplace=False`` the input is never modified).
+    tissue
+        Tissue polygons to use directly (a shapes element with a transformation to ``microns``,
+        e.g. ``detect_tissue(..., inplace=False)``), instead of ``tissue_key``. Not stored.
     key_added
         Name of the new shapes element.
     min_tissue_fraction
@@ -100,7 +105,9 @@ def make_spots(
             f"`key_added={key_added!r}` already exists in `sdata.shapes`. Pass `overwrite=True` to "
             "replace it, or choose another `key_added`."
         )
-    tissue = _tissue_union(sdata, image_key, tissue_key)
+    if tissue is not None and tissue_key is not None:
+        raise ValueError("Pass `tissue_key=` or `tissue=`, not both.")
+    tissue = _tissue_union(sdata, image_key, tissue_key, tissue=tissue, store=inplace)
 
     xmin, ymin, xmax, ymax = tissue.bounds
     r = size / 2
@@ -114,7 +121,9 @@ def make_spots(
         rr, cc = rr.ravel(), cc.ravel()
         cx = (cc + 0.5 * (rr % 2)) * pitch
         cy = rr * dy
-        shapes = shapely.buffer(shapely.points(cx, cy), r, quad_segs=16)
+        # 64-gon of each disc (inscribed in it), built only for lattice points near the tissue edge
+        make = lambda i: shapely.buffer(shapely.points(cx[i], cy[i]), r, quad_segs=16)  # noqa: E731
+        reach = r
     else:
         rows = np.arange(np.floor((ymin - r) / pitch), np.ceil((ymax + r) / pitch) + 1).astype(int)
         cols = np.arange(np.floor((xmin - r) / pitch), np.ceil((xmax + r) / pitch) + 1).astype(int)
@@ -122,8 +131,9 @@ def make_spots(
         rr, cc = rr.ravel(), cc.ravel()
         cx = (cc + 0.5) * pitch
         cy = (rr + 0.5) * pitch
-        shapes = shapely.box(cx - r, cy - r, cx + r, cy + r)
-    frac = _tissue_fraction(tissue, shapes)
+        make = lambda i: shapely.box(cx[i] - r, cy[i] - r, cx[i] + r, cy[i] + r)  # noqa: E731
+        reach = r * np.sqrt(2.0)  # a square lies inside the disc through its corners
+    frac = _lattice_tissue_fraction(tissue, cx, cy, reach, make)
     keep = frac >= float(min_tissue_fraction) - 1e-9
     keep &= frac > 0
     if not keep.any():
@@ -151,7 +161,7 @@ def make_spots(
         for col in meta:
             gdf[col] = meta[col].to_numpy()
     else:
-        gdf = gpd.GeoDataFrame(meta, geometry=shapes[keep])
+        gdf = gpd.GeoDataFrame(meta, geometry=make(np.flatnonzero(keep)))
         gdf = ShapesModel.parse(gdf, transformations=transformations)
     logger.info("make_spots: %d %s of %g µm (pitch %g µm) over tissue", len(gdf), kind, size, pitch)
     if not inplace:
@@ -160,16 +170,33 @@ def make_spots(
     return None
 
 
-def _tissue_union(sdata: SpatialData, image_key: str, tissue_key: str | None) -> shapely.Geometry:
-    """Return the union of the tissue polygons in microns (detecting tissue when needed)."""
-    if tissue_key is None:
-        tissue_key = f"{image_key}_tissue"
-        if tissue_key not in sdata.shapes:
-            from squall_sd.pp._tissue import detect_tissue
+def _tissue_union(
+    sdata: SpatialData,
+    image_key: str,
+    tissue_key: str | None,
+    *,
+    tissue: gpd.GeoDataFrame | None = None,
+    store: bool = True,
+) -> shapely.Geometry:
+    """Return the union of the tissue polygons in microns (detecting tissue when needed).
 
-            logger.info("make_spots: no %r yet, running detect_tissue", tissue_key)
-            detect_tissue(sdata, image_key=image_key, key_added=tissue_key)
-    gdf = check_key(sdata, tissue_key, "shapes")
+    Detected tissue is written to ``sdata`` only when ``store`` is true.
+    """
+    if tissue is not None:
+        gdf = tissue
+        tissue_key = "tissue"
+    else:
+        if tissue_key is None:
+            tissue_key = f"{image_key}_tissue"
+            if tissue_key not in sdata.shapes:
+                from squall_sd.pp._tissue import detect_tissue
+
+                logger.info("make_spots: no %r yet, running detect_tissue", tissue_key)
+                if store:
+                    detect_tissue(sdata, image_key=image_key, key_added=tissue_key)
+                else:
+                    tissue = detect_tissue(sdata, image_key=image_key, key_added=tissue_key, inplace=False)
+        gdf = tissue if tissue is not None else check_key(sdata, tissue_key, "shapes")
     m = affine_to_microns(gdf)
     geoms = gdf.geometry.to_numpy()
     if "radius" in gdf.columns:  # circles as tissue (unusual, but allowed)
@@ -181,6 +208,33 @@ def _tissue_union(sdata: SpatialData, image_key: str, tissue_key: str | None) ->
     if union.is_empty:
         raise ValueError(f"The tissue element {tissue_key!r} is empty.")
     return union
+
+
+def _lattice_tissue_fraction(
+    tissue: shapely.Geometry, cx: np.ndarray, cy: np.ndarray, reach: float, make
+) -> np.ndarray:
+    """:func:`_tissue_fraction` of the shapes ``make(i)`` centred at ``(cx[i], cy[i])``, each inside
+    the disc of radius ``reach`` around its centre.
+
+    Centres farther than ``reach`` from the tissue boundary are wholly inside (fraction 1) or
+    wholly outside (0), exactly as the polygon test would find; only the shapes near the boundary
+    are built and intersected, so time and memory follow the tissue outline, not the slide area.
+    """
+    frac = np.zeros(len(cx), dtype=float)
+    if len(cx) == 0:
+        return frac
+    boundary = tissue.boundary
+    shapely.prepare(tissue)
+    shapely.prepare(boundary)
+    pts = shapely.points(cx, cy)
+    # a little slack: anything within reach (up to rounding) takes the exact polygon path
+    near = shapely.dwithin(boundary, pts, reach * (1 + 1e-6) + 1e-9)
+    far = ~near
+    frac[far & shapely.contains_xy(tissue, cx, cy)] = 1.0
+    idx = np.flatnonzero(near)
+    if len(idx):
+        frac[idx] = _tissue_fraction(tissue, make(idx))
+    return frac
 
 
 def _tissue_fraction(tissue: shapely.Geometry, shapes: np.ndarray) -> np.ndarray:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+import dask
 import dask.array as da
 import geopandas as gpd
 import numpy as np
 import shapely
 from scipy import ndimage
-from skimage import color, filters, measure, morphology
+from skimage import filters, measure, morphology
 from spatialdata import SpatialData
 from spatialdata.models import ShapesModel
 
@@ -28,6 +29,9 @@ from squall_sd.pp._utils import (
 WORKING_MPP_RANGE = (8.0, 16.0)
 #: Floor of the saturation threshold: empty glass (even tinted) stays below it, H&E tissue above.
 MIN_SATURATION = 0.09
+#: Largest working image of tissue detection (pixels): a slide beyond about 2000 x 2000 px at 16 µm/px
+#: (3.3 x 3.3 cm) is worked on at a coarser resolution, so memory does not grow with the slide.
+MAX_WORKING_PIXELS = 4 * 2**20
 
 
 def coarse_image(
@@ -36,40 +40,75 @@ def coarse_image(
     *,
     scale: str | int | None = None,
     mpp_range: tuple[float, float] = WORKING_MPP_RANGE,
+    max_pixels: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, Level]:
     """Return a coarse copy of an image for whole-slide statistics.
 
     The coarsest pyramid level at most ``mpp_range[1]`` µm/px is taken (or ``scale``), and when
-    it is finer than ``mpp_range[0]`` it is block-averaged lazily (dask) by an integer factor to
-    reach that range, so the full resolution never has to fit in memory.
+    it is finer than ``mpp_range[0]`` it is block-averaged by an integer factor to reach that
+    range. With ``scale`` automatic and ``max_pixels`` given, the factor is also raised until the
+    coarse image has at most ``max_pixels`` pixels, so memory stays bounded whatever the slide size
+    (:func:`detect_tissue` uses :data:`MAX_WORKING_PIXELS`). The level is read block by block (a
+    few chunk-sized blocks at a time), so neither the full resolution nor a full-resolution float
+    copy ever has to fit in memory.
 
     Returns
     -------
-    ``(rgb, affine, level)``: ``rgb`` a float32 (h, w, 3) array in [0, 1]; ``affine`` the 3×3
-    matrix mapping its intrinsic (x, y) (pixel ``k`` covers ``[k, k + 1)``) to ``microns``; the
-    level it was computed from.
+    ``(rgb, affine, level)``: ``rgb`` a float32 (h, w, 3) array in [0, 1] (a channel-last view of
+    a (3, h, w) array); ``affine`` the 3×3 matrix mapping its intrinsic (x, y) (pixel ``k`` covers
+    ``[k, k + 1)``) to ``microns``; the level it was computed from.
 
     """
+    chw, affine, level = _coarse_chw(sdata, image_key, scale=scale, mpp_range=mpp_range, max_pixels=max_pixels)
+    return np.moveaxis(chw, 0, -1), affine, level
+
+
+def _coarse_chw(
+    sdata: SpatialData,
+    image_key: str,
+    *,
+    scale: str | int | None,
+    mpp_range: tuple[float, float],
+    max_pixels: int | None,
+) -> tuple[np.ndarray, np.ndarray, Level]:
+    """:func:`coarse_image` as a C-contiguous float32 (3, h, w) array in [0, 1]."""
     levels = image_levels(sdata, image_key)
-    if scale is None or scale == "auto":
-        level = pick_level(levels, mpp_range[1], "auto")
-    else:
-        level = pick_level(levels, mpp_range[1], scale)
+    auto = scale is None or scale == "auto"
+    level = pick_level(levels, mpp_range[1], "auto" if auto else scale)
+    h, w = level.shape_yx
     f = 1
-    if (scale is None or scale == "auto") and level.mpp < mpp_range[0]:
+    if auto and level.mpp < mpp_range[0]:
         f = int(np.ceil(mpp_range[0] / level.mpp))
-    data = level.data[:3]
-    if f > 1:
-        h, w = level.shape_yx
-        if h < f or w < f:
-            f = max(1, min(h, w))
-        step = f * max(1, int(np.ceil(1024 / f)))
-        data = data.rechunk((3, step, step))
-        data = da.coarsen(np.mean, data.astype(np.float32), {1: f, 2: f}, trim_excess=True)
-    rgb = np.asarray(data.compute(), dtype=np.float32)
-    if level.data.dtype == np.uint8 or rgb.max() > 1.0:
-        rgb = rgb / 255.0
-    rgb = np.clip(np.moveaxis(rgb, 0, -1), 0.0, 1.0)
+    if auto and max_pixels is not None and (h // f) * (w // f) > int(max_pixels):
+        f = max(f, int(np.ceil(np.sqrt(h * w / float(max_pixels)))))
+        while (h // f) * (w // f) > int(max_pixels):
+            f += 1
+    if h < f or w < f:
+        f = max(1, min(h, w))
+    ch, cw = h // f, w // f
+    out = np.empty((3, ch, cw), dtype=np.float32)
+    src = level.data[:3]
+    is_uint8 = src.dtype == np.uint8
+    # blocks of whole coarse pixels, about one 1024 px chunk (at least one coarse pixel) each
+    step = f * max(1, int(np.ceil(1024 / f)))
+    blocks = [(y, x) for y in range(0, ch * f, step) for x in range(0, cw * f, step)]
+    for k in range(0, len(blocks), 4):  # a few blocks per dask call: parallel reads, bounded memory
+        group = blocks[k : k + 4]
+        arrs = [src[:, y : min(y + step, ch * f), x : min(x + step, cw * f)] for y, x in group]
+        datas = dask.compute(*arrs, scheduler="threads") if isinstance(src, da.Array) else arrs
+        for (y, x), data in zip(group, datas, strict=True):
+            data = np.asarray(data)
+            c, bh, bw = data.shape
+            blk = data.reshape(c, bh // f, f, bw // f, f)
+            if is_uint8:
+                # integer block sums are exact, so this equals the float32 mean bit for bit
+                mean = blk.sum(axis=(2, 4), dtype=np.uint32).astype(np.float32) / np.float32(f * f)
+            else:
+                mean = np.mean(blk.astype(np.float32), axis=(2, 4))
+            out[:, y // f : (y + bh) // f, x // f : (x + bw) // f] = mean
+    if is_uint8 or (out.size and out.max() > 1.0):
+        out /= np.float32(255.0)
+    np.clip(out, 0.0, 1.0, out=out)
     affine = level.affine @ np.diag([f, f, 1.0])
     logger.debug(
         "coarse image of %r: level %s (%.3g µm/px) / %d -> %s at %.3g µm/px",
@@ -77,10 +116,38 @@ def coarse_image(
         level.name,
         level.mpp,
         f,
-        rgb.shape[:2],
+        out.shape[1:],
         level.mpp * f,
     )
-    return rgb, affine, level
+    return out, affine, level
+
+
+def _features(chw: np.ndarray, method: str, rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Feature (HSV saturation or grey value) and validity (HSV value > 0.1) of a (3, h, w) image.
+
+    Computed in strips of ``rows`` rows (bounded temporaries); the values equal
+    :func:`skimage.color.rgb2hsv` / :func:`skimage.color.rgb2gray` of the channel-last image.
+    """
+    if method not in ("saturation", "greyscale"):
+        raise ValueError(f"`method` must be 'saturation' or 'greyscale', got {method!r}.")
+    _, h, w = chw.shape
+    feat = np.empty((h, w), dtype=np.float32)
+    valid = np.empty((h, w), dtype=bool)
+    coeffs = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
+    for y in range(0, h, rows):
+        strip = np.ascontiguousarray(np.moveaxis(chw[:, y : y + rows], 0, -1), dtype=np.float32)
+        v = strip.max(-1)
+        valid[y : y + rows] = v > 0.1
+        if method == "saturation":
+            delta = np.ptp(strip, axis=-1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                sat = delta / v
+            sat[delta == 0.0] = 0.0
+            sat[np.isnan(sat)] = 0.0
+            feat[y : y + rows] = sat
+        else:
+            feat[y : y + rows] = strip @ coeffs
+    return feat, valid
 
 
 def tissue_mask(
@@ -96,27 +163,23 @@ def tissue_mask(
     nearly uniform images give an empty mask. The saturation threshold is at least
     :data:`MIN_SATURATION`, so a slide region without tissue gives an empty mask.
     """
-    hsv = color.rgb2hsv(rgb)
-    value = hsv[..., 2]
-    valid = value > 0.1
+    chw = np.moveaxis(np.asarray(rgb, dtype=np.float32), -1, 0)
+    return _threshold(*_features(chw, method), method)
+
+
+def _threshold(feat: np.ndarray, valid: np.ndarray, method: str) -> np.ndarray:
+    """Otsu tissue mask from a feature map and its validity (see :func:`tissue_mask`)."""
     if valid.sum() < 16:
-        return np.zeros(rgb.shape[:2], dtype=bool)
+        return np.zeros(feat.shape, dtype=bool)
+    vals = feat[valid]
+    if np.percentile(vals, 99.5) - np.percentile(vals, 0.5) < 0.05:
+        return np.zeros(feat.shape, dtype=bool)
     if method == "saturation":
-        feat = hsv[..., 1]
-        vals = feat[valid]
-        if np.percentile(vals, 99.5) - np.percentile(vals, 0.5) < 0.05:
-            return np.zeros(rgb.shape[:2], dtype=bool)
         thr = max(float(filters.threshold_otsu(vals)), MIN_SATURATION)
         mask = feat > thr
-    elif method == "greyscale":
-        feat = color.rgb2gray(rgb)
-        vals = feat[valid]
-        if np.percentile(vals, 99.5) - np.percentile(vals, 0.5) < 0.05:
-            return np.zeros(rgb.shape[:2], dtype=bool)
+    else:
         thr = min(float(filters.threshold_otsu(vals)), 0.95)
         mask = feat < thr
-    else:
-        raise ValueError(f"`method` must be 'saturation' or 'greyscale', got {method!r}.")
     return mask & valid
 
 
@@ -135,7 +198,8 @@ def detect_tissue(
     """Detect tissue in an H&E image and store it as polygons in microns.
 
     The image is read at a coarse resolution (the coarsest pyramid level at most 16 µm/px, block
-    averaged to at least 8 µm/px), thresholded with Otsu's method on the HSV saturation (or on the
+    averaged to at least 8 µm/px, and further until the working image has at most
+    :data:`MAX_WORKING_PIXELS` pixels; read block by block, so memory does not grow with the slide), thresholded with Otsu's method on the HSV saturation (or on the
     grey value), cleaned with a morphological closing and opening, its holes are filled and pieces
     smaller than ``min_area_um2`` are dropped. Each remaining piece becomes one polygon.
 
@@ -185,9 +249,16 @@ def detect_tissue(
             f"`key_added={key!r}` already exists in `sdata.shapes`. Pass `overwrite=True` to "
             "replace it, or choose another `key_added`."
         )
-    rgb, affine, _ = coarse_image(sdata, image_key, scale=scale)
+    if method not in ("saturation", "greyscale"):
+        raise ValueError(f"`method` must be 'saturation' or 'greyscale', got {method!r}.")
+    chw, affine, _ = _coarse_chw(
+        sdata, image_key, scale=scale, mpp_range=WORKING_MPP_RANGE, max_pixels=MAX_WORKING_PIXELS
+    )
     px_um = float(np.sqrt(abs(np.linalg.det(affine[:2, :2]))))  # µm per working pixel
-    mask = tissue_mask(rgb, method=method)
+    feat, valid = _features(chw, method)
+    del chw
+    mask = _threshold(feat, valid, method)
+    del feat, valid
     # morphological cleanup at the working resolution (~8-16 µm per pixel)
     mask = _closing(mask, 2)
     mask = ndimage.binary_opening(mask, structure=morphology.disk(1))
