@@ -89,3 +89,15 @@ def test_normalize_expression(mob_adata):
     np.testing.assert_array_equal(squall.pp.normalize_expression(dense, "raw"), dense)
     with pytest.raises(ValueError, match="`method` must be one of"):
         squall.pp.normalize_expression(dense, "zscore")
+
+
+def test_gene_index_public(mob_adata):
+    assert "gene_index" in squall.pp.__all__
+    var = mob_adata.var
+    sym = list(var["gene_symbols"][:5])
+    idx = squall.pp.gene_index(mob_adata, [sym[2], "NOT_A_GENE", sym[0].upper(), var.index[4].split(".")[0]])
+    assert idx.dtype == np.int64
+    np.testing.assert_array_equal(idx, [2, -1, 0, 4])
+    # a DataFrame of alternative identifiers per channel (e.g. a model vocabulary)
+    frame = pd.DataFrame({"symbol": ["NOPE", sym[1]], "ensembl": [var.index[3], ""]})
+    np.testing.assert_array_equal(squall.pp.gene_index(mob_adata, frame), [3, 1])

@@ -7,7 +7,7 @@ system that every :mod:`squall_sd.io` reader registers.
 
 from __future__ import annotations
 
-from squall_sd.pp._genes import align_genes, normalize_expression, normalize_gene_name
+from squall_sd.pp._genes import align_genes, gene_index, normalize_expression, normalize_gene_name
 from squall_sd.pp._patches import PatchDataset, extract_patches
 from squall_sd.pp._rasterize import (
     ExpressionRasterizer,
@@ -30,6 +30,7 @@ __all__ = [
     "detect_tissue",
     "estimate_white_point",
     "extract_patches",
+    "gene_index",
     "he_stain_jitter",
     "make_spots",
     "normalize_expression",

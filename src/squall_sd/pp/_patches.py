@@ -7,6 +7,8 @@ from typing import Any
 
 import dask
 import dask.array as da
+import dask.local
+import dask.threaded
 import numpy as np
 from scipy import ndimage
 from spatialdata import SpatialData
@@ -107,7 +109,8 @@ class PatchDataset:
         cx, cy = self.centers_um[int(i)]
         self._fill_cache()
         window, (x0, y0) = self._window(cx, cy)
-        data = window.compute(scheduler="synchronous") if hasattr(window, "compute") else window
+        # the scheduler function itself: a scheduler *name* makes dask import distributed (slow)
+        data = window.compute(scheduler=dask.local.get_sync) if hasattr(window, "compute") else window
         patch = self._resample(data, x0, y0, cx, cy)
         return self.transform(patch) if self.transform is not None else patch
 
@@ -131,7 +134,7 @@ class PatchDataset:
             return np.zeros((0, 3, self.patch_px, self.patch_px), dtype=np.uint8)
         self._fill_cache()
         wins = [self._window(*self.centers_um[i]) for i in idx]
-        datas = dask.compute(*[w for w, _ in wins], scheduler="threads")
+        datas = dask.compute(*[w for w, _ in wins], scheduler=dask.threaded.get)
         out = np.empty((len(idx), 3, self.patch_px, self.patch_px), dtype=np.uint8)
         for k, (i, data, (_, (x0, y0))) in enumerate(zip(idx, datas, wins, strict=True)):
             cx, cy = self.centers_um[i]

@@ -128,7 +128,14 @@ class RegionGrid:
             c = shapely.centroid(geoms)
             self.center = np.column_stack([shapely.get_x(c), shapely.get_y(c)])
             self.radius = None
-        self._tree = shapely.STRtree(shapely.box(*self.bounds.T))
+        self._tree_: shapely.STRtree | None = None
+
+    @property
+    def _tree(self) -> shapely.STRtree:
+        """STRtree of the regions' bounding boxes (built on first use)."""
+        if self._tree_ is None:
+            self._tree_ = shapely.STRtree(shapely.box(*self.bounds.T))
+        return self._tree_
 
     # ------------------------------------------------------------------ core
     def assign(self, cx: float, cy: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

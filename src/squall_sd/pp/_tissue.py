@@ -6,6 +6,7 @@ from typing import Literal
 
 import dask
 import dask.array as da
+import dask.threaded
 import geopandas as gpd
 import numpy as np
 import shapely
@@ -95,12 +96,14 @@ def _coarse_chw(
     for k in range(0, len(blocks), 4):  # a few blocks per dask call: parallel reads, bounded memory
         group = blocks[k : k + 4]
         arrs = [src[:, y : min(y + step, ch * f), x : min(x + step, cw * f)] for y, x in group]
-        datas = dask.compute(*arrs, scheduler="threads") if isinstance(src, da.Array) else arrs
+        datas = dask.compute(*arrs, scheduler=dask.threaded.get) if isinstance(src, da.Array) else arrs
         for (y, x), data in zip(group, datas, strict=True):
             data = np.asarray(data)
             c, bh, bw = data.shape
             blk = data.reshape(c, bh // f, f, bw // f, f)
-            if is_uint8:
+            if f == 1:
+                mean = data.astype(np.float32)
+            elif is_uint8:
                 # integer block sums are exact, so this equals the float32 mean bit for bit
                 mean = blk.sum(axis=(2, 4), dtype=np.uint32).astype(np.float32) / np.float32(f * f)
             else:
@@ -135,18 +138,18 @@ def _features(chw: np.ndarray, method: str, rows: int = 256) -> tuple[np.ndarray
     valid = np.empty((h, w), dtype=bool)
     coeffs = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
     for y in range(0, h, rows):
-        strip = np.ascontiguousarray(np.moveaxis(chw[:, y : y + rows], 0, -1), dtype=np.float32)
-        v = strip.max(-1)
+        r, g, b = (np.asarray(chw[c, y : y + rows], dtype=np.float32) for c in range(3))
+        v = np.maximum(np.maximum(r, g), b)  # channel planes: the same values as max / ptp over rgb
         valid[y : y + rows] = v > 0.1
         if method == "saturation":
-            delta = np.ptp(strip, axis=-1)
+            delta = v - np.minimum(np.minimum(r, g), b)
             with np.errstate(invalid="ignore", divide="ignore"):
                 sat = delta / v
             sat[delta == 0.0] = 0.0
             sat[np.isnan(sat)] = 0.0
             feat[y : y + rows] = sat
         else:
-            feat[y : y + rows] = strip @ coeffs
+            feat[y : y + rows] = np.stack([r, g, b], axis=-1) @ coeffs
     return feat, valid
 
 
@@ -172,7 +175,8 @@ def _threshold(feat: np.ndarray, valid: np.ndarray, method: str) -> np.ndarray:
     if valid.sum() < 16:
         return np.zeros(feat.shape, dtype=bool)
     vals = feat[valid]
-    if np.percentile(vals, 99.5) - np.percentile(vals, 0.5) < 0.05:
+    lo, hi = np.percentile(vals, [0.5, 99.5])
+    if hi - lo < 0.05:
         return np.zeros(feat.shape, dtype=bool)
     if method == "saturation":
         thr = max(float(filters.threshold_otsu(vals)), MIN_SATURATION)

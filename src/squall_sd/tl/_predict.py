@@ -333,68 +333,82 @@ def virtual_spots(
 
     Nothing is added to ``sdata``: the new elements are returned.
     """
-    from spatialdata import SpatialData
-
     from squall_sd.pp import detect_tissue, make_spots
 
     tissue_key = f"{image_key}_tissue"
     tissue = None
     if tissue_key in sdata.shapes:
-        tissue_gdf = sdata.shapes[tissue_key]
+        gdf = make_spots(sdata, kind=spots, size_um=spot_size_um, image_key=image_key, tissue_key=tissue_key, inplace=False)
     else:
         tissue = detect_tissue(sdata, image_key=image_key, inplace=False)
-        tissue_gdf = tissue
-    view = SpatialData(images={image_key: sdata.images[image_key]}, shapes={tissue_key: tissue_gdf})
-    gdf = make_spots(view, kind=spots, size_um=spot_size_um, image_key=image_key, tissue_key=tissue_key, inplace=False)
+        gdf = make_spots(sdata, kind=spots, size_um=spot_size_um, image_key=image_key, tissue=tissue, inplace=False)
     return gdf, tissue
 
 
 # ---------------------------------------------------------------------------------------------
 # forward passes
 # ---------------------------------------------------------------------------------------------
-def features_and_projection(model: Squall, rgb: torch.Tensor, res: float, *, autocast: bool) -> torch.Tensor:
-    """Pre-``fc2`` cell features (B, S, S, E) of the expression head, float32 (one encoder + decoder pass)."""
-    import torch
+class _Prefetch:
+    """Iterate ``iterable`` in a background thread, keeping up to ``depth`` items ready.
 
-    with torch.inference_mode():
-        x = rgb.to(model.device, non_blocking=True)
-        x = x.to(model.dtype) / 255.0 if x.dtype == torch.uint8 else x.to(model.dtype)
-        r = torch.full((x.shape[0],), float(res), dtype=torch.float32, device=model.device)
-        ctx = torch.autocast(model.device.type, dtype=torch.bfloat16) if autocast else _null()
-        with ctx:
-            h = model.decoder.expression_features(model.encoder.forward_rgb(x, r))
-        return h.float()
+    With ``num_workers=0`` the tiles are read (and their region weights built) in this thread while
+    the model runs in the main thread: numpy, zarr decompression and torch release the GIL, so
+    reading overlaps the forward pass. Exceptions are re-raised in the consumer; :meth:`close`
+    stops the thread early.
+    """
 
+    _END = object()
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+    def __init__(self, iterable: Any, depth: int = 2) -> None:
+        import queue
+        import threading
 
-    def __exit__(self, *exc: Any) -> None:
-        return None
+        self._q: Any = queue.Queue(maxsize=max(1, int(depth)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iterable,), daemon=True, name="squall-prefetch")
+        self._thread.start()
 
+    def _put(self, item: Any) -> bool:
+        import queue
 
-def _aggregate_and_dense(
-    model: Squall, h: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, dense_idx: torch.Tensor, reduce: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Region vectors (B, R, G) and dense maps (B, S, S, Gd) from features, as ``Squall.predict`` does."""
-    import torch
-    import torch.nn.functional as F
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-    fc2 = model.decoder.increase_dim_rgb.fc2
-    with torch.inference_mode():
-        wt, bias = fc2.weight.float(), fc2.bias.float()
-        sel_w = wt if idx is None else wt[idx]
-        sel_b = bias if idx is None else bias[idx]
-        w = w.to(h.device, torch.float32)
-        hs = torch.einsum("brij,bije->bre", w, h)
-        wsum = w.sum(dim=(2, 3))
-        if reduce == "mean":
-            agg = F.linear(hs / wsum[..., None], sel_w, sel_b)
-        else:
-            agg = F.linear(hs, sel_w) + wsum[..., None] * sel_b
-        dense = F.linear(h, wt[dense_idx], bias[dense_idx])
-    return agg, dense
+    def _run(self, iterable: Any) -> None:
+        try:
+            for item in iterable:
+                if not self._put((True, item)):
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            self._put((False, err))
+            return
+        self._put((True, self._END))
+
+    def __iter__(self) -> Any:
+        while True:
+            ok, item = self._q.get()
+            if not ok:
+                raise item
+            if item is self._END:
+                return
+            yield item
+
+    def close(self) -> None:
+        """Stop the background thread (drops what it has read ahead)."""
+        import queue
+
+        self._stop.set()
+        try:
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=5)
 
 
 class Canvas:
@@ -457,7 +471,7 @@ def match_table_genes(model: Squall, table: AnnData, table_key: str) -> tuple[np
     -------
     ``(channels, columns)`` of equal length.
     """
-    from squall_sd.pp._genes import gene_index
+    from squall_sd.pp import gene_index
 
     frame = vocabulary_frame(model)
     col = gene_index(table, frame)
@@ -726,18 +740,18 @@ def predict_expression(
     model.eval()
     if model.device != dev:
         model.to(dev)
-    idx_t = torch.as_tensor(channels, dtype=torch.long, device=dev)
-    dense_t = None if dense_idx is None else torch.as_tensor(dense_idx, dtype=torch.long, device=dev)
+    dense_t = None if dense_idx is None else [int(i) for i in dense_idx]  # channel indices
     genes_arg = channels.tolist() if len(channels) < model.n_genes else None
     bar = progress_bar(len(plan), desc="predict_expression", enabled=progress)
+    batches = _Prefetch(loader) if num_workers == 0 and len(plan) > batch_size else None
     try:
-        for tids, rgb, w, ridx in loader:
+        for tids, rgb, w, ridx in (batches if batches is not None else loader):
             if dense_t is None:
                 agg = model.predict(rgb, mpp, genes=genes_arg, aggregate=w, reduce=reduce, autocast=use_autocast)
             else:
-                h = features_and_projection(model, rgb, mpp, autocast=use_autocast)
-                agg, dense = _aggregate_and_dense(
-                    model, h, w, idx_t if len(channels) < model.n_genes else None, dense_t, reduce
+                # spot values and dense maps from one forward pass
+                agg, dense = model.predict(
+                    rgb, mpp, genes=genes_arg, aggregate=w, reduce=reduce, autocast=use_autocast, dense_genes=dense_t
                 )
                 dn = dense[:, margin_cells : margin_cells + core_cells, margin_cells : margin_cells + core_cells]
                 dn = dn.permute(0, 3, 1, 2).cpu().numpy()
@@ -753,6 +767,8 @@ def predict_expression(
             canvas.cleanup()
         raise
     finally:
+        if batches is not None:
+            batches.close()
         bar.close()
         if prev_device != dev:
             model.to(prev_device)
