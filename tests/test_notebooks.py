@@ -45,6 +45,9 @@ def kernel_env(monkeypatch):
     """Environment the kernel inherits: offline, unattended, napari on the display if there is one."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("SQUALL_NOTEBOOK_UNATTENDED", "1")
+    # no IPython `%gui qt` loop in the kernel: with it, closing the viewer intermittently hangs the
+    # kernel under ipykernel 7 ("QSocketNotifier: Invalid socket"); the notebook pumps events itself
+    monkeypatch.setenv("NAPARI_APPLICATION_IPY_INTERACTIVE", "0")
     if os.environ.get("DISPLAY") and os.environ.get("QT_QPA_PLATFORM") == "offscreen":
         # napari has no OpenGL context on the offscreen platform; use the (virtual) display
         monkeypatch.setenv("QT_QPA_PLATFORM", "xcb")

@@ -172,3 +172,14 @@ def test_attention_bias_cache_follows_weights(rgb):
     z = m.forward_rgb(rgb[:1], 0.5)
     z.sum().backward()
     assert m.encoder.blocks.blocks[0].attn.relative_position_bias.mlp[0].weight.grad is not None
+
+
+def test_sparse_region_weights_equal_dense(model, rgb):
+    g = torch.Generator().manual_seed(9)
+    w = torch.rand(2, 6, 56, 56, generator=g) * (torch.rand(2, 6, 56, 56, generator=g) > 0.9)
+    for reduce in ("sum", "mean"):
+        dense = model.predict(rgb, [0.5, 1.0], aggregate=w, reduce=reduce, genes=[4, 1])
+        sparse = model.predict(rgb, [0.5, 1.0], aggregate=w.to_sparse(), reduce=reduce, genes=[4, 1])
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Region weights must have shape"):
+        model.predict(rgb, 0.5, aggregate=torch.ones(2, 3, 28, 28).to_sparse())

@@ -135,3 +135,94 @@ def test_rasterize_errors(mob_sdata):
     )
     assert out.shape == (1, 1, 56, 56) and not out.any()
     assert MOB_SPOT_DIAMETER_UM == 55.0
+
+
+def _assign_reference(rg, cx, cy):
+    """The per-region loop RegionGrid.assign used before it was vectorised (the specification)."""
+    import shapely
+
+    g, cell = rg.grid, rg.cell_um
+    ox, oy = cx - rg.tile_um / 2, cy - rg.tile_um / 2
+    eps = cell * 1e-9
+    cand = rg._tree.query(shapely.box(ox + eps, oy + eps, ox + rg.tile_um - eps, oy + rg.tile_um - eps))
+    empty = np.zeros(0, dtype=np.int64)
+    if len(cand) == 0:
+        return empty, empty, empty
+    b = rg.bounds[cand]
+    ext = (min(b[:, 0].min(), ox), min(b[:, 1].min(), oy), max(b[:, 2].max(), ox + rg.tile_um),
+           max(b[:, 3].max(), oy + rg.tile_um))
+    every = rg._tree.query(shapely.box(*ext))
+    b = rg.bounds[every]
+    ext = (min(b[:, 0].min(), ext[0]), min(b[:, 1].min(), ext[1]), max(b[:, 2].max(), ext[2]),
+           max(b[:, 3].max(), ext[3]))
+    kx0, ky0 = int(np.floor((ext[0] - ox) / cell)) - 1, int(np.floor((ext[1] - oy) / cell)) - 1
+    kx1, ky1 = int(np.ceil((ext[2] - ox) / cell)) + 1, int(np.ceil((ext[3] - oy) / cell)) + 1
+    h, w = ky1 - ky0, kx1 - kx0
+    label = np.full((h, w), -1, dtype=np.int64)
+    best = np.full((h, w), np.inf)
+    small = []
+    for local, ridx in enumerate(every):
+        x0, y0, x1, y1 = rg.bounds[ridx]
+        ax = max(int(np.ceil((x0 - ox) / cell - 0.5)) - kx0, 0)
+        bx = min(int(np.floor((x1 - ox) / cell - 0.5)) - kx0 + 1, w)
+        ay = max(int(np.ceil((y0 - oy) / cell - 0.5)) - ky0, 0)
+        by = min(int(np.floor((y1 - oy) / cell - 0.5)) - ky0 + 1, h)
+        if ax >= bx or ay >= by:
+            small.append(local)
+            continue
+        xs = ox + (np.arange(ax, bx) + kx0 + 0.5) * cell
+        ys = oy + (np.arange(ay, by) + ky0 + 0.5) * cell
+        ccx, ccy = rg.center[ridx]
+        d2 = (xs[None, :] - ccx) ** 2 + (ys[:, None] - ccy) ** 2
+        if rg.kind == "circles":
+            inside = d2 <= rg.radius[ridx] ** 2
+        else:
+            inside = shapely.contains_xy(rg.geoms[ridx], *np.meshgrid(xs, ys))
+        if not inside.any():
+            small.append(local)
+            continue
+        sub_best = best[ay:by, ax:bx]
+        win = inside & (d2 < sub_best)
+        sub_best[win] = d2[win]
+        label[ay:by, ax:bx][win] = local
+    counts = np.bincount(label[label >= 0], minlength=len(every))
+    tile_lab = label[-ky0 : -ky0 + g, -kx0 : -kx0 + g]
+    yy, xx = np.nonzero(tile_lab >= 0)
+    cells, local_ids = (yy * g + xx).astype(np.int64), tile_lab[yy, xx]
+    extra_cells, extra_local = [], []
+    for local in small + [int(i) for i in np.flatnonzero(counts == 0) if int(i) not in small]:
+        ccx, ccy = rg.center[every[local]]
+        x, y = int(np.floor((ccx - ox) / cell)), int(np.floor((ccy - oy) / cell))
+        if 0 <= x < g and 0 <= y < g:
+            extra_cells.append(y * g + x)
+            extra_local.append(local)
+    for local in extra_local:
+        counts[local] = max(counts[local], 1)
+    cells = np.concatenate([cells, np.asarray(extra_cells, dtype=np.int64)])
+    local_ids = np.concatenate([local_ids, np.asarray(extra_local, dtype=np.int64)])
+    return cells, np.asarray(every, dtype=np.int64)[local_ids], counts[local_ids].astype(np.int64)
+
+
+@pytest.mark.parametrize("kind", ["circles", "polygons", "large_polygons"])
+def test_region_grid_vectorised_equals_reference(kind):
+    import geopandas as gpd
+    import shapely
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Identity
+
+    rng = np.random.default_rng(1)
+    n = 400
+    xy = rng.uniform(0, 600, (n, 2))
+    xy[: n // 4] = np.round(xy[: n // 4] / 8) * 8  # lattice-aligned centres: equal-distance ties
+    if kind == "circles":
+        shapes = ShapesModel.parse(xy, geometry=0, radius=rng.uniform(0.3, 25, n), transformations={"microns": Identity()})
+    else:
+        e = 12.0 if kind == "polygons" else 150.0
+        geoms = shapely.box(xy[:, 0], xy[:, 1], xy[:, 0] + e * rng.uniform(0.1, 2, n), xy[:, 1] + e * rng.uniform(0.1, 2, n))
+        geoms = np.where(rng.random(n) < 0.3, shapely.buffer(shapely.points(xy), e / 2), geoms)
+        shapes = ShapesModel.parse(gpd.GeoDataFrame(geometry=geoms), transformations={"microns": Identity()})
+    rg = squall.pp.RegionGrid(shapes, patch_px=224, mpp=0.5, grid=56)
+    for cx, cy in rng.uniform(-60, 660, (25, 2)):
+        got, ref = rg.assign(cx, cy), _assign_reference(rg, cx, cy)
+        for a, b in zip(got, ref, strict=True):
+            np.testing.assert_array_equal(a, b)

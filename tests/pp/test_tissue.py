@@ -89,3 +89,42 @@ def test_backed_sdata_gets_the_element_on_disk(mob_raw, tmp_path):
     on_disk = sd.read_zarr(tmp_path / "s.zarr")
     assert "he_tissue" in on_disk.shapes
     assert (on_disk.shapes["he_tissue"]["area_um2"] >= 1e6).all()
+
+
+def test_tissue_features_equal_skimage():
+    from skimage import color
+
+    from squall_sd.pp._tissue import _features, tissue_mask
+
+    rng = np.random.default_rng(0)
+    rgb = rng.random((300, 200, 3)).astype(np.float32)
+    rgb[:20] = 0.0  # black: value 0, saturation 0
+    rgb[20:40] = 0.5  # grey: delta 0
+    chw = np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
+    feat, valid = _features(chw, "saturation", rows=64)
+    hsv = color.rgb2hsv(rgb)
+    np.testing.assert_array_equal(feat, hsv[..., 1])
+    np.testing.assert_array_equal(valid, hsv[..., 2] > 0.1)
+    grey, _ = _features(chw, "greyscale", rows=64)
+    np.testing.assert_array_equal(grey, color.rgb2gray(rgb))
+    with pytest.raises(ValueError, match="`method` must be"):
+        tissue_mask(rgb, method="nope")
+
+
+def test_detect_tissue_bounded_working_image(mob_sdata, monkeypatch):
+    from squall_sd.pp import _tissue
+
+    feat, _, affine = _tissue._coarse_features(mob_sdata, "he", scale=None, method="saturation", max_pixels=None)
+    full = squall.pp.detect_tissue(mob_sdata, inplace=False)
+    cap = feat.size // 5
+    small, _, affine_small = _tissue._coarse_features(mob_sdata, "he", scale=None, method="saturation", max_pixels=cap)
+    assert small.size <= cap < feat.size
+    assert abs(np.linalg.det(affine_small[:2, :2])) > abs(np.linalg.det(affine[:2, :2]))  # coarser
+    # the public coarse image (block means in [0, 1]) honours the same cap
+    rgb, _, _ = _tissue.coarse_image(mob_sdata, "he", max_pixels=cap)
+    assert rgb.shape[0] * rgb.shape[1] <= cap and rgb.shape[2] == 3 and 0 <= rgb.min() <= rgb.max() <= 1
+    # detection with the cap finds about the same tissue
+    monkeypatch.setattr(_tissue, "MAX_WORKING_PIXELS", cap)
+    capped = squall.pp.detect_tissue(mob_sdata, inplace=False)
+    a, b = full.union_all(), capped.union_all()
+    assert a.symmetric_difference(b).area < 0.15 * a.area

@@ -283,3 +283,22 @@ def test_he_only_jpg(shared_data, tmp_path):
     squall.tl.predict_expression(sdata, model, progress=False, spots="bins", spot_size_um=64)
     adata = sdata.tables["squall_expression"]
     assert adata.n_obs > 0 and adata.shape[1] == 2 and np.isfinite(adata.X).all()
+
+
+def test_prefetch_order_errors_and_close():
+    from squall_sd.tl._predict import _Prefetch
+
+    assert list(_Prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def boom():
+        yield 1
+        raise RuntimeError("read failed")
+
+    it = iter(_Prefetch(boom()))
+    assert next(it) == 1
+    with pytest.raises(RuntimeError, match="read failed"):
+        next(it)
+    p = _Prefetch(iter(range(10**6)), depth=2)  # closing early stops the thread
+    next(iter(p))
+    p.close()
+    assert not p._thread.is_alive()

@@ -631,6 +631,8 @@ class Squall(nn.Module):
             ``None``: the dense grid (B, S, S, G). ``"tile"``: one vector per tile (B, G).
             A tensor of region weights or masks (B, R, S, S) or (R, S, S) (shared by all tiles):
             one vector per region (B, R, G), e.g. spots, bins or cells rasterised on the grid.
+            The (B, R, S, S) weights may be a sparse COO tensor (each region covers few cells):
+            then no dense weight tensor is built.
         reduce
             ``"sum"`` (default, as the published pooling) or ``"mean"`` (divide by the weight sum;
             regions with zero weight give NaN).
@@ -696,6 +698,8 @@ class Squall(nn.Module):
             if reduce == "mean":
                 return F.linear(hs / (s * s), weight, bias)
             return F.linear(hs, weight) + bias * float(s * s)
+        if isinstance(aggregate, torch.Tensor) and aggregate.is_sparse:
+            return self._aggregate_sparse(h, aggregate, weight, bias, reduce)
         w = torch.as_tensor(aggregate).to(self.device, torch.float32)
         if w.ndim == 3:
             w = w.unsqueeze(0).expand(b, -1, -1, -1)
@@ -706,6 +710,30 @@ class Squall(nn.Module):
             )
         hs = torch.einsum("brij,bije->bre", w, h)
         wsum = w.sum(dim=(2, 3))
+        if reduce == "mean":
+            return F.linear(hs / wsum[..., None], weight, bias)
+        return F.linear(hs, weight) + wsum[..., None] * bias
+
+    def _aggregate_sparse(
+        self, h: torch.Tensor, aggregate: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, reduce: str
+    ) -> torch.Tensor:
+        """Region vectors from a sparse COO weight tensor (B, R, S, S): no dense weights are built."""
+        b, s = h.shape[0], self.config.expr_size
+        if aggregate.ndim != 4 or aggregate.shape[0] != b or tuple(aggregate.shape[2:]) != (s, s):
+            raise ValueError(
+                f"Region weights must have shape (B={b}, R, {s}, {s}), found {tuple(aggregate.shape)}."
+            )
+        r = aggregate.shape[1]
+        w = aggregate.coalesce().to(self.device)
+        bi, ri, yi, xi = w.indices()
+        vals = w.values().to(torch.float32)
+        # (B*R) x (B*S*S) sparse matrix times the (B*S*S, E) cell features
+        m = torch.sparse_coo_tensor(
+            torch.stack([bi * r + ri, (bi * s + yi) * s + xi]), vals, (b * r, b * s * s)
+        )
+        hs = torch.sparse.mm(m, h.reshape(b * s * s, -1)).reshape(b, r, -1)
+        wsum = torch.zeros(b * r, dtype=torch.float32, device=h.device).index_add_(0, bi * r + ri, vals)
+        wsum = wsum.reshape(b, r)
         if reduce == "mean":
             return F.linear(hs / wsum[..., None], weight, bias)
         return F.linear(hs, weight) + wsum[..., None] * bias

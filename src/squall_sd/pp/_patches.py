@@ -149,7 +149,14 @@ class PatchDataset:
 
     def _fill_cache(self) -> None:
         if self._cache is None and self.level.data[:3].nbytes <= self.cache_mb * 1e6:
-            self._cache = np.asarray(self.level.data[:3].compute())
+            src = self.level.data[:3]
+            if isinstance(src, da.Array):
+                # chunk by chunk into one preallocated array: no second full-size copy while reading
+                cache = np.empty(src.shape, dtype=src.dtype)
+                da.store(src, cache, lock=False, scheduler=dask.threaded.get)
+                self._cache = cache
+            else:
+                self._cache = np.asarray(src)
             logger.debug("PatchDataset: level %s read into memory", self.level.name)
 
     def _level_coords(self, cx: float, cy: float) -> tuple[np.ndarray, np.ndarray]:

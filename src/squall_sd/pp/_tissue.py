@@ -64,15 +64,19 @@ def coarse_image(
     return np.moveaxis(chw, 0, -1), affine, level
 
 
-def _coarse_chw(
+def _coarse_blocks(
     sdata: SpatialData,
     image_key: str,
     *,
     scale: str | int | None,
     mpp_range: tuple[float, float],
     max_pixels: int | None,
-) -> tuple[np.ndarray, np.ndarray, Level]:
-    """:func:`coarse_image` as a C-contiguous float32 (3, h, w) array in [0, 1]."""
+):
+    """Pick the level and factor of :func:`coarse_image`; return ``(shape, affine, level, blocks)``.
+
+    ``blocks`` yields ``(y, x, mean)``: float32 (3, bh, bw) block means (not yet scaled to [0, 1])
+    of the coarse image at coarse pixel ``(y, x)``, one chunk-sized block at a time.
+    """
     levels = image_levels(sdata, image_key)
     auto = scale is None or scale == "auto"
     level = pick_level(levels, mpp_range[1], "auto" if auto else scale)
@@ -87,42 +91,88 @@ def _coarse_chw(
     if h < f or w < f:
         f = max(1, min(h, w))
     ch, cw = h // f, w // f
-    out = np.empty((3, ch, cw), dtype=np.float32)
     src = level.data[:3]
     is_uint8 = src.dtype == np.uint8
-    # blocks of whole coarse pixels, about one 1024 px chunk (at least one coarse pixel) each
-    step = f * max(1, int(np.ceil(1024 / f)))
-    blocks = [(y, x) for y in range(0, ch * f, step) for x in range(0, cw * f, step)]
-    for k in range(0, len(blocks), 4):  # a few blocks per dask call: parallel reads, bounded memory
-        group = blocks[k : k + 4]
-        arrs = [src[:, y : min(y + step, ch * f), x : min(x + step, cw * f)] for y, x in group]
-        datas = dask.compute(*arrs, scheduler=dask.threaded.get) if isinstance(src, da.Array) else arrs
-        for (y, x), data in zip(group, datas, strict=True):
-            data = np.asarray(data)
-            c, bh, bw = data.shape
-            blk = data.reshape(c, bh // f, f, bw // f, f)
-            if f == 1:
-                mean = data.astype(np.float32)
-            elif is_uint8:
-                # integer block sums are exact, so this equals the float32 mean bit for bit
-                mean = blk.sum(axis=(2, 4), dtype=np.uint32).astype(np.float32) / np.float32(f * f)
-            else:
-                mean = np.mean(blk.astype(np.float32), axis=(2, 4))
-            out[:, y // f : (y + bh) // f, x // f : (x + bw) // f] = mean
-    if is_uint8 or (out.size and out.max() > 1.0):
-        out /= np.float32(255.0)
-    np.clip(out, 0.0, 1.0, out=out)
     affine = level.affine @ np.diag([f, f, 1.0])
     logger.debug(
         "coarse image of %r: level %s (%.3g µm/px) / %d -> %s at %.3g µm/px",
-        image_key,
-        level.name,
-        level.mpp,
-        f,
-        out.shape[1:],
-        level.mpp * f,
+        image_key, level.name, level.mpp, f, (ch, cw), level.mpp * f,
     )
+
+    def blocks():
+        # blocks of whole coarse pixels, about one 1024 px chunk (at least one coarse pixel) each
+        step = f * max(1, int(np.ceil(1024 / f)))
+        corners = [(y, x) for y in range(0, ch * f, step) for x in range(0, cw * f, step)]
+        for k in range(0, len(corners), 4):  # a few blocks per dask call: parallel reads, bounded memory
+            group = corners[k : k + 4]
+            arrs = [src[:, y : min(y + step, ch * f), x : min(x + step, cw * f)] for y, x in group]
+            # the scheduler function itself: a scheduler *name* makes dask import distributed (slow)
+            datas = dask.compute(*arrs, scheduler=dask.threaded.get) if isinstance(src, da.Array) else arrs
+            for (y, x), data in zip(group, datas, strict=True):
+                data = np.asarray(data)
+                c, bh, bw = data.shape
+                if f == 1:
+                    mean = data.astype(np.float32)
+                elif is_uint8:
+                    # integer block sums are exact, so this equals the float32 mean bit for bit
+                    blk = data.reshape(c, bh // f, f, bw // f, f)
+                    mean = blk.sum(axis=(2, 4), dtype=np.uint32).astype(np.float32) / np.float32(f * f)
+                else:
+                    blk = data.reshape(c, bh // f, f, bw // f, f)
+                    mean = np.mean(blk.astype(np.float32), axis=(2, 4))
+                yield y // f, x // f, mean
+
+    return (ch, cw), affine, level, is_uint8, blocks
+
+
+def _coarse_chw(
+    sdata: SpatialData,
+    image_key: str,
+    *,
+    scale: str | int | None,
+    mpp_range: tuple[float, float],
+    max_pixels: int | None,
+) -> tuple[np.ndarray, np.ndarray, Level]:
+    """:func:`coarse_image` as a C-contiguous float32 (3, h, w) array in [0, 1]."""
+    (ch, cw), affine, level, is_uint8, blocks = _coarse_blocks(
+        sdata, image_key, scale=scale, mpp_range=mpp_range, max_pixels=max_pixels
+    )
+    out = np.empty((3, ch, cw), dtype=np.float32)
+    for y, x, mean in blocks():
+        out[:, y : y + mean.shape[1], x : x + mean.shape[2]] = mean
+    if is_uint8 or (out.size and out.max() > 1.0):
+        out /= np.float32(255.0)
+    np.clip(out, 0.0, 1.0, out=out)
     return out, affine, level
+
+
+def _coarse_features(
+    sdata: SpatialData,
+    image_key: str,
+    *,
+    scale: str | int | None,
+    method: str,
+    max_pixels: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(feature, valid, affine)`` of the coarse image (see :func:`_features`), computed block by
+    block for uint8 images, so the float RGB coarse image is never held whole."""
+    (ch, cw), affine, level, is_uint8, blocks = _coarse_blocks(
+        sdata, image_key, scale=scale, mpp_range=WORKING_MPP_RANGE, max_pixels=max_pixels
+    )
+    if not is_uint8:  # scaling to [0, 1] depends on the whole image's maximum
+        chw, affine, _ = _coarse_chw(
+            sdata, image_key, scale=scale, mpp_range=WORKING_MPP_RANGE, max_pixels=max_pixels
+        )
+        return (*_features(chw, method), affine)
+    feat = np.empty((ch, cw), dtype=np.float32)
+    valid = np.empty((ch, cw), dtype=bool)
+    for y, x, mean in blocks():
+        mean /= np.float32(255.0)
+        np.clip(mean, 0.0, 1.0, out=mean)
+        bf, bv = _features(mean, method)
+        feat[y : y + bf.shape[0], x : x + bf.shape[1]] = bf
+        valid[y : y + bf.shape[0], x : x + bf.shape[1]] = bv
+    return feat, valid, affine
 
 
 def _features(chw: np.ndarray, method: str, rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -255,12 +305,10 @@ def detect_tissue(
         )
     if method not in ("saturation", "greyscale"):
         raise ValueError(f"`method` must be 'saturation' or 'greyscale', got {method!r}.")
-    chw, affine, _ = _coarse_chw(
-        sdata, image_key, scale=scale, mpp_range=WORKING_MPP_RANGE, max_pixels=MAX_WORKING_PIXELS
+    feat, valid, affine = _coarse_features(
+        sdata, image_key, scale=scale, method=method, max_pixels=MAX_WORKING_PIXELS
     )
     px_um = float(np.sqrt(abs(np.linalg.det(affine[:2, :2]))))  # µm per working pixel
-    feat, valid = _features(chw, method)
-    del chw
     mask = _threshold(feat, valid, method)
     del feat, valid
     # morphological cleanup at the working resolution (~8-16 µm per pixel)

@@ -248,8 +248,14 @@ class TileDataset:
         return t, patch, cells.astype(np.int64), local.astype(np.int64), weight
 
 
-def collate_tiles(items: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], *, grid: int, plan: TilePlan):
-    """Batch tiles: ``(tile ids, rgb uint8 (B,3,P,P), weights (B,R,grid,grid), region positions (B,R))``."""
+def collate_tiles(
+    items: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], *, grid: int, plan: TilePlan, sparse: bool = False
+):
+    """Batch tiles: ``(tile ids, rgb uint8 (B,3,P,P), weights (B,R,grid,grid), region positions (B,R))``.
+
+    With ``sparse=True`` the weights are a sparse COO tensor (a tile owns up to a few hundred
+    regions, so the dense weights of a batch take tens of MB; the sparse ones a few).
+    """
     import torch
 
     tids = np.array([it[0] for it in items], dtype=np.int64)
@@ -257,11 +263,20 @@ def collate_tiles(items: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.
     n_owned = plan.owner_ptr[tids + 1] - plan.owner_ptr[tids]
     r = max(int(n_owned.max(initial=0)), 1)
     b, g2 = len(items), grid * grid
-    w = np.zeros((b, r, g2), dtype=np.float32)
     idx = np.full((b, r), -1, dtype=np.int64)
+    for k, (t, *_rest) in enumerate(items):
+        idx[k, : n_owned[k]] = plan.owned[plan.owner_ptr[t] : plan.owner_ptr[t + 1]]
+    if sparse:
+        bi = np.concatenate([np.full(len(it[2]), k, dtype=np.int64) for k, it in enumerate(items)])
+        cells = np.concatenate([it[2] for it in items]).astype(np.int64)
+        local = np.concatenate([it[3] for it in items]).astype(np.int64)
+        vals = np.concatenate([it[4] for it in items]).astype(np.float32)
+        ind = torch.from_numpy(np.stack([bi, local, cells // grid, cells % grid]))
+        w = torch.sparse_coo_tensor(ind, torch.from_numpy(vals), (b, r, grid, grid)).coalesce()
+        return torch.from_numpy(tids), rgb, w, torch.from_numpy(idx)
+    w = np.zeros((b, r, g2), dtype=np.float32)
     for k, (t, _, cells, local, weight) in enumerate(items):
         np.add.at(w[k], (local, cells), weight)
-        idx[k, : n_owned[k]] = plan.owned[plan.owner_ptr[t] : plan.owner_ptr[t + 1]]
     return torch.from_numpy(tids), rgb, torch.from_numpy(w.reshape(b, r, grid, grid)), torch.from_numpy(idx)
 
 
@@ -718,7 +733,7 @@ def predict_expression(
 
     loader = make_loader(
         dataset, batch_size=batch_size, num_workers=num_workers, device=dev,
-        collate=partial(collate_tiles, grid=cfg.expr_size, plan=plan),
+        collate=partial(collate_tiles, grid=cfg.expr_size, plan=plan, sparse=True),
     )
     n_regions = len(shapes)
     logger.info(
