@@ -5,7 +5,7 @@
    table) on the same tiles; the ratio should be >= 0.8 on CPU.
 2. Peak RSS of ``predict_expression`` on H&E-only slides built by tiling the her2st C2 H&E to 1x, 4x
    and 16x the area, written to a temporary zarr first so that reading is lazy; each size runs in its
-   own subprocess and reports ``ru_maxrss``. Memory should stay flat.
+   own subprocess and reports its peak RSS (``VmHWM``). Memory should stay flat.
 
 Run::
 
