@@ -143,7 +143,7 @@ def save_pretrained(
 
     from squall_sd import __version__
 
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     if (directory / WEIGHTS_NAME).exists() and not overwrite:
         raise FileExistsError(
             f"{directory / WEIGHTS_NAME} exists; pass overwrite=True to replace it."

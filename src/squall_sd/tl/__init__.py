@@ -1,14 +1,15 @@
-"""squall_sd.tl."""
+"""Tools: virtual expression from H&E, embeddings, niches, signatures, trajectories and outcome."""
 
 from squall_sd.tl._embed import embed
 from squall_sd.tl._evaluate import evaluate_expression
 from squall_sd.tl._niches import niche_enrichment, niches
 from squall_sd.tl._outcome import OutcomeModel, concordance_index, fit_outcome, predict_outcome
 from squall_sd.tl._predict import predict_expression
-from squall_sd.tl._signatures import score_signatures
+from squall_sd.tl._signatures import SIGNATURES, score_signatures
 from squall_sd.tl._trajectory import trajectory
 
 __all__ = [
+    "SIGNATURES",
     "OutcomeModel",
     "concordance_index",
     "embed",
