@@ -16,7 +16,7 @@ r=../../runs/her2st-cpu/$1
 c="--set data.batch_size=16 --set data.num_workers=1 --set checkpoint.every_n_steps=50 --set trainer.log_every_n_steps=10"
 $SQUALL train pretrain_image configs/her2st/pretrain_image_tiny.yaml $c --set trainer.max_steps=${P1:-60} \
   --set optim.lr=3.0e-4 --set run_dir=$r/pretrain_image --set "data.train=$data"
-$SQUALL train align configs/her2st/align_tiny.yaml $c --set trainer.max_steps=${P2:-60} \
+$SQUALL train align configs/her2st/align_tiny.yaml $c --set trainer.max_steps=${P2:-4} \
   --set optim.lr=3.0e-4 --set run_dir=$r/align --set "data.train=$data" --set model.init_from=$r/pretrain_image/checkpoints/last
-$SQUALL train finetune configs/her2st/finetune_expression_tiny.yaml $c --set trainer.max_steps=${P3:-250} \
+$SQUALL train finetune configs/her2st/finetune_expression_tiny.yaml $c --set trainer.max_steps=${P3:-60} \
   --set run_dir=$r/finetune --set "data.train=$data" --set model.init_from=$r/align/checkpoints/last

@@ -255,12 +255,28 @@ def write(sdata: SpatialData, path: str | os.PathLike, *, overwrite: bool = Fals
         )
     if not target.parent.is_dir():
         raise FileNotFoundError(f"The folder {str(target.parent)!r} to write into does not exist.")
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(target)
     try:
         sdata.write(tmp, overwrite=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    move_into_place(tmp, target)
+    logger.info("wrote %s", target)
+    return target
+
+
+def temp_sibling(target: Path) -> Path:
+    """Return a fresh hidden temporary path next to ``target`` (``.<name>.tmp-<random>``) to write into."""
+    return target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def move_into_place(tmp: Path, target: Path) -> None:
+    """Move the finished folder ``tmp`` to ``target``, replacing an existing ``target`` only now.
+
+    The old ``target`` is first renamed aside, the new one renamed in, and only then the old one
+    deleted, so that ``target`` is never half-written.
+    """
     if target.exists():
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(target, old)
@@ -268,8 +284,6 @@ def write(sdata: SpatialData, path: str | os.PathLike, *, overwrite: bool = Fals
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
-    logger.info("wrote %s", target)
-    return target
 
 
 def make_sdata(

@@ -86,11 +86,9 @@ def find_prediction(
 
     """
     if table_key is not None:
-        if table_key not in sdata.tables:
-            raise KeyError(
-                f"Table {table_key!r} not found in `sdata.tables`. "
-                f"Available: {sorted(sdata.tables)}."
-            )
+        from squall_sd.tl._keys import check_table_key
+
+        check_table_key(sdata, table_key)
         t = sdata.tables[table_key]
         if layer in t.layers:
             return _Source(table_key, layer)

@@ -136,14 +136,10 @@ def resolve_spots(
     The resolved :class:`Spots`.
 
     """
-    from squall_sd.tl._keys import resolve_region, resolve_table_key
+    from squall_sd.tl._keys import check_table_key, resolve_region, resolve_table_key
 
     if shapes_key is None and table_key is not None:
-        if table_key not in sdata.tables:
-            raise KeyError(
-                f"Table {table_key!r} not found in `sdata.tables`. "
-                f"Available: {sorted(sdata.tables)}."
-            )
+        check_table_key(sdata, table_key)
         shapes_key = annotated_shapes(sdata, table_key)
     region = resolve_region(sdata, shapes_key=shapes_key)
     if region is None or region.kind != "shapes":
@@ -158,16 +154,15 @@ def resolve_spots(
 
 def annotated_shapes(sdata: SpatialData, table_key: str) -> str:
     """Return the shapes element annotated by table ``table_key`` (it must annotate exactly one)."""
-    from spatialdata.models import get_table_keys
+    from squall_sd.tl._keys import table_regions
 
     try:
-        regions, _, _ = get_table_keys(sdata.tables[table_key])
+        regions = table_regions(sdata.tables[table_key])
     except Exception as e:  # noqa: BLE001
         raise ValueError(
             f"Table {table_key!r} does not annotate any element "
             "(no spatialdata region / instance keys)."
         ) from e
-    regions = [regions] if isinstance(regions, str) else list(regions or [])
     shapes = [r for r in regions if r in sdata.shapes]
     if len(shapes) != 1:
         raise ValueError(

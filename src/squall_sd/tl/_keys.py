@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 __all__ = [
     "Region",
     "check_microns",
+    "check_table_key",
     "instance_positions",
     "resolve_image_key",
     "resolve_region",
     "resolve_table_key",
+    "table_regions",
     "tables_annotating",
 ]
 
@@ -141,30 +143,43 @@ def tables_annotating(sdata: SpatialData, region: str) -> list[str]:
     -------
     Table names (sorted).
     """
-    from spatialdata.models import get_table_keys
-
     out = []
     for name, table in sdata.tables.items():
         try:
-            regions, _, _ = get_table_keys(table)
+            regions = table_regions(table)
         except Exception:  # noqa: BLE001 - tables without spatialdata attrs annotate nothing
             continue
-        regions = [regions] if isinstance(regions, str) else list(regions or [])
         if region in regions:
             out.append(name)
     return sorted(out)
 
 
-def _annotated_regions(sdata: SpatialData) -> list[Region]:
+def table_regions(table: AnnData) -> list:
+    """The elements ``table`` annotates (its spatialdata ``region``), as a list.
+
+    Raises what :func:`spatialdata.models.get_table_keys` raises for a table without spatialdata
+    region / instance keys.
+    """
     from spatialdata.models import get_table_keys
 
+    regions, _, _ = get_table_keys(table)
+    return [regions] if isinstance(regions, str) else list(regions or [])
+
+
+def check_table_key(sdata: SpatialData, table_key: str) -> None:
+    """Raise a :class:`KeyError` listing the tables when ``table_key`` is not one of them."""
+    if table_key not in sdata.tables:
+        raise KeyError(f"Table {table_key!r} not found in `sdata.tables`. Available: {sorted(sdata.tables)}.")
+
+
+def _annotated_regions(sdata: SpatialData) -> list[Region]:
     found: dict[str, Region] = {}
     for table in sdata.tables.values():
         try:
-            regions, _, _ = get_table_keys(table)
+            regions = table_regions(table)
         except Exception:  # noqa: BLE001
             continue
-        for r in [regions] if isinstance(regions, str) else list(regions or []):
+        for r in regions:
             if r in sdata.shapes and not str(r).endswith(TISSUE_SUFFIX):
                 found[r] = Region(str(r), "shapes")
             elif r in sdata.labels:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -571,7 +570,9 @@ def prepare(
             raise KeyError(f"label_key {label_key!r} is not an obs column of any input table.")
         categories = sorted(cats)
 
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    from squall_sd.io._common import move_into_place, temp_sibling
+
+    tmp = temp_sibling(target)
     tmp.mkdir()
     try:
         writer = _ShardWriter(
@@ -643,13 +644,7 @@ def prepare(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    move_into_place(tmp, target)
     logger.info("prepare: wrote %d tiles from %d slides to %s", n_total, len(sdatas), target)
     return target
 
