@@ -21,6 +21,12 @@ def test_demo_writes_store_and_png(tmp_path):
     adata = back.tables["table"]
     assert adata.n_obs == 187 and "total_counts" in adata.obs
     assert back.attrs["squall"]["section"] == "C2"
+    # the demo predicts with the bundled model: predictions for the genes it knows, NaN elsewhere
+    assert "squall" in adata.layers and adata.var["squall_predicted"].sum() > 700
+    pred = np.asarray(adata.layers["squall"])[:, adata.var["squall_predicted"].to_numpy()]
+    assert np.isfinite(pred).all() and pred.std(axis=0).mean() > 0
+    prov = adata.uns["squall"]["predict_expression"]
+    assert prov["model"] == "squall-tiny-her2st" and len(prov["weights_sha256"]) == 64
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png", "d.zarr"]  # no temp files
 
     # a second run refuses to overwrite, and leaves both files alone

@@ -267,7 +267,7 @@ def write(sdata: SpatialData, path: str | os.PathLike, *, overwrite: bool = Fals
 
 
 def temp_sibling(target: Path) -> Path:
-    """Return a fresh hidden temporary path next to ``target`` (``.<name>.tmp-<random>``) to write into."""
+    """Return a fresh hidden path next to ``target`` (``.<name>.tmp-<random>``) to write into."""
     return target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 

@@ -9,14 +9,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from squall_sd._logging import logger
-from squall_sd.tl._keys import Region, check_microns, instance_positions, resolve_image_key, resolve_region, resolve_table_key
+from squall_sd.tl._keys import instance_positions, resolve_region
 from squall_sd.tl._predict import (
     MAX_UPSAMPLE,
     Canvas,
     TileDataset,
     _set_uns,
     centers_and_extent,
-    check_resolution,
     collate_tiles,
     image_from_canvas,
     make_loader,
@@ -25,10 +24,10 @@ from squall_sd.tl._predict import (
     plan_tiles,
     progress_bar,
     provenance_record,
-    region_geometry,
     resolve_device,
+    resolve_image_mpp,
     resolve_model,
-    virtual_spots,
+    resolve_where,
 )
 
 if TYPE_CHECKING:
@@ -173,29 +172,21 @@ def embed(
     model = resolve_model(model)
     if pool not in ("region", "tile"):
         raise ValueError(f"`pool` must be 'region' or 'tile', found {pool!r}.")
-    image_key = resolve_image_key(sdata, image_key)
-    image_mpp = check_microns(sdata, image_key)
+    image_key, mpp = resolve_image_mpp(
+        sdata, model, image_key=image_key, mpp=mpp, max_upsample=max_upsample
+    )
     cfg = model.config
-    mpp = float(cfg.mpp if mpp is None else mpp)
-    check_resolution(image_mpp, mpp, model_name=cfg.name, image_key=image_key, max_upsample=max_upsample)
     token_stride = int(token_stride)
     if not 1 <= token_stride <= cfg.grid:
         raise ValueError(f"`token_stride` must be in [1, {cfg.grid}], found {token_stride}.")
 
-    new_shapes: dict[str, Any] = {}
     region = None if spots is not None else resolve_region(sdata, shapes_key=shapes_key, labels_key=labels_key)
-    if region is None:
-        if inplace and shapes_key_added in sdata.shapes and not overwrite:
-            raise ValueError(f"`shapes_key_added={shapes_key_added!r}` already exists; pass `overwrite=True`.")
-        shapes, tissue = virtual_spots(sdata, image_key=image_key, spots=spots or "visium", spot_size_um=spot_size_um)
-        new_shapes[shapes_key_added] = shapes
-        if tissue is not None:
-            new_shapes[f"{image_key}_tissue"] = tissue
-        region = Region(shapes_key_added, "shapes")
-        tkey = None
-    else:
-        shapes = region_geometry(sdata, region)
-        tkey = resolve_table_key(sdata, region.key, table_key)
+    if region is None and inplace and shapes_key_added in sdata.shapes and not overwrite:
+        raise ValueError(f"`shapes_key_added={shapes_key_added!r}` already exists; pass `overwrite=True`.")
+    region, shapes, tkey, new_shapes = resolve_where(
+        sdata, region, image_key=image_key, table_key=table_key, spots=spots,
+        spot_size_um=spot_size_um, shapes_key_added=shapes_key_added,
+    )
     table = sdata.tables[tkey] if tkey is not None else None
     if table is not None and key_added in table.obsm and not overwrite:
         raise ValueError(f"`tables[{tkey!r}].obsm[{key_added!r}]` already exists; pass `overwrite=True`.")

@@ -155,7 +155,7 @@ def tables_annotating(sdata: SpatialData, region: str) -> list[str]:
 
 
 def table_regions(table: AnnData) -> list:
-    """The elements ``table`` annotates (its spatialdata ``region``), as a list.
+    """Return the elements ``table`` annotates (its spatialdata ``region``) as a list.
 
     Raises what :func:`spatialdata.models.get_table_keys` raises for a table without spatialdata
     region / instance keys.
@@ -169,7 +169,9 @@ def table_regions(table: AnnData) -> list:
 def check_table_key(sdata: SpatialData, table_key: str) -> None:
     """Raise a :class:`KeyError` listing the tables when ``table_key`` is not one of them."""
     if table_key not in sdata.tables:
-        raise KeyError(f"Table {table_key!r} not found in `sdata.tables`. Available: {sorted(sdata.tables)}.")
+        raise KeyError(
+            f"Table {table_key!r} not found in `sdata.tables`. Available: {sorted(sdata.tables)}."
+        )
 
 
 def _annotated_regions(sdata: SpatialData) -> list[Region]:

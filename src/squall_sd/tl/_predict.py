@@ -505,6 +505,52 @@ def match_table_genes(model: Squall, table: AnnData, table_key: str) -> tuple[np
     return channels.astype(np.int64), columns.astype(np.int64)
 
 
+def resolve_image_mpp(
+    sdata: SpatialData, model: Squall, *, image_key: str | None, mpp: float | None, max_upsample: float
+) -> tuple[str, float]:
+    """Return the H&E key and the tiles' µm per pixel (default ``model.config.mpp``).
+
+    Raises when the image has no µm per pixel or is much coarser than the tiles (``max_upsample``).
+
+    Shared by :func:`predict_expression` and :func:`squall_sd.tl.embed`.
+    """
+    image_key = resolve_image_key(sdata, image_key)
+    image_mpp = check_microns(sdata, image_key)
+    cfg = model.config
+    mpp = float(cfg.mpp if mpp is None else mpp)
+    check_resolution(image_mpp, mpp, model_name=cfg.name, image_key=image_key, max_upsample=max_upsample)
+    return image_key, mpp
+
+
+def resolve_where(
+    sdata: SpatialData,
+    region: Region | None,
+    *,
+    image_key: str,
+    table_key: str | None,
+    spots: str | None,
+    spot_size_um: float | None,
+    shapes_key_added: str,
+) -> tuple[Region, gpd.GeoDataFrame, str | None, dict[str, Any]]:
+    """Return ``(region, shapes, table_key, new_shapes)`` for a resolved ``region``.
+
+    ``region=None`` lays virtual spots (``spots``, default ``"visium"``) over the tissue: they (and
+    the tissue polygons, when detected) are returned in ``new_shapes`` and there is no table.
+    Shared by :func:`predict_expression` and :func:`squall_sd.tl.embed`.
+    """
+    new_shapes: dict[str, Any] = {}
+    if region is None:
+        shapes, tissue = virtual_spots(
+            sdata, image_key=image_key, spots=spots or "visium", spot_size_um=spot_size_um
+        )
+        new_shapes[shapes_key_added] = shapes
+        if tissue is not None:
+            new_shapes[f"{image_key}_tissue"] = tissue
+        return Region(shapes_key_added, "shapes"), shapes, None, new_shapes
+    shapes = region_geometry(sdata, region)
+    return region, shapes, resolve_table_key(sdata, region.key, table_key), new_shapes
+
+
 # ---------------------------------------------------------------------------------------------
 # the tool
 # ---------------------------------------------------------------------------------------------
@@ -650,34 +696,24 @@ def predict_expression(
         raise ValueError(f"`layout` must be 'auto', 'tiles' or 'shapes', found {layout!r}.")
     if spots is not None and spots not in ("visium", "bins", "tiles"):
         raise ValueError(f"`spots` must be 'visium', 'bins' or 'tiles', found {spots!r}.")
-    image_key = resolve_image_key(sdata, image_key)
-    image_mpp = check_microns(sdata, image_key)
+    image_key, mpp = resolve_image_mpp(
+        sdata, model, image_key=image_key, mpp=mpp, max_upsample=max_upsample
+    )
     cfg = model.config
-    mpp = float(cfg.mpp if mpp is None else mpp)
-    check_resolution(image_mpp, mpp, model_name=cfg.name, image_key=image_key, max_upsample=max_upsample)
 
     # ---- where --------------------------------------------------------------------------------
-    new_shapes: dict[str, Any] = {}
     if spots is not None and (shapes_key is not None or labels_key is not None):
         raise ValueError("Pass `spots=` (virtual spots) or `shapes_key=` / `labels_key=`, not both.")
     region = None if spots is not None else resolve_region(sdata, shapes_key=shapes_key, labels_key=labels_key)
-    if region is None:
-        kind = spots or "visium"
-        if shapes_key_added in sdata.shapes and not overwrite and inplace:
-            raise ValueError(
-                f"`shapes_key_added={shapes_key_added!r}` already exists in `sdata.shapes`. Pass "
-                "`overwrite=True`, another `shapes_key_added`, or `shapes_key=` to predict at it."
-            )
-        gdf, tissue = virtual_spots(sdata, image_key=image_key, spots=kind, spot_size_um=spot_size_um)
-        new_shapes[shapes_key_added] = gdf
-        if tissue is not None:
-            new_shapes[f"{image_key}_tissue"] = tissue
-        region = Region(shapes_key_added, "shapes")
-        shapes = gdf
-        tkey = None
-    else:
-        shapes = region_geometry(sdata, region)
-        tkey = resolve_table_key(sdata, region.key, table_key)
+    if region is None and shapes_key_added in sdata.shapes and not overwrite and inplace:
+        raise ValueError(
+            f"`shapes_key_added={shapes_key_added!r}` already exists in `sdata.shapes`. Pass "
+            "`overwrite=True`, another `shapes_key_added`, or `shapes_key=` to predict at it."
+        )
+    region, shapes, tkey, new_shapes = resolve_where(
+        sdata, region, image_key=image_key, table_key=table_key, spots=spots,
+        spot_size_um=spot_size_um, shapes_key_added=shapes_key_added,
+    )
 
     # ---- what ---------------------------------------------------------------------------------
     table = sdata.tables[tkey] if tkey is not None else None

@@ -1,0 +1,43 @@
+"""The bundled model ships inside the package and loads by name, without ../shared or network."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import squall_sd.models as sm
+
+NAME = "squall-tiny-her2st"
+
+
+def test_bundled_model_is_listed_and_loads():
+    assert NAME in sm.list_models(pretrained=True)
+    model = sm.load(NAME)
+    cfg = model.config
+    assert cfg.mpp == 2.0 and cfg.img_size == 224
+    assert len(model.genes) == cfg.n_genes == 848
+    assert {"ERBB2", "GRB7"} & set(model.genes)
+    n = sum(p.numel() for p in model.parameters())
+    assert 1_000_000 < n < 6_000_000  # wheel stays small (<= 25 MB)
+
+
+def test_bundled_weights_match_their_sha256():
+    d = Path(sm.__file__).parent / "weights" / NAME
+    expected = (d / "model.safetensors.sha256").read_text().split()[0]
+    assert hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() == expected
+    assert (d / "model.safetensors").stat().st_size < 25 * 2**20
+
+
+def test_bundled_model_predicts_on_a_real_tile():
+    import squall_sd as squall
+
+    sdata = squall.datasets.example()
+    model = sm.load(NAME)
+    centres = sdata.tables["table"].obsm["spatial"][:2]
+    ds = squall.pp.extract_patches(sdata, centres, patch_px=224, mpp=model.config.mpp)
+    rgb = torch.from_numpy(np.stack([ds[i] for i in range(len(ds))])).float() / 255.0
+    out = model.predict(rgb, torch.full((2,), model.config.mpp), genes=["ERBB2"], aggregate="tile")
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
