@@ -11,6 +11,20 @@ from squall_sd._logging import logger
 
 #: Bundled trained model the demo predicts with (when its weights ship with the package).
 DEMO_MODEL = "squall-tiny-her2st"
+#: Gene the overview figure shows, predicted beside measured (HER2, the section's defining marker).
+DEMO_GENE = "ERBB2"
+
+
+def _overview_prediction(sdata, png: Path, gene: str) -> None:
+    """Save the predicted (left) and measured (right) expression of ``gene`` on the H&E."""
+    import matplotlib.pyplot as plt
+
+    from squall_sd.pl import expression
+
+    axes = expression(sdata, [gene])
+    fig = np.ravel(axes)[0].figure
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _overview_spatialdata_plot(sdata, png: Path, color: str) -> None:
@@ -138,7 +152,10 @@ def run_demo(out: Path, png: Path, overwrite: bool = False) -> Path:
     tmp_png = png.with_name(f".{png.stem}.tmp{png.suffix}")
     try:
         try:
-            _overview_spatialdata_plot(sdata, tmp_png, "total_counts")
+            if "squall" in adata.layers and DEMO_GENE in adata.var_names:
+                _overview_prediction(sdata, tmp_png, DEMO_GENE)
+            else:
+                _overview_spatialdata_plot(sdata, tmp_png, "total_counts")
         except Exception as e:  # noqa: BLE001 - any plotting failure falls back to plain matplotlib
             logger.warning(
                 "spatialdata-plot overview failed (%s: %s); drawing with matplotlib",

@@ -633,10 +633,11 @@ def niches(
         ``obs[key]`` is missing (run :func:`squall_sd.tl.niches` first).
 
     """
-    _require_obs(data, table_key, shapes_key, key, "squall.tl.niches(adata)")
-    axes = _obs_panels(
+    return _one_obs_panel(
         data,
-        [key],
+        key,
+        run="squall.tl.niches(adata)",
+        title=title,
         kind="categorical",
         table_key=table_key,
         shapes_key=shapes_key,
@@ -647,13 +648,37 @@ def niches(
         vmax=None,
         palette=palette,
         groups=groups,
-        titles=[title if title is not None else key],
         fill_alpha=fill_alpha,
         pad_um=pad_um,
-        ncols=1,
         figsize=figsize,
         ax=ax,
         save=save,
+    )
+
+
+def _one_obs_panel(
+    data: SpatialData | AnnData,
+    key: str,
+    *,
+    run: str,
+    title: str | None,
+    table_key: str | None,
+    shapes_key: str | None,
+    **panel: Any,
+) -> Axes:
+    """Plot ``obs[key]`` as one :func:`_obs_panels` panel titled ``title`` (default ``key``).
+
+    A missing ``obs[key]`` raises a :class:`KeyError` that says to run ``run`` first.
+    """
+    _require_obs(data, table_key, shapes_key, key, run)
+    axes = _obs_panels(
+        data,
+        [key],
+        table_key=table_key,
+        shapes_key=shapes_key,
+        titles=[title if title is not None else key],
+        ncols=1,
+        **panel,
     )
     return axes[0]
 
@@ -858,10 +883,11 @@ def trajectory(
         ``obs[key]`` is missing (run :func:`squall_sd.tl.trajectory` first).
 
     """
-    _require_obs(data, table_key, shapes_key, key, "squall.tl.trajectory(adata, root=...)")
-    axes = _obs_panels(
+    return _one_obs_panel(
         data,
-        [key],
+        key,
+        run="squall.tl.trajectory(adata, root=...)",
+        title=title,
         kind="continuous",
         table_key=table_key,
         shapes_key=shapes_key,
@@ -872,12 +898,9 @@ def trajectory(
         vmax=vmax,
         palette=None,
         groups=None,
-        titles=[title if title is not None else key],
         fill_alpha=fill_alpha,
         pad_um=pad_um,
-        ncols=1,
         figsize=figsize,
         ax=ax,
         save=save,
     )
-    return axes[0]

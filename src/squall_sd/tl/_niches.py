@@ -14,12 +14,11 @@ from threadpoolctl import threadpool_limits
 from squall_sd._logging import logger
 from squall_sd.tl._utils import (
     aggregate_neighbors,
-    build_spatial_graph,
-    check_no_cross_library_edges,
     get_connectivities,
     get_representation,
     provenance,
     resolve_adata,
+    spatial_connectivities,
 )
 
 if TYPE_CHECKING:
@@ -246,28 +245,19 @@ def niches(
             f"`library_key={library_key!r}` not found in `adata.obs`; available: "
             f"{list(adata.obs.columns)}."
         )
-    if connectivity_key is None:
-        graph_params = build_spatial_graph(
-            adata,
-            graph=graph,
-            radius=radius,
-            n_neighs=n_neighs,
-            library_key=library_key,
-            spatial_key=spatial_key,
-            key_added=key_added,
-        )
-        conn_key = f"{key_added}_connectivities"
-        adj = get_connectivities(adata, conn_key)
-    else:
-        adj = get_connectivities(adata, connectivity_key)
-        conn_key = (
-            connectivity_key
-            if connectivity_key in adata.obsp
-            else f"{connectivity_key}_connectivities"
-        )
+    adj, conn_key, graph_params = spatial_connectivities(
+        adata,
+        connectivity_key=connectivity_key,
+        library_key=library_key,
+        graph=graph,
+        radius=radius,
+        n_neighs=n_neighs,
+        spatial_key=spatial_key,
+        key_added=key_added,
+    )
+    if graph_params is None:  # an existing graph: record the obsp key it was read from
+        conn_key = conn_key if conn_key in adata.obsp else f"{conn_key}_connectivities"
         graph_params = {"graph": "existing", "connectivity_key": conn_key}
-        if library_key is not None:
-            check_no_cross_library_edges(adj, adata.obs[library_key].to_numpy())
     n_isolated = int(np.count_nonzero(np.diff(adj.indptr) == 0))
     if n_isolated:
         logger.warning(

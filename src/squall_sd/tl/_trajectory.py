@@ -11,12 +11,10 @@ from anndata import AnnData
 from squall_sd._logging import logger
 from squall_sd.tl._utils import (
     aggregate_neighbors,
-    build_spatial_graph,
-    check_no_cross_library_edges,
-    get_connectivities,
     get_representation,
     provenance,
     resolve_adata,
+    spatial_connectivities,
 )
 
 if TYPE_CHECKING:
@@ -167,20 +165,16 @@ def trajectory(
     if niche_aware:
         if library_key is not None and library_key not in adata.obs:
             raise KeyError(f"`library_key={library_key!r}` not found in `adata.obs`.")
-        if connectivity_key is None:
-            graph_params = build_spatial_graph(
-                adata,
-                graph=graph,
-                radius=radius,
-                n_neighs=n_neighs,
-                library_key=library_key,
-                spatial_key=spatial_key,
-                key_added=key_added,
-            )
-            connectivity_key = f"{key_added}_connectivities"
-        adj = get_connectivities(adata, connectivity_key)
-        if library_key is not None:
-            check_no_cross_library_edges(adj, adata.obs[library_key].to_numpy())
+        adj, connectivity_key, graph_params = spatial_connectivities(
+            adata,
+            connectivity_key=connectivity_key,
+            library_key=library_key,
+            graph=graph,
+            radius=radius,
+            n_neighs=n_neighs,
+            spatial_key=spatial_key,
+            key_added=key_added,
+        )
         rep = aggregate_neighbors(rep, adj, n_hops)
 
     tmp = AnnData(np.zeros((adata.n_obs, 0), dtype=np.float32), obsm={"X_rep": rep})

@@ -22,6 +22,7 @@ __all__ = [
     "get_representation",
     "provenance",
     "resolve_adata",
+    "spatial_connectivities",
 ]
 
 
@@ -275,6 +276,48 @@ def check_no_cross_library_edges(adj: sparse.spmatrix, library: np.ndarray) -> N
             "per section, e.g. `squidpy.gr.spatial_neighbors_knn(adata, library_key=...)`, or pass "
             "`connectivity_key=None` with `library_key=` to let squall build it."
         )
+
+
+def spatial_connectivities(
+    adata: AnnData,
+    *,
+    connectivity_key: str | None,
+    library_key: str | None,
+    graph: Literal["radius", "knn", "delaunay"],
+    radius: float | None,
+    n_neighs: int,
+    spatial_key: str,
+    key_added: str,
+) -> tuple[sparse.csr_matrix, str, dict[str, Any] | None]:
+    """Return the spatial graph of ``adata``: built here, or the existing ``connectivity_key``.
+
+    With ``connectivity_key=None`` the graph is built (:func:`build_spatial_graph`) into
+    ``obsp[f'{key_added}_connectivities']``; else ``obsp[connectivity_key]`` is read
+    (:func:`get_connectivities`). With ``library_key`` the graph must not join libraries.
+
+    Returns
+    -------
+    ``(adjacency, key, graph_params)``: ``key`` is ``f'{key_added}_connectivities'`` or
+    ``connectivity_key`` as given; ``graph_params`` is ``None`` for an existing graph.
+    """
+    if connectivity_key is None:
+        graph_params = build_spatial_graph(
+            adata,
+            graph=graph,
+            radius=radius,
+            n_neighs=n_neighs,
+            library_key=library_key,
+            spatial_key=spatial_key,
+            key_added=key_added,
+        )
+        key = f"{key_added}_connectivities"
+    else:
+        graph_params = None
+        key = connectivity_key
+    adj = get_connectivities(adata, key)
+    if library_key is not None:
+        check_no_cross_library_edges(adj, adata.obs[library_key].to_numpy())
+    return adj, key, graph_params
 
 
 def aggregate_neighbors(rep: np.ndarray, adj: sparse.spmatrix, n_hops: int) -> np.ndarray:
