@@ -94,6 +94,23 @@ def read_positions(file: Path) -> pd.DataFrame:
     return df
 
 
+def match_positions(
+    adata: ad.AnnData, positions: pd.DataFrame, *, what: str, fix: str
+) -> tuple[ad.AnnData, np.ndarray]:
+    """Keep the barcodes of ``adata`` found in ``positions`` and copy their grid columns to ``obs``.
+
+    Returns the filtered table (``obs`` gains ``in_tissue``, ``array_row``, ``array_col``) and the
+    (n, 2) full-resolution pixel centres (x, y). ``what`` / ``fix`` go into the error raised by
+    :func:`~squall_sd.io._tenx.check_overlap` when no barcode matches.
+    """
+    mask = check_overlap(adata.obs_names, positions.index, what=what, fix=fix)
+    adata = adata[mask].copy()
+    pos = positions.loc[adata.obs_names]
+    for col in ("in_tissue", "array_row", "array_col"):
+        adata.obs[col] = pos[col].to_numpy().astype(np.int64)
+    return adata, pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
+
+
 def spot_grid_mpp(
     positions: pd.DataFrame, *, row_pitch_um: float, col_pitch_um: float
 ) -> tuple[float | None, np.ndarray | None]:
@@ -219,18 +236,13 @@ def visium(
 
     # --- counts (+ positions) -----------------------------------------------------------------
     adata = _read_counts_and_positions(outs, counts, positions_file, dataset_id)
-    mask = check_overlap(
-        adata.obs_names,
-        positions.index,
+    adata, centers_px = match_positions(
+        adata,
+        positions,
         what=f"spot barcodes of {positions_file.name}",
         fix="Check that the counts file and the spatial/ folder come from the same Space Ranger run "
         "(or pass the matching `counts_file=` / `tissue_positions_file=`).",
     )
-    adata = adata[mask].copy()
-    pos = positions.loc[adata.obs_names]
-    for col in ("in_tissue", "array_row", "array_col"):
-        adata.obs[col] = pos[col].to_numpy().astype(np.int64)
-    centers_px = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
 
     # --- µm per full-resolution pixel -----------------------------------------------------------
     sf_mpp = None

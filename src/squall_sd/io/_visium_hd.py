@@ -26,7 +26,6 @@ from squall_sd.io._common import (
 )
 from squall_sd.io._tenx import (
     as_counts_matrix,
-    check_overlap,
     first_existing,
     fit_grid,
     read_10x_counts,
@@ -34,7 +33,7 @@ from squall_sd.io._tenx import (
     read_json,
     squares,
 )
-from squall_sd.io._visium import read_positions
+from squall_sd.io._visium import match_positions, read_positions
 
 __all__ = ["visium_hd"]
 
@@ -144,17 +143,12 @@ def visium_hd(
 
     adata = _read_hd_counts(outs, bin_size, counts)
     positions = read_positions(positions_file)
-    mask = check_overlap(
-        adata.obs_names,
-        positions.index,
+    adata, centers_px = match_positions(
+        adata,
+        positions,
         what=f"bin barcodes of {positions_file.name}",
         fix="Check that the counts and spatial/ folder come from the same square_XXXum folder of one run.",
     )
-    adata = adata[mask].copy()
-    pos = positions.loc[adata.obs_names]
-    for col in ("in_tissue", "array_row", "array_col"):
-        adata.obs[col] = pos[col].to_numpy().astype(np.int64)
-    centers_px = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
 
     # bin squares oriented along the bin grid (fitted on all bins), edge exactly bin_size µm
     half_px = bin_size / 2 / fullres_mpp
