@@ -13,9 +13,8 @@ Use it as ``import squall_sd as squall``; the namespaces are
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from squall_sd._logging import logger

@@ -650,7 +650,6 @@ class Squall(nn.Module):
         :func:`torch.inference_mode` (its training flag is restored afterwards).
 
         """
-        c = self.config
         if reduce not in ("sum", "mean"):
             raise ValueError(f"`reduce` must be 'sum' or 'mean', found {reduce!r}.")
         with torch.inference_mode(), self._eval_mode():

@@ -206,7 +206,8 @@ class RegionGrid:
     ) -> tuple[np.ndarray, list[int]]:
         """Label the (h, w) lattice cells (offset ``kx0``, ``ky0``) with the local index of the region
         in ``every`` holding their centre (nearest centre wins, ties to the lower local index), all
-        regions at once; also return the local indices of regions that hold no cell centre."""
+        regions at once; also return the local indices of regions that hold no cell centre.
+        """
         cell = self.cell_um
         every = np.asarray(every, dtype=np.int64)
         n = len(every)

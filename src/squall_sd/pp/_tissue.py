@@ -155,7 +155,8 @@ def _coarse_features(
     max_pixels: int | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(feature, valid, affine)`` of the coarse image (see :func:`_features`), computed block by
-    block for uint8 images, so the float RGB coarse image is never held whole."""
+    block for uint8 images, so the float RGB coarse image is never held whole.
+    """
     (ch, cw), affine, level, is_uint8, blocks = _coarse_blocks(
         sdata, image_key, scale=scale, mpp_range=WORKING_MPP_RANGE, max_pixels=max_pixels
     )

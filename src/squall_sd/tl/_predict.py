@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -275,7 +275,7 @@ def collate_tiles(
         w = torch.sparse_coo_tensor(ind, torch.from_numpy(vals), (b, r, grid, grid)).coalesce()
         return torch.from_numpy(tids), rgb, w, torch.from_numpy(idx)
     w = np.zeros((b, r, g2), dtype=np.float32)
-    for k, (t, _, cells, local, weight) in enumerate(items):
+    for k, (_t, _, cells, local, weight) in enumerate(items):
         np.add.at(w[k], (local, cells), weight)
     return torch.from_numpy(tids), rgb, torch.from_numpy(w.reshape(b, r, grid, grid)), torch.from_numpy(idx)
 
@@ -450,7 +450,8 @@ def image_from_canvas(data: np.ndarray, *, channels: Sequence[str], pixel_um: fl
     """A chunked (c, y, x) image element in ``microns``: pixel (0, 0) starts at ``origin_um`` (x, y)."""
     import dask.array as da
     from spatialdata.models import Image2DModel
-    from spatialdata.transformations import Scale, Sequence as TSequence, Translation
+    from spatialdata.transformations import Scale, Translation
+    from spatialdata.transformations import Sequence as TSequence
 
     t = TSequence([Scale([pixel_um, pixel_um], axes=("y", "x")), Translation([origin_um[1], origin_um[0]], axes=("y", "x"))])
     arr = da.from_array(data, chunks=(1, 1024, 1024))
@@ -687,8 +688,6 @@ def predict_expression(
         No µm/px for the image, a model much finer than the image, no tissue found, no gene overlap
         between model and table, or an output that exists (pass ``overwrite=True``).
     """
-    import torch
-
     model = resolve_model(model)
     if reduce not in ("sum", "mean"):
         raise ValueError(f"`reduce` must be 'sum' or 'mean', found {reduce!r}.")
