@@ -240,11 +240,6 @@ def niches(
     rep, rep_desc = get_representation(adata, use_rep, n_pcs=n_pcs, random_state=random_state)
 
     # 2. graph
-    if library_key is not None and library_key not in adata.obs:
-        raise KeyError(
-            f"`library_key={library_key!r}` not found in `adata.obs`; available: "
-            f"{list(adata.obs.columns)}."
-        )
     adj, conn_key, graph_params = spatial_connectivities(
         adata,
         connectivity_key=connectivity_key,

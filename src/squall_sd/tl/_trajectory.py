@@ -163,8 +163,6 @@ def trajectory(
     rep, rep_desc = get_representation(adata, use_rep, n_pcs=n_pcs, random_state=random_state)
     graph_params: dict[str, Any] | None = None
     if niche_aware:
-        if library_key is not None and library_key not in adata.obs:
-            raise KeyError(f"`library_key={library_key!r}` not found in `adata.obs`.")
         adj, connectivity_key, graph_params = spatial_connectivities(
             adata,
             connectivity_key=connectivity_key,

@@ -300,6 +300,11 @@ def spatial_connectivities(
     ``(adjacency, key, graph_params)``: ``key`` is ``f'{key_added}_connectivities'`` or
     ``connectivity_key`` as given; ``graph_params`` is ``None`` for an existing graph.
     """
+    if library_key is not None and library_key not in adata.obs:
+        raise KeyError(
+            f"`library_key={library_key!r}` not found in `adata.obs`; available: "
+            f"{list(adata.obs.columns)}."
+        )
     if connectivity_key is None:
         graph_params = build_spatial_graph(
             adata,
