@@ -67,6 +67,26 @@ def parse_args(argv=None):
         "random:<config> (random init, sanity baseline), or none. Repeatable. Default: random:squall-tiny",
     )
     p.add_argument(
+        "--split-model",
+        action="append",
+        default=[],
+        metavar="SPLIT=MODEL",
+        help="a model used in ONE split only (ASCII split names), e.g. C2A=runs/her2st-cpu2/C/bundle: "
+        "the cross-patient model of a recipe, trained on that split's training patient. Its rows are "
+        "named after --split-label, so the two splits' models share one row name. Repeatable.",
+    )
+    p.add_argument(
+        "--split-label",
+        default="squall-tiny-her2st recipe, training patient only",
+        help="row label of the --split-model models",
+    )
+    p.add_argument(
+        "--cnn-pack-mpp",
+        type=float,
+        default=None,
+        help="µm/px of the 224-px tiles of the pack the --cnn-preds were trained on (default --mpp)",
+    )
+    p.add_argument(
         "--cnn-epochs", type=int, default=12, help="DenseNet-121 epochs (0 skips the row)"
     )
     p.add_argument(
@@ -108,6 +128,16 @@ def parse_args(argv=None):
     if not args.model:
         args.model = ["random:squall-tiny"]
     args.model = [m for m in args.model if m != "none"]
+    split_model = {}
+    for item in args.split_model:
+        sp, _, spec = item.partition("=")
+        sp = sp.strip().replace("2", "→") if "→" not in sp else sp.strip()
+        if sp not in SPLITS or not spec:
+            p.error(f"--split-model expects SPLIT=MODEL with SPLIT in C2A, A2C; got {item!r}")
+        split_model[sp] = spec
+    args.split_model = split_model
+    if args.cnn_pack_mpp is None:
+        args.cnn_pack_mpp = args.mpp
     if args.quick:
         args.cnn_epochs = min(args.cnn_epochs, 1)
         args.cnn_px = 64
@@ -167,18 +197,28 @@ def run(args) -> dict:
 
     # squall models: load once; embed all tiles once per model
     model_rows = {}
-    for spec in args.model:
+    todo = [(spec, spec, None) for spec in args.model]
+    todo += [(f"{args.split_label} ({sp})", spec, sp) for sp, spec in args.split_model.items()]
+    for key, spec, only in todo:
         try:
             model = SA.load_model(spec, seed=args.seed)
             t = time.time()
             emb = {n: SA.embed_tiles(model, s.patches, args.mpp) for n, s in secs.items()}
-            model_rows[spec] = {"model": model, "emb": emb, "embed_s": time.time() - t, "note": ""}
+            model_rows[key] = {
+                "model": model,
+                "emb": emb,
+                "embed_s": time.time() - t,
+                "note": "",
+                "split": only,
+                "label": args.split_label if only else spec,
+                "spec": spec,
+            }
             log(
                 f"model {spec}: embedded {sum(len(e) for e in emb.values())} tiles in {time.time() - t:.1f}s "
                 f"(dim {next(iter(emb.values())).shape[1]}, config mpp {model.config.mpp})"
             )
         except SA.ModelUnavailable as e:
-            model_rows[spec] = {"model": None, "note": str(e)}
+            model_rows[key] = {"model": None, "note": str(e), "split": only, "label": key, "spec": spec}
             log(f"model {spec}: skipped — {e}")
 
     results = {"splits": {}, "genes": {"hvg785_in_data": len(hvg), "common": len(common)}}
@@ -283,8 +323,11 @@ def run(args) -> dict:
         )
 
         # (c) frozen embeddings → PCA 256 → ridge; (e) the model's own head
-        for spec, row in model_rows.items():
-            key = f"ridge-emb[{spec}]"
+        for row in model_rows.values():
+            if row["split"] not in (None, split):
+                continue
+            label = row["label"]
+            key = f"ridge-emb[{label}]"
             if row["model"] is None:
                 notes[key] = "skipped: " + row["note"]
                 continue
@@ -295,9 +338,10 @@ def run(args) -> dict:
             timing[key] = time.time() - t + row["embed_s"]
             notes[key] = (
                 f"dim {Xtr.shape[1]} → PCA {min(256, Xtr.shape[1], len(Xtr) - 1)}, alpha {ealpha:.3g} (CV r {ecv['cv_best_r']:.3f})"
+                + (f"; model {row['spec']}" if row["split"] else "")
             )
-            key2 = f"squall head[{spec}]"
-            if spec.startswith("random:"):
+            key2 = f"squall head[{label}]"
+            if row["spec"].startswith("random:"):
                 continue  # a random head predicts noise; only trained models get this row
             try:
                 t = time.time()
@@ -313,6 +357,7 @@ def run(args) -> dict:
                 timing[key2] = time.time() - t
                 notes[key2] = (
                     f"{how}; {len(known)} of {len(targets)} target genes in the vocabulary"
+                    + (f"; model {row['spec']}" if row["split"] else "")
                 )
             except SA.ModelUnavailable as e:
                 notes[key2] = "skipped: " + str(e)
@@ -359,7 +404,14 @@ def run(args) -> dict:
             timing[key] = rec["seconds"]
             notes[key] = (
                 f"{rec['params_M']:.1f}M params, {rec['input_px']} px input at "
-                f"{args.mpp * args.tile / rec['input_px']:.2f} µm/px (tiles JPEG q95 for transport), "
+                f"{args.cnn_pack_mpp * args.tile / rec['input_px']:.2f} µm/px "
+                f"({args.tile * args.cnn_pack_mpp:.0f} µm tiles"
+                + (
+                    f" at {args.cnn_pack_mpp:g} µm/px, NOT this run's {args.mpp:g} µm/px tiles: indicative only"
+                    if args.cnn_pack_mpp != args.mpp
+                    else ""
+                )
+                + "; JPEG q95 for transport), "
                 f"{rec['epochs_run']}/{rec['epochs_planned']} epochs"
                 + (" (time cap)" if rec["stopped_by_time_cap"] else "")
                 + f", batch {rec['batch_size']}, AdamW lr {rec['lr']:g} cosine, MSE on z-scored genes, "

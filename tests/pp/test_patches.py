@@ -192,3 +192,26 @@ def test_padding_batch_and_shapes_centres(he2048):
         squall.pp.extract_patches(sdata, [[0.0, 0.0]], scale="scale9")
     with pytest.raises(KeyError, match="not found in `sdata.images`"):
         squall.pp.extract_patches(sdata, [[0.0, 0.0]], image_key="hires")
+
+
+def test_chunk_cache_is_bounded_and_exact(he2048):
+    cyx, mpp = he2048
+    lazy = da.from_array(cyx, chunks=(3, 256, 256))
+    image = Image2DModel.parse(lazy, dims=("c", "y", "x"), transformations={"microns": microns_scale(mpp)})
+    sdata = make_sdata(image=image)
+    rng = np.random.default_rng(0)
+    centers = rng.uniform(-50, 2100, (60, 2)) * mpp
+    ref = squall.pp.extract_patches(sdata, centers, patch_px=96, mpp=mpp, cache_mb=0)
+    # room for 4 chunks of 256 x 256 x 3 bytes: chunks are evicted and read again, patches unchanged
+    ds = squall.pp.extract_patches(sdata, centers, patch_px=96, mpp=mpp, cache_mb=4 * 3 * 256 * 256 / 1e6)
+    assert ds.warm(range(10)) > 0
+    for i in range(len(centers)):
+        np.testing.assert_array_equal(ds[i], ref[i])
+        assert ds._chunks.nbytes <= 4 * 3 * 256 * 256
+    np.testing.assert_array_equal(ds.get_batch(), ref.get_batch())
+    # a pickled dataset (DataLoader workers) starts with an empty cache
+    import pickle
+
+    back = pickle.loads(pickle.dumps(ds))
+    assert not back.cached
+    np.testing.assert_array_equal(back[3], ref[3])

@@ -110,3 +110,31 @@ def test_make_spots_fraction_matches_polygons(mob_with_tissue, kind):
         shapes = gdf.geometry.to_numpy()
     ref = _tissue_fraction(tissue, shapes).astype(np.float32)
     np.testing.assert_array_equal(gdf["tissue_fraction"].to_numpy(), ref)
+
+
+@pytest.mark.parametrize("kind", ["visium", "bins"])
+def test_lattice_shortcuts_equal_direct_shapely(mob_with_tissue, kind):
+    # the candidate grid of _near_boundary and the per-block clipping of _local_intersection give
+    # exactly what testing every lattice point / intersecting with the whole tissue gives
+    from squall_sd.pp._spots import _local_intersection, _near_boundary, _tissue_union
+
+    tissue = _tissue_union(mob_with_tissue, "he", "he_tissue")
+    xmin, ymin, xmax, ymax = tissue.bounds
+    # several pieces: the tissue and a shifted copy
+    tissue = shapely.union(tissue, shapely.affinity.translate(tissue, xoff=xmax - xmin + 50.0))
+    assert len(shapely.get_parts(tissue)) > 1
+    xmin, ymin, xmax, ymax = tissue.bounds
+    rng = np.random.default_rng(0)
+    cx = rng.uniform(xmin - 100, xmax + 100, 4000)
+    cy = rng.uniform(ymin - 100, ymax + 100, 4000)
+    for dist in (5.0, 27.5, 80.0):
+        ref = shapely.dwithin(tissue.boundary, shapely.points(cx, cy), dist)
+        np.testing.assert_array_equal(_near_boundary(tissue.boundary, cx, cy, dist), ref)
+    near = _near_boundary(tissue.boundary, cx, cy, 20.0)
+    if kind == "visium":
+        shapes = shapely.buffer(shapely.points(cx[near], cy[near]), 20.0, quad_segs=16)
+    else:
+        shapes = shapely.box(cx[near] - 14, cy[near] - 14, cx[near] + 14, cy[near] + 14)
+    assert len(shapes) > 64  # several blocks
+    got = shapely.area(_local_intersection(shapes, tissue, per_block=16))  # per piece
+    np.testing.assert_array_equal(got, shapely.area(shapely.intersection(shapes, tissue)))

@@ -128,3 +128,23 @@ def test_detect_tissue_bounded_working_image(mob_sdata, monkeypatch):
     capped = squall.pp.detect_tissue(mob_sdata, inplace=False)
     a, b = full.union_all(), capped.union_all()
     assert a.symmetric_difference(b).area < 0.15 * a.area
+
+
+def test_morphology_equals_scipy():
+    # the cross-based closing / opening and the labelling hole filling equal scipy's routines
+    from scipy import ndimage
+    from skimage import morphology
+
+    from squall_sd.pp._tissue import _closing, _fill_holes, _opening_cross
+
+    rng = np.random.default_rng(0)
+    for trial in range(120):
+        h, w = rng.integers(1, 48, 2)
+        m = rng.random((h, w)) < rng.uniform(0.2, 0.9)
+        if trial % 2:
+            m = ndimage.binary_dilation(rng.random((h, w)) < 0.04, iterations=2)
+        for r in (1, 2, 3):
+            ref = ndimage.binary_closing(np.pad(m, r + 1), structure=morphology.disk(r))[r + 1 : -r - 1, r + 1 : -r - 1]
+            np.testing.assert_array_equal(_closing(m, r), ref)
+        np.testing.assert_array_equal(_opening_cross(m), ndimage.binary_opening(m, structure=morphology.disk(1)))
+        np.testing.assert_array_equal(_fill_holes(m), ndimage.binary_fill_holes(m))

@@ -11,6 +11,7 @@ from scipy import sparse
 from sklearn.metrics import adjusted_rand_score
 
 import squall_sd as squall
+from squall_sd.tl._niches import _align_batches, _pick_k
 from squall_sd.tl._utils import aggregate_neighbors
 
 
@@ -60,9 +61,7 @@ def test_niches_gmm_stability_real(d1):
     assert k in range(3, 7) and lab.nunique() <= k
     curve = params["stability"]
     assert list(curve["n_niches"]) == [3, 4, 5, 6]
-    assert (
-        k == curve["n_niches"][np.nanargmax(curve["stability"])]
-    )  # chosen by stability, not labels
+    assert k == _pick_k(pd.DataFrame(curve))  # chosen by stability, not labels
     assert d1.obsm["X_squall_niche"].shape == (d1.n_obs, 10 * 4)  # self + 3 hops of 10 PCs
     assert "squall_niche_connectivities" in d1.obsp
     # niches carry tissue structure: clearly better than chance against the pathologist's regions
@@ -85,9 +84,7 @@ def test_niches_two_sections_consistent(her2st_c1_d1):
     # a graph that does connect the sections (both start near the origin in microns) is refused
     squall.tl.niches(adata, graph="knn", n_niches=2, n_runs=1, key_added="joined")
     with pytest.raises(ValueError, match="between different libraries"):
-        squall.tl.niches(
-            adata, connectivity_key="joined_connectivities", library_key="section", n_niches=2
-        )
+        squall.tl.niches(adata, connectivity_key="joined_connectivities", library_key="section", n_niches=2)
 
 
 @pytest.mark.parametrize("use_rep", ["X", "counts_pca", "X_squall_like"])
@@ -128,9 +125,7 @@ def test_niche_enrichment_real(d1):
     assert z.shape == (comp.shape[0],) * 2
     # niches are spatially coherent: each niche borders itself more than expected
     assert np.nanmean(np.diag(z)) > 0
-    out = squall.tl.niche_enrichment(
-        d1, cluster_key="pathologist_label", normalize="cluster", n_perms=20, copy=True
-    )
+    out = squall.tl.niche_enrichment(d1, cluster_key="pathologist_label", normalize="cluster", n_perms=20, copy=True)
     np.testing.assert_allclose(out["composition"].sum(0), 1.0)
     with pytest.raises(KeyError, match="Run `squall.tl.niches"):
         squall.tl.niche_enrichment(d1, niche_key="nope")
@@ -150,3 +145,47 @@ def test_niches_bundled_example_spatialdata():
     assert "squall_niche_composition" in sdata.tables["table"].uns
     with pytest.raises(KeyError, match="Available tables"):
         squall.tl.niches(sdata, table_key="cells")
+
+
+def test_pick_k_prefers_interior_peak():
+    curve = pd.DataFrame({"n_niches": [2, 3, 4, 5, 6], "stability": [0.5, 0.7, 0.6, 0.65, 0.9]})
+    assert _pick_k(curve) == 3  # the range end (6) is higher but is no peak
+    curve["stability"] = [0.5, 0.7, 0.6, 0.75, 0.7]
+    assert _pick_k(curve) == 5  # the highest of two interior peaks
+    curve["stability"] = [0.1, 0.2, 0.3, 0.4, 0.5]  # monotone: the end, with a warning
+    assert _pick_k(curve) == 6
+
+
+def test_align_batches():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 3)).astype(np.float32)
+    b = (rng.normal(size=(100, 3)) * 3 + 10).astype(np.float32)
+    out = _align_batches(np.vstack([a, b]), np.r_[np.zeros(200), np.ones(100)])
+    for block in (out[:200], out[200:]):
+        np.testing.assert_allclose(block.mean(0), 0, atol=1e-4)
+    # both batches get the same (pooled within-batch) scale
+    np.testing.assert_allclose(out[:200].std(0), out[200:].std(0), rtol=1e-4)
+    with pytest.raises(ValueError, match="missing"):
+        _align_batches(a, np.array([None] * 200))
+
+
+def test_niches_joint_batch_key(her2st_c1_d1):
+    """Two patients in one fit: without correction each patient is its own niche, with batch_key not."""
+    adata = her2st_c1_d1.copy()
+    squall.tl.niches(adata, library_key="section", n_niches=4, n_runs=2)
+    squall.tl.niches(adata, library_key="section", batch_key="section", n_niches=4, n_runs=2, key_added="bk")
+    sec = adata.obs["section"]
+    per_section = pd.crosstab(adata.obs["bk"], sec)
+    assert (per_section > 0).all(1).sum() >= 2  # at least two niches shared by both patients
+    params = adata.uns["bk"]
+    assert params["batch_key"] == "section" and "aligned per 'section'" in params["representation"]
+    with pytest.raises(KeyError, match="batch_key"):
+        squall.tl.niches(adata, batch_key="patient", n_niches=2)
+
+
+def test_niches_selection_subsample(d1):
+    adata = d1.copy()
+    squall.tl.niches(adata, n_niches=range(2, 5), n_runs=2, selection_subsample=150)
+    params = adata.uns["squall_niche"]
+    assert params["selection_subsample"] == 150 and params["subsample"] is None
+    assert 2 <= params["n_niches"] <= 4 and adata.obs["squall_niche"].notna().all()

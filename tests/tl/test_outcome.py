@@ -62,9 +62,7 @@ def tiles(shared_data):
     for sec in ("C1", "D1", "E1"):
         t = squall.datasets.her2st(sec, shared_data / "her2st", labels=False).tables["table"]
         k = 12
-        t.obs["slide"] = [
-            f"{sec}_{i}" for i in KMeans(k, n_init=3, random_state=0).fit_predict(t.obsm["spatial"])
-        ]
+        t.obs["slide"] = [f"{sec}_{i}" for i in KMeans(k, n_init=3, random_state=0).fit_predict(t.obsm["spatial"])]
         t.obs["patient"] = sec[0]
         t.obs_names = [f"{sec}_{n}" for n in t.obs_names]
         parts.append(t)
@@ -118,13 +116,8 @@ def test_fit_predict_cox_simulated(tiles):
     # final model on all slides ranks the training slides well; predict_outcome round trip
     pred = squall.tl.predict_outcome(adata, model, key_added="pred")
     assert list(pred.index) == sorted(out.index) and (pred["n_tiles"] > 0).all()
-    assert (
-        concordance_index(out.loc[pred.index, "time"], out.loc[pred.index, "event"], pred["risk"])
-        > 0.7
-    )
-    np.testing.assert_allclose(
-        adata.obs["pred_attention"].groupby(adata.obs["slide"]).sum(), 1.0, rtol=1e-5
-    )
+    assert concordance_index(out.loc[pred.index, "time"], out.loc[pred.index, "event"], pred["risk"]) > 0.7
+    np.testing.assert_allclose(adata.obs["pred_attention"].groupby(adata.obs["slide"]).sum(), 1.0, rtol=1e-5)
 
 
 def test_binary_grouped_and_outcomes_from_obs(tiles):
@@ -156,20 +149,47 @@ def test_errors(tiles):
     adata, out = tiles
     adata = adata.copy()
     with pytest.raises(KeyError, match=r"squall\.tl\.embed"):
-        squall.tl.fit_outcome(
-            adata, embeddings="X_squall", outcomes=out, time="time", event="event"
-        )
+        squall.tl.fit_outcome(adata, embeddings="X_squall", outcomes=out, time="time", event="event")
     with pytest.raises(ValueError, match="needs `time=` and `event=`"):
         squall.tl.fit_outcome(adata, embeddings="X_emb", outcomes=out, time="time")
     with pytest.raises(KeyError, match="slide_key"):
-        squall.tl.fit_outcome(
-            adata, embeddings="X_emb", outcomes=out, slide_key="wsi", time="time", event="event"
-        )
+        squall.tl.fit_outcome(adata, embeddings="X_emb", outcomes=out, slide_key="wsi", time="time", event="event")
     with pytest.raises(KeyError, match="not found in `outcomes`"):
-        squall.tl.fit_outcome(
-            adata, embeddings="X_emb", outcomes=out, time="os_months", event="event"
-        )
+        squall.tl.fit_outcome(adata, embeddings="X_emb", outcomes=out, time="os_months", event="event")
     with pytest.raises(ValueError, match="0/1"):
-        squall.tl.fit_outcome(
-            adata, embeddings="X_emb", outcomes=out, response="time", task="binary"
-        )
+        squall.tl.fit_outcome(adata, embeddings="X_emb", outcomes=out, response="time", task="binary")
+
+
+def test_save_load_round_trip(tiles, tmp_path):
+    adata, out = tiles
+    adata = adata.copy()
+    model = squall.tl.fit_outcome(
+        adata,
+        embeddings="X_emb",
+        outcomes=out,
+        slide_key="slide",
+        time="time",
+        event="event",
+        cv=2,
+        epochs=5,
+    )
+    target = tmp_path / "outcome_model"
+    assert model.save(target) == target
+    assert {p.name for p in target.iterdir()} == {"model.safetensors", "config.json", "cv_results.csv"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    with pytest.raises(FileExistsError, match="overwrite"):
+        model.save(target)
+    model.save(target, overwrite=True)
+    loaded = squall.tl.OutcomeModel.load(target)
+    assert (loaded.task, loaded.embeddings, loaded.slide_key) == (model.task, model.embeddings, model.slide_key)
+    assert loaded.config == model.config
+    assert loaded.metrics["c_index"]["per_fold"] == pytest.approx(model.metrics["c_index"]["per_fold"])
+    np.testing.assert_allclose(loaded.mean, model.mean)
+    np.testing.assert_allclose(loaded.std, model.std)
+    assert set(loaded.state_dict) == set(model.state_dict)
+    pd.testing.assert_frame_equal(loaded.cv_results, model.cv_results, check_dtype=False, check_names=False)
+    a = squall.tl.predict_outcome(adata, model, copy=True)
+    b = squall.tl.predict_outcome(adata, loaded, copy=True)
+    pd.testing.assert_frame_equal(a, b)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        squall.tl.OutcomeModel.load(tmp_path / "missing")

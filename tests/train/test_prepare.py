@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from squall_sd.train import (
@@ -37,10 +38,16 @@ def test_binary_target_per_spot(shards):
     grid = expression_grid(batch, len(ds.genes))[0]  # (G, g, g)
     assert grid.shape == (256, 56, 56)
     cs = batch["cell_spot"][0]
+    # cells outside every spot filled with the nearest spot's vector (fill="auto" on spots) are not
+    # part of the spot
+    man = read_manifest(shards)
+    assert man["slides"][0]["fill"] == "nearest"
+    filled = zarr.open_group(shards / man["shards"][0]["path"], mode="r")["cell_fill"][int(s["index"])]
+    assert filled.any() and (np.asarray(batch["cell_weight"][0])[filled] == 1).all()
     # a 100 µm disc at 16 µm cells covers ~31 cells; the sum over its cells of any detected gene is
     # 1
     for k in range(int(cs.max()) + 1):
-        cells = cs == k
+        cells = (cs == k) & ~torch.from_numpy(filled)
         if cells.sum() < 25:  # cut by the tile border
             continue
         total = grid[:, cells].sum(dim=1)

@@ -27,7 +27,9 @@ def _prepare(args: argparse.Namespace) -> int:
     genes = None
     if args.genes:
         genes = [g.strip() for g in Path(args.genes).read_text().splitlines() if g.strip()]
-    overrides = {"mpp": args.mpp} if args.mpp is not None else {}
+    overrides: dict[str, Any] = {"mpp": args.mpp} if args.mpp is not None else {}
+    keys = {k: getattr(args, k) for k in ("image_key", "shapes_key", "table_key") if getattr(args, k)}
+    fill = None if args.fill == "none" else args.fill
     out = prepare(
         list(args.inputs),
         args.out,
@@ -38,8 +40,11 @@ def _prepare(args: argparse.Namespace) -> int:
         genes=genes,
         label_key=args.label_key,
         expr_format=args.expr_format,
+        fill=fill,
+        min_spot_cells=args.min_spot_cells,
         overwrite=args.overwrite,
         show_progress=True,
+        **keys,
         **overrides,
     )
     logger.info("prepared dataset: %s", out)
@@ -92,6 +97,24 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--label-key", default=None, help="obs column with spot classes (tile classification)"
+    )
+    p.add_argument(
+        "--min-spot-cells",
+        type=int,
+        default=1,
+        help="minimum expression cells of a tile covered by a region (default: %(default)s)",
+    )
+    p.add_argument("--image-key", default=None, help="H&E image element (default: he, as squall.io writes it)")
+    p.add_argument(
+        "--shapes-key", default=None, help="regions: spots, bins or cell boundaries (default: spots)"
+    )
+    p.add_argument("--table-key", default=None, help="table annotating the regions (default: table)")
+    p.add_argument(
+        "--fill",
+        default="auto",
+        choices=["auto", "nearest", "none"],
+        help="in-tissue grid cells outside every region: 'nearest' region's vector, 'none' = 0, "
+        "'auto' = nearest for capture spots, none for bins and cells (default: %(default)s)",
     )
     p.add_argument("--expr-format", default="factored", choices=["factored", "dense"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,10 +57,12 @@ class PatchDataset:
     transform
         Optional callable applied to each ``uint8`` patch before it is returned (augmentation).
     cache_mb
-        A level of at most this many megabytes is read into memory once, on first access, and
-        patches are then cut from memory (small JPEG / PNG images are decoded in one piece, so
-        reading them window by window would decode the whole file for every patch). Larger levels
-        are always read window by window. ``0`` never caches.
+        Decoded chunks of the level are kept in a least-recently-used cache of at most this many
+        megabytes, so each chunk is decoded about once however many patches overlap it (small JPEG /
+        PNG images are one chunk, so reading them window by window would decode the whole file for
+        every patch); a level of at most ``cache_mb`` is thus read once. The cache is bounded by
+        ``cache_mb`` whatever the slide size. A level whose chunks are larger than ``cache_mb`` is
+        read window by window. ``0`` never caches.
 
     """
 
@@ -76,6 +80,7 @@ class PatchDataset:
         self.level = level
         self.cache_mb = float(cache_mb)
         self._cache: np.ndarray | None = None
+        self._chunks: _ChunkCache | None = None
         self.centers_um = np.asarray(centers_um, dtype=float).reshape(-1, 2)
         self.patch_px = int(patch_px)
         if self.patch_px <= 0:
@@ -107,12 +112,16 @@ class PatchDataset:
         if not -len(self) <= int(i) < len(self):
             raise IndexError(f"Patch index {i} out of range for {len(self)} patches.")
         cx, cy = self.centers_um[int(i)]
-        self._fill_cache()
-        window, (x0, y0) = self._window(cx, cy)
-        # the scheduler function itself: a scheduler *name* makes dask import distributed (slow)
-        data = window.compute(scheduler=dask.local.get_sync) if hasattr(window, "compute") else window
+        data, (x0, y0) = self._read(cx, cy)
         patch = self._resample(data, x0, y0, cx, cy)
         return self.transform(patch) if self.transform is not None else patch
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers start with an empty cache (and their own lock)
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        state["_chunks"] = None
+        return state
 
     def __repr__(self) -> str:
         return (
@@ -132,32 +141,62 @@ class PatchDataset:
         )
         if len(idx) == 0:
             return np.zeros((0, 3, self.patch_px, self.patch_px), dtype=np.uint8)
-        self._fill_cache()
+        out = np.empty((len(idx), 3, self.patch_px, self.patch_px), dtype=np.uint8)
+        if self._chunk_cache() is not None or self._cache is not None:
+            for k, i in enumerate(idx):  # cut from decoded chunks (each decoded about once)
+                cx, cy = self.centers_um[i]
+                data, (x0, y0) = self._read(cx, cy)
+                out[k] = self._resample(data, x0, y0, cx, cy)
+            return out
         wins = [self._window(*self.centers_um[i]) for i in idx]
         datas = dask.compute(*[w for w, _ in wins], scheduler=dask.threaded.get)
-        out = np.empty((len(idx), 3, self.patch_px, self.patch_px), dtype=np.uint8)
         for k, (i, data, (_, (x0, y0))) in enumerate(zip(idx, datas, wins, strict=True)):
             cx, cy = self.centers_um[i]
             out[k] = self._resample(np.asarray(data), x0, y0, cx, cy)
         return out
 
+    def warm(self, indices: Sequence[int] | np.ndarray) -> int:
+        """Decode the chunks under the patches ``indices`` into the cache, several at a time.
+
+        Returns the number of chunks decoded (0 without a chunk cache). Only as many chunks as the
+        cache holds are decoded. Used to read the first batch with all cores while nothing else runs.
+        """
+        cache = self._chunk_cache()
+        if cache is None:
+            return 0
+        keys: dict[tuple[int, int], None] = {}
+        for i in np.asarray(indices, dtype=int).reshape(-1):
+            x0, y0, x1, y1 = self._window_bounds(*self.centers_um[i])
+            for key in cache.keys(x0, y0, x1, y1):
+                keys.setdefault(key, None)
+        return cache.load(list(keys))
+
     # ------------------------------------------------------------------ internals
     @property
     def cached(self) -> bool:
-        """Whether the level has been read into memory (see ``cache_mb``)."""
-        return self._cache is not None
+        """Whether patches are cut from decoded chunks held in memory (see ``cache_mb``)."""
+        return self._cache is not None or (self._chunks is not None and self._chunks.nbytes > 0)
 
-    def _fill_cache(self) -> None:
-        if self._cache is None and self.level.data[:3].nbytes <= self.cache_mb * 1e6:
+    def _chunk_cache(self) -> _ChunkCache | None:
+        """Return the chunk cache of a dask level whose chunks fit ``cache_mb`` (``None`` otherwise)."""
+        if self._chunks is None and self._cache is None:
             src = self.level.data[:3]
-            if isinstance(src, da.Array):
-                # chunk by chunk into one preallocated array: no second full-size copy while reading
-                cache = np.empty(src.shape, dtype=src.dtype)
-                da.store(src, cache, lock=False, scheduler=dask.threaded.get)
-                self._cache = cache
-            else:
-                self._cache = np.asarray(src)
-            logger.debug("PatchDataset: level %s read into memory", self.level.name)
+            if not isinstance(src, da.Array):
+                self._cache = np.asarray(src)  # already in memory
+            elif _ChunkCache.chunk_bytes(src) <= self.cache_mb * 1e6:
+                self._chunks = _ChunkCache(src, self.cache_mb * 1e6)
+        return self._chunks
+
+    def _read(self, cx: float, cy: float) -> tuple[np.ndarray, tuple[int, int]]:
+        """Return the (c, h, w) window around ``(cx, cy)`` µm as an array and its pixel origin (x0, y0)."""
+        cache = self._chunk_cache()
+        if cache is not None:
+            x0, y0, x1, y1 = self._window_bounds(cx, cy)
+            return cache.window(x0, y0, x1, y1, PAD_VALUE), (x0, y0)
+        window, origin = self._window(cx, cy)
+        # the scheduler function itself: a scheduler *name* makes dask import distributed (slow)
+        data = window.compute(scheduler=dask.local.get_sync) if hasattr(window, "compute") else window
+        return np.asarray(data), origin
 
     def _level_coords(self, cx: float, cy: float) -> tuple[np.ndarray, np.ndarray]:
         """Return continuous level pixel indices (row, col; centres at integers) of the output."""
@@ -169,8 +208,8 @@ class PatchDataset:
         qy = inv[1, 0] * x[None, :] + inv[1, 1] * y[:, None] + inv[1, 2]
         return qy - 0.5, qx - 0.5
 
-    def _window(self, cx: float, cy: float) -> tuple[Any, tuple[int, int]]:
-        """Return the lazy (c, h, w) window (padded with white) and its pixel origin (x0, y0)."""
+    def _window_bounds(self, cx: float, cy: float) -> tuple[int, int, int, int]:
+        """Pixel bounds ``(x0, y0, x1, y1)`` of the window around ``(cx, cy)`` µm (may exceed the level)."""
         half = self.patch_px * self.mpp / 2
         corners = np.array(
             [
@@ -186,6 +225,11 @@ class PatchDataset:
         y0 = int(np.floor((q[:, 1].min() - 2) / f)) * f
         x1 = int(np.ceil((q[:, 0].max() + 2) / f)) * f
         y1 = int(np.ceil((q[:, 1].max() + 2) / f)) * f
+        return x0, y0, x1, y1
+
+    def _window(self, cx: float, cy: float) -> tuple[Any, tuple[int, int]]:
+        """Return the lazy (c, h, w) window (padded with white) and its pixel origin (x0, y0)."""
+        x0, y0, x1, y1 = self._window_bounds(cx, cy)
         h_img, w_img = self.level.shape_yx
         xa, xb = max(x0, 0), min(x1, w_img)
         ya, yb = max(y0, 0), min(y1, h_img)
@@ -205,7 +249,10 @@ class PatchDataset:
 
     def _resample(self, data: np.ndarray, x0: int, y0: int, cx: float, cy: float) -> np.ndarray:
         f = self.block
-        arr = np.asarray(data, dtype=np.float32)
+        data = np.asarray(data)
+        # uint8 times float32 weights computes in float32: the same values as converting first
+        keep = f == 1 and self._separable and data.dtype == np.uint8
+        arr = data if keep else data.astype(np.float32)
         if f > 1:
             c, h, w = arr.shape
             arr = (
@@ -220,6 +267,10 @@ class PatchDataset:
             cols = (inv[0, 0] * (cx + self._off) + inv[0, 2] - x0) / f - 0.5
             i0, i1, ty = _linear_taps(rows, arr.shape[1])
             j0, j1, tx = _linear_taps(cols, arr.shape[2])
+            if f == 1 and self.white_point is None and data.dtype == np.uint8 and not ty.any() and not tx.any():
+                # output pixels on level pixel centres (tiles at the level's own µm/px): the bilinear
+                # weights are exactly 1 and 0, so the result is the integer crop, bit for bit
+                return np.ascontiguousarray(data[:, i0][:, :, j0])
             tmp = arr[:, i0, :] * (1 - ty)[None, :, None] + arr[:, i1, :] * ty[None, :, None]
             out = tmp[:, :, j0] * (1 - tx) + tmp[:, :, j1] * tx
         else:
@@ -237,6 +288,96 @@ class PatchDataset:
             out *= (255.0 / self.white_point)[:, None, None]
         np.clip(np.rint(out, out=out), 0, 255, out=out)
         return out.astype(np.uint8)
+
+
+class _ChunkCache:
+    """Least-recently-used cache of the decoded chunks of a lazy (c, y, x) level, at most ``max_bytes``.
+
+    Windows are assembled from whole chunks, each decoded once while it stays in the cache; the
+    memory held is bounded by ``max_bytes`` (at least one chunk) whatever the level size.
+    Thread-safe (a prefetch thread and the main thread may read at the same time).
+    """
+
+    def __init__(self, src: da.Array, max_bytes: float) -> None:
+        self.src = src
+        self.max_bytes = float(max_bytes)
+        self.ybounds = np.concatenate([[0], np.cumsum(src.chunks[1])]).astype(np.int64)
+        self.xbounds = np.concatenate([[0], np.cumsum(src.chunks[2])]).astype(np.int64)
+        self.nbytes = 0
+        self._lru: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def chunk_bytes(src: da.Array) -> int:
+        """Bytes of the largest chunk (all channels)."""
+        return int(src.shape[0]) * max(src.chunks[1]) * max(src.chunks[2]) * src.dtype.itemsize
+
+    def chunk(self, i: int, j: int) -> np.ndarray:
+        """Return the decoded chunk at chunk row ``i``, column ``j``."""
+        key = (i, j)
+        with self._lock:
+            arr = self._lru.get(key)
+            if arr is not None:
+                self._lru.move_to_end(key)
+                return arr
+        y0, y1 = self.ybounds[i], self.ybounds[i + 1]
+        x0, x1 = self.xbounds[j], self.xbounds[j + 1]
+        # chunk-aligned, so dask reads exactly one chunk (per channel chunk); the scheduler function
+        # itself: a scheduler *name* makes dask import distributed (slow)
+        arr = np.asarray(self.src[:, y0:y1, x0:x1].compute(scheduler=dask.local.get_sync))
+        with self._lock:
+            self._insert(key, arr)
+        return arr
+
+    def keys(self, x0: int, y0: int, x1: int, y1: int) -> list[tuple[int, int]]:
+        """Return the (row, column) of the chunks under the window (clipped to the level)."""
+        h, w = int(self.ybounds[-1]), int(self.xbounds[-1])
+        ya, yb, xa, xb = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+        if ya >= yb or xa >= xb:
+            return []
+        i0 = int(np.searchsorted(self.ybounds, ya, side="right")) - 1
+        i1 = int(np.searchsorted(self.ybounds, yb, side="left"))
+        j0 = int(np.searchsorted(self.xbounds, xa, side="right")) - 1
+        j1 = int(np.searchsorted(self.xbounds, xb, side="left"))
+        return [(i, j) for i in range(i0, i1) for j in range(j0, j1)]
+
+    def load(self, keys: Sequence[tuple[int, int]]) -> int:
+        """Decode the chunks ``keys`` not yet cached, in parallel (at most what the cache holds)."""
+        with self._lock:
+            todo = [k for k in keys if k not in self._lru]
+        todo = todo[: max(1, int(self.max_bytes // max(self.chunk_bytes(self.src), 1)))]
+        if not todo:
+            return 0
+        parts = [
+            self.src[:, self.ybounds[i] : self.ybounds[i + 1], self.xbounds[j] : self.xbounds[j + 1]] for i, j in todo
+        ]
+        datas = dask.compute(*parts, scheduler=dask.threaded.get)
+        with self._lock:
+            for key, arr in zip(todo, datas, strict=True):
+                self._insert(key, np.asarray(arr))
+        return len(todo)
+
+    def _insert(self, key: tuple[int, int], arr: np.ndarray) -> None:
+        # under the lock
+        if key not in self._lru:
+            self._lru[key] = arr
+            self.nbytes += arr.nbytes
+            while self.nbytes > self.max_bytes and len(self._lru) > 1:
+                _, old = self._lru.popitem(last=False)
+                self.nbytes -= old.nbytes
+
+    def window(self, x0: int, y0: int, x1: int, y1: int, fill: int) -> np.ndarray:
+        """Return the (c, y1 - y0, x1 - x0) window, ``fill`` outside the level."""
+        out = np.full((self.src.shape[0], y1 - y0, x1 - x0), fill, dtype=self.src.dtype)
+        h, w = int(self.ybounds[-1]), int(self.xbounds[-1])
+        ya, yb, xa, xb = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+        for i, j in self.keys(x0, y0, x1, y1):
+            cy0, cy1 = max(ya, self.ybounds[i]), min(yb, self.ybounds[i + 1])
+            cx0, cx1 = max(xa, self.xbounds[j]), min(xb, self.xbounds[j + 1])
+            by, bx = self.ybounds[i], self.xbounds[j]
+            part = self.chunk(i, j)[:, cy0 - by : cy1 - by, cx0 - bx : cx1 - bx]
+            out[:, cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = part
+        return out
 
 
 def _linear_taps(pos: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

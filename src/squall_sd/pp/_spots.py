@@ -8,6 +8,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import shapely
+from scipy import ndimage
 from spatialdata import SpatialData
 from spatialdata.models import ShapesModel
 
@@ -213,8 +214,9 @@ def _tissue_union(
 def _lattice_tissue_fraction(
     tissue: shapely.Geometry, cx: np.ndarray, cy: np.ndarray, reach: float, make
 ) -> np.ndarray:
-    """:func:`_tissue_fraction` of the shapes ``make(i)`` centred at ``(cx[i], cy[i])``, each inside
-    the disc of radius ``reach`` around its centre.
+    """Return :func:`_tissue_fraction` of the shapes ``make(i)`` centred at ``(cx[i], cy[i])``.
+
+    Each shape lies inside the disc of radius ``reach`` around its centre.
 
     Centres farther than ``reach`` from the tissue boundary are wholly inside (fraction 1) or
     wholly outside (0), exactly as the polygon test would find; only the shapes near the boundary
@@ -226,15 +228,43 @@ def _lattice_tissue_fraction(
     boundary = tissue.boundary
     shapely.prepare(tissue)
     shapely.prepare(boundary)
-    pts = shapely.points(cx, cy)
     # a little slack: anything within reach (up to rounding) takes the exact polygon path
-    near = shapely.dwithin(boundary, pts, reach * (1 + 1e-6) + 1e-9)
+    near = _near_boundary(boundary, cx, cy, reach * (1 + 1e-6) + 1e-9)
     far = ~near
     frac[far & shapely.contains_xy(tissue, cx, cy)] = 1.0
     idx = np.flatnonzero(near)
     if len(idx):
         frac[idx] = _tissue_fraction(tissue, make(idx))
     return frac
+
+
+def _near_boundary(boundary: shapely.Geometry, cx: np.ndarray, cy: np.ndarray, dist: float) -> np.ndarray:
+    """``shapely.dwithin(boundary, points(cx, cy), dist)``, testing only the candidate points.
+
+    The boundary is cut into pieces of at most ``dist`` (:func:`shapely.segmentize`), so every
+    boundary point lies within ``dist / 2`` of a vertex; a point within ``dist`` of the boundary is
+    thus within ``1.5 * dist`` of a vertex, and so in one of the grid cells (of edge ``dist``) at
+    most two cells from a vertex's cell. Only the points in those cells are built and tested
+    exactly; the others are farther than ``dist`` from the boundary.
+    """
+    near = np.zeros(len(cx), dtype=bool)
+    if boundary.is_empty or len(cx) == 0:
+        return near
+    verts = shapely.get_coordinates(shapely.segmentize(boundary, dist))
+    px = np.floor(np.asarray(cx) / dist).astype(np.int64)
+    py = np.floor(np.asarray(cy) / dist).astype(np.int64)
+    x0, y0 = int(px.min()) - 2, int(py.min()) - 2
+    nx, ny = int(px.max()) - x0 + 3, int(py.max()) - y0 + 3
+    vx = np.floor(verts[:, 0] / dist).astype(np.int64) - x0
+    vy = np.floor(verts[:, 1] / dist).astype(np.int64) - y0
+    ok = (vx >= 0) & (vx < nx) & (vy >= 0) & (vy < ny)  # vertices farther from every point do not matter
+    grid = np.zeros((ny, nx), dtype=bool)  # one byte per lattice-sized cell of the lattice's box
+    grid[vy[ok], vx[ok]] = True
+    grid = ndimage.maximum_filter(grid, size=5, mode="constant", cval=False)  # cells within two of a vertex cell
+    cand = np.flatnonzero(grid[py - y0, px - x0])
+    if len(cand):
+        near[cand] = shapely.dwithin(boundary, shapely.points(cx[cand], cy[cand]), dist)
+    return near
 
 
 def _tissue_fraction(tissue: shapely.Geometry, shapes: np.ndarray) -> np.ndarray:
@@ -246,5 +276,31 @@ def _tissue_fraction(tissue: shapely.Geometry, shapes: np.ndarray) -> np.ndarray
     edge = ~inside & shapely.intersects(tissue, shapes)
     if edge.any():
         sub = shapes[edge]
-        frac[edge] = shapely.area(shapely.intersection(sub, tissue)) / shapely.area(sub)
+        frac[edge] = shapely.area(_local_intersection(sub, tissue)) / shapely.area(sub)
     return frac
+
+
+def _local_intersection(shapes: np.ndarray, tissue: shapely.Geometry, per_block: int = 64) -> np.ndarray:
+    """``shapely.intersection(shapes, tissue)``, each shape against only the tissue pieces it meets.
+
+    Intersecting every small shape with the whole (multi-piece) tissue costs time in the vertex
+    count of all pieces. A shape that meets a single piece is intersected with that piece alone
+    (the same polygon, with the same coordinates); the others with the whole tissue.
+    """
+    pieces = np.asarray(shapely.get_parts(tissue))
+    if len(pieces) <= 1 or len(shapes) <= per_block:
+        return shapely.intersection(shapes, tissue)
+    tree = shapely.STRtree(pieces)
+    src, dst = tree.query(shapes, predicate="intersects")
+    n_hit = np.bincount(src, minlength=len(shapes))
+    out = np.empty(len(shapes), dtype=object)
+    one = n_hit == 1
+    first = np.full(len(shapes), -1, dtype=np.int64)
+    first[src] = dst
+    for k in np.unique(first[one]):
+        sel = np.flatnonzero(one & (first == k))
+        out[sel] = shapely.intersection(shapes[sel], pieces[k])
+    rest = np.flatnonzero(~one)
+    if len(rest):
+        out[rest] = shapely.intersection(shapes[rest], tissue)
+    return out

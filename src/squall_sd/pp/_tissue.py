@@ -154,8 +154,9 @@ def _coarse_features(
     method: str,
     max_pixels: int | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(feature, valid, affine)`` of the coarse image (see :func:`_features`), computed block by
-    block for uint8 images, so the float RGB coarse image is never held whole.
+    """Return ``(feature, valid, affine)`` of the coarse image (see :func:`_features`).
+
+    Computed block by block for uint8 images, so the float RGB coarse image is never held whole.
     """
     (ch, cw), affine, level, is_uint8, blocks = _coarse_blocks(
         sdata, image_key, scale=scale, mpp_range=WORKING_MPP_RANGE, max_pixels=max_pixels
@@ -254,9 +255,10 @@ def detect_tissue(
 
     The image is read at a coarse resolution (the coarsest pyramid level at most 16 µm/px, block
     averaged to at least 8 µm/px, and further until the working image has at most
-    :data:`MAX_WORKING_PIXELS` pixels; read block by block, so memory does not grow with the slide), thresholded with Otsu's method on the HSV saturation (or on the
-    grey value), cleaned with a morphological closing and opening, its holes are filled and pieces
-    smaller than ``min_area_um2`` are dropped. Each remaining piece becomes one polygon.
+    :data:`MAX_WORKING_PIXELS` pixels; read block by block, so memory does not grow with the
+    slide), thresholded with Otsu's method on the HSV saturation (or on the grey value), cleaned
+    with a morphological closing and opening, its holes are filled and pieces smaller than
+    ``min_area_um2`` are dropped. Each remaining piece becomes one polygon.
 
     Parameters
     ----------
@@ -314,9 +316,9 @@ def detect_tissue(
     del feat, valid
     # morphological cleanup at the working resolution (~8-16 µm per pixel)
     mask = _closing(mask, 2)
-    mask = ndimage.binary_opening(mask, structure=morphology.disk(1))
+    mask = _opening_cross(mask)
     if max_hole_area_um2 is None:
-        mask = ndimage.binary_fill_holes(mask)
+        mask = _fill_holes(mask)
     else:
         check_positive(max_hole_area_um2, "max_hole_area_um2")
         mask = _fill_small_holes(mask, max(1, int(max_hole_area_um2 / px_um**2)))
@@ -346,16 +348,75 @@ def detect_tissue(
 
 
 def _closing(mask: np.ndarray, radius_px: int) -> np.ndarray:
-    """Binary closing with a disk, padded so that tissue touching the border is not eroded."""
-    padded = np.pad(mask, radius_px + 1)
-    closed = ndimage.binary_closing(padded, structure=morphology.disk(radius_px))
+    """Binary closing with a disk, padded so that tissue touching the border is not eroded.
+
+    Equal to :func:`scipy.ndimage.binary_closing` with :func:`skimage.morphology.disk` of
+    ``radius_px``; the disk of radius ``r`` (a diamond) is the ``r``-fold Minkowski sum of the
+    3 × 3 cross, so it is done as ``r`` dilations and ``r`` erosions by the cross (whole-array
+    boolean operations, several times faster than the generic routine).
+    """
     r = radius_px + 1
-    return closed[r:-r, r:-r]
+    padded = np.pad(mask, r)
+    if not np.array_equal(morphology.disk(radius_px), _diamond(radius_px)):  # pragma: no cover - skimage's disk
+        closed = ndimage.binary_closing(padded, structure=morphology.disk(radius_px))
+        return closed[r:-r, r:-r]
+    for _ in range(radius_px):
+        padded = _cross_op(padded, np.logical_or)
+    for _ in range(radius_px):
+        padded = _cross_op(padded, np.logical_and)
+    return padded[r:-r, r:-r]
+
+
+def _diamond(radius: int) -> np.ndarray:
+    """Return the ``uint8`` diamond ``|dy| + |dx| <= radius``."""
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return (np.abs(yy) + np.abs(xx) <= radius).astype(np.uint8)
+
+
+def _cross_op(mask: np.ndarray, op: np.ufunc) -> np.ndarray:
+    """Erosion (``op=logical_and``) or dilation (``logical_or``) by the 3 × 3 cross, outside = False.
+
+    Equal to :func:`scipy.ndimage.binary_erosion` / ``binary_dilation`` with the default
+    structure and ``border_value=0``.
+    """
+    out = mask.copy()
+    if mask.shape[0] == 0 or mask.shape[1] == 0:
+        return out
+    erode = op is np.logical_and
+    op(out[1:], mask[:-1], out=out[1:])
+    op(out[:-1], mask[1:], out=out[:-1])
+    op(out[:, 1:], mask[:, :-1], out=out[:, 1:])
+    op(out[:, :-1], mask[:, 1:], out=out[:, :-1])
+    if erode:  # the pixels outside are False
+        out[0] = out[-1] = False
+        out[:, 0] = out[:, -1] = False
+    return out
+
+
+def _opening_cross(mask: np.ndarray) -> np.ndarray:
+    """:func:`scipy.ndimage.binary_opening` with ``disk(1)`` (the 3 × 3 cross), border 0."""
+    return _cross_op(_cross_op(mask, np.logical_and), np.logical_or)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """:func:`scipy.ndimage.binary_fill_holes` (default structure), computed by labelling.
+
+    A background pixel stays background when its 4-connected background component touches the
+    image border; every other pixel is filled. One labelling pass instead of an iterated dilation.
+    """
+    if mask.size == 0:
+        return mask.copy()
+    lab, n = ndimage.label(~mask)
+    border = np.zeros(n + 1, dtype=bool)
+    for edge in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
+        border[edge] = True
+    border[0] = False  # label 0: the mask itself
+    return ~border[lab]
 
 
 def _fill_small_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
     """Fill holes of at most ``max_px`` pixels."""
-    holes = ndimage.binary_fill_holes(mask) & ~mask
+    holes = _fill_holes(mask) & ~mask
     lab, n = ndimage.label(holes)
     if n == 0:
         return mask

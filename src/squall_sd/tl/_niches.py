@@ -29,17 +29,28 @@ __all__ = ["niche_enrichment", "niches"]
 _DEFAULT_RANGE = range(2, 11)
 
 
-def _fit_gmm(X: np.ndarray, k: int, seed: int, covariance_type: str) -> Any:
+def _fit_gmm(X: np.ndarray, k: int, seed: int, covariance_type: str, warm_start_from: Any = None) -> Any:
+    """Fit one Gaussian mixture; k-means initialisation (or the parameters of ``warm_start_from``)."""
     from sklearn.mixture import GaussianMixture
 
+    kwargs: dict[str, Any] = {}
+    if warm_start_from is not None:
+        kwargs = {
+            "weights_init": warm_start_from.weights_,
+            "means_init": warm_start_from.means_,
+            "precisions_init": warm_start_from.precisions_,
+        }
     gmm = GaussianMixture(
         n_components=k,
         covariance_type=covariance_type,
         reg_covar=1e-3,
         max_iter=200,
         tol=1e-3,
-        init_params="k-means++",
+        # a full k-means initialisation (not only k-means++ seeds): the EM then starts from a
+        # sensible partition, which makes runs more reproducible and the stability curve informative
+        init_params="kmeans",
         random_state=seed,
+        **kwargs,
     )
     gmm.fit(X)
     return gmm
@@ -80,10 +91,7 @@ def _stability_select(
         if k not in labels:
             continue
         across = [
-            adjusted_rand_score(labels[k][r], labels[kk][s])
-            for kk in (k - 1, k + 1)
-            if kk in labels
-            for r, s in pairs
+            adjusted_rand_score(labels[k][r], labels[kk][s]) for kk in (k - 1, k + 1) if kk in labels for r, s in pairs
         ]
         within = [adjusted_rand_score(labels[k][r], labels[k][s]) for r, s in pairs if r < s]
         rows.append(
@@ -97,8 +105,49 @@ def _stability_select(
     curve = pd.DataFrame(rows)
     if curve.empty or curve["stability"].isna().all():
         raise ValueError(f"Could not evaluate any `n_niches` in {ks} on {X.shape[0]} observations.")
-    k_best = int(curve.loc[curve["stability"].idxmax(), "n_niches"])
+    k_best = _pick_k(curve)
     return k_best, best[k_best], curve
+
+
+def _pick_k(curve: pd.DataFrame) -> int:
+    """Return the ``k`` at the highest local maximum of the stability curve (CellCharter's choice).
+
+    A candidate at the end of the range only wins when the curve has no interior peak; then a
+    warning suggests widening the range, since the best ``k`` may lie outside it.
+    """
+    ks = curve["n_niches"].to_numpy()
+    stab = np.nan_to_num(curve["stability"].to_numpy(dtype=float), nan=-np.inf)
+    interior = [
+        i for i in range(1, len(ks) - 1) if stab[i] >= stab[i - 1] and stab[i] >= stab[i + 1] and np.isfinite(stab[i])
+    ]
+    if interior:
+        return int(ks[max(interior, key=lambda i: stab[i])])
+    i = int(np.argmax(stab))
+    if len(ks) > 2:
+        logger.warning(
+            "The clustering stability has no interior peak among `n_niches` %s; using %d at the end of "
+            "the range. Consider a wider range (see `adata.uns[key_added]['stability']`).",
+            [int(k) for k in ks],
+            int(ks[i]),
+        )
+    return int(ks[i])
+
+
+def _align_batches(rep: np.ndarray, batch: np.ndarray) -> np.ndarray:
+    """Centre and scale every column within each batch, then restore the pooled within-batch scale."""
+    rep = np.array(rep, dtype=np.float32, copy=True)
+    codes = pd.Categorical(batch).codes
+    if (codes < 0).any():
+        raise ValueError("`batch_key` has missing values.")
+    within = np.zeros(rep.shape[1], dtype=np.float64)
+    for b in np.unique(codes):
+        idx = codes == b
+        block = rep[idx]
+        sd = block.std(0)
+        within += idx.sum() * sd.astype(np.float64) ** 2
+        sd[sd == 0] = 1.0
+        rep[idx] = (block - block.mean(0)) / sd
+    return rep * np.sqrt(within / len(codes)).astype(np.float32)
 
 
 def _relabel_by_size(labels: np.ndarray) -> pd.Categorical:
@@ -117,6 +166,7 @@ def niches(
     use_rep: str = "X_pca",
     table_key: str | None = None,
     library_key: str | None = None,
+    batch_key: str | None = None,
     spatial_key: str = "spatial",
     connectivity_key: str | None = None,
     graph: Literal["radius", "knn", "delaunay"] = "radius",
@@ -129,6 +179,7 @@ def niches(
     n_runs: int = 5,
     covariance_type: Literal["full", "diag"] = "full",
     subsample: int | None = 20_000,
+    selection_subsample: int | None = 5_000,
     resolution: float = 1.0,
     key_added: str = "squall_niche",
     random_state: int = 0,
@@ -143,7 +194,8 @@ def niches(
     aggregate (centred, one global scale), either by a Gaussian mixture whose number of
     components is chosen by stability across runs, or by Leiden on a kNN graph of the aggregate.
     Several sections in one AnnData (``library_key``) share one model, so niche labels mean the
-    same in all of them.
+    same in all of them; ``batch_key`` first aligns the representation of each batch (section,
+    patient) so that batch effects do not become niches.
 
     Parameters
     ----------
@@ -157,6 +209,16 @@ def niches(
         Table of a SpatialData input (default ``"table"``).
     library_key
         Column of ``obs`` naming the section of each observation; the graph is built per section.
+    batch_key
+        Column of ``obs`` naming batches (sections, patients, runs) whose representation is
+        aligned before aggregation: every column (all columns of an ``obsm`` representation, 50
+        principal components of a gene matrix) is centred and scaled within each batch and given
+        its pooled within-batch standard deviation (location/scale alignment, as in ComBat without
+        its shrinkage); the ``n_pcs`` leading principal components of the aligned representation
+        are then used. Use it for joint fits across patients or technologies; it
+        also removes real differences in composition between batches, so pass an integrated
+        embedding (e.g. ``X_squall``, scVI, Harmony) instead when those matter. ``None``: no
+        correction. It may equal ``library_key``.
     spatial_key
         Key of the coordinates in ``obsm`` (``squall.io`` readers store microns).
     connectivity_key
@@ -180,15 +242,23 @@ def niches(
         ``"gmm"`` (Gaussian mixture, CellCharter-style) or ``"leiden"`` (scanpy).
     n_niches
         For ``"gmm"``: a number of niches, or candidates (e.g. ``range(2, 11)``, the default when
-        ``None``) among which the most stable is chosen. Ignored by ``"leiden"``.
+        ``None``) among which the most stable is chosen: for every candidate ``k`` the mixtures are
+        fitted ``n_runs`` times and the stability of ``k`` is the mean adjusted Rand index of its
+        labels with those at ``k - 1`` and ``k + 1`` of the other runs; the highest local maximum
+        of that curve wins (an end of the range only when the curve has no interior peak, with a
+        warning). Ignored by ``"leiden"``.
     n_runs
         Mixture fits per candidate (different seeds) for the stability curve, or initialisations
         when ``n_niches`` is a single number.
     covariance_type
-        Covariance of the mixture components.
+        Covariance of the mixture components (``"full"``; ``"diag"`` is faster on large data).
     subsample
-        Fit the mixtures on at most this many randomly drawn observations (all observations are
-        labelled). ``None``: fit on all.
+        Fit the final mixture on at most this many randomly drawn observations (all observations
+        are labelled). ``None``: fit on all.
+    selection_subsample
+        Choose the number of niches (the ``n_runs`` × candidates stability fits) on at most this
+        many of those observations; the final mixture is then refitted on the ``subsample`` cells,
+        started from the best mixture of the search. ``None``: search on the ``subsample`` cells.
     resolution
         Leiden resolution.
     key_added
@@ -237,7 +307,24 @@ def niches(
         raise ValueError(f"Need at least 3 observations to find niches, found {adata.n_obs}.")
 
     # 1. representation (fail early, before building anything)
-    rep, rep_desc = get_representation(adata, use_rep, n_pcs=n_pcs, random_state=random_state)
+    if batch_key is None:
+        rep, rep_desc = get_representation(adata, use_rep, n_pcs=n_pcs, random_state=random_state)
+    else:
+        if batch_key not in adata.obs:
+            raise KeyError(f"`batch_key={batch_key!r}` not found in `adata.obs`; available: {list(adata.obs.columns)}.")
+        # align all columns, then keep the n_pcs leading principal components of the aligned
+        # representation: the leading columns of a joint PCA mostly separate the batches
+        rep, rep_desc = get_representation(
+            adata, use_rep, n_pcs=None if n_pcs is None else max(n_pcs, 50), random_state=random_state
+        )
+        rep = _align_batches(rep, adata.obs[batch_key].to_numpy())
+        if n_pcs is not None and n_pcs < min(rep.shape):
+            from sklearn.decomposition import PCA
+
+            rep = PCA(n_pcs, random_state=random_state).fit_transform(rep).astype(np.float32)
+            rep_desc = f"PCA({n_pcs}) of {rep_desc} aligned per {batch_key!r}"
+        else:
+            rep_desc = f"{rep_desc} aligned per {batch_key!r}"
 
     # 2. graph
     adj, conn_key, graph_params = spatial_connectivities(
@@ -279,6 +366,7 @@ def niches(
         "n_hops": int(n_hops),
         "n_pcs": n_pcs,
         "library_key": library_key,
+        "batch_key": batch_key,
         "connectivity_key": conn_key,
         "graph_params": graph_params,
         "method": method,
@@ -292,6 +380,7 @@ def niches(
             n_runs=n_runs,
             covariance_type=covariance_type,
             subsample=subsample,
+            selection_subsample=selection_subsample,
             resolution=resolution,
             random_state=random_state,
             n_jobs=n_jobs,
@@ -322,6 +411,7 @@ def _cluster(
     resolution: float,
     random_state: int,
     n_jobs: int | None,
+    selection_subsample: int | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Cluster the aggregated features; return labels and parameters for ``uns``."""
     n_obs = feats.shape[0]
@@ -346,20 +436,28 @@ def _cluster(
             ks = [int(k) for k in n_niches]
             if not ks or min(ks) < 2:
                 raise ValueError(f"Expected candidate `n_niches` >= 2, found {list(n_niches)}.")
+            X_sel = X_fit
+            if selection_subsample is not None and X_fit.shape[0] > selection_subsample:
+                sel = np.sort(rng.choice(X_fit.shape[0], size=selection_subsample, replace=False))
+                X_sel = X_fit[sel]
+                logger.info("Choosing the number of niches on %d observations", selection_subsample)
             k, model, curve = _stability_select(
-                X_fit, ks, n_runs=n_runs, random_state=random_state, covariance_type=covariance_type
+                X_sel, ks, n_runs=n_runs, random_state=random_state, covariance_type=covariance_type
             )
+            if X_sel is not X_fit:  # refit on the larger sample, from the best mixture of the search
+                model = _fit_gmm(X_fit, k, random_state, covariance_type, warm_start_from=model)
             logger.info("Chose %d niches by stability (candidates %s)", k, ks)
         labels = model.predict(feats)
         params.update(
             {
                 "n_niches": int(k),
-                "n_niches_candidates": None
-                if curve is None
-                else [int(x) for x in curve["n_niches"]],
+                "n_niches_candidates": None if curve is None else [int(x) for x in curve["n_niches"]],
                 "n_runs": int(n_runs),
                 "covariance_type": covariance_type,
                 "subsample": None if len(fit_idx) == n_obs else int(len(fit_idx)),
+                "selection_subsample": None
+                if curve is None or selection_subsample is None or len(fit_idx) <= selection_subsample
+                else int(selection_subsample),
             }
         )
         if curve is not None:
@@ -368,9 +466,7 @@ def _cluster(
         import scanpy as sc
         from sklearn.neighbors import kneighbors_graph
 
-        knn = kneighbors_graph(
-            feats, n_neighbors=min(15, n_obs - 1), include_self=False, n_jobs=n_jobs
-        )
+        knn = kneighbors_graph(feats, n_neighbors=min(15, n_obs - 1), include_self=False, n_jobs=n_jobs)
         knn = ((knn + knn.T) > 0).astype(np.float32)
         tmp = AnnData(np.zeros((n_obs, 0), dtype=np.float32))
         sc.tl.leiden(
@@ -455,13 +551,9 @@ def niche_enrichment(
             hint = " Run `squall.tl.niches(adata)` first." if what == "niche_key" else ""
             raise KeyError(f"`{what}={key!r}` not found in `adata.obs`.{hint}")
     if normalize not in ("niche", "cluster", "total"):
-        raise ValueError(
-            f"Expected `normalize` to be 'niche', 'cluster' or 'total', found {normalize!r}."
-        )
+        raise ValueError(f"Expected `normalize` to be 'niche', 'cluster' or 'total', found {normalize!r}.")
     if connectivity_key is None:
-        connectivity_key = adata.uns.get(niche_key, {}).get(
-            "connectivity_key", "spatial_connectivities"
-        )
+        connectivity_key = adata.uns.get(niche_key, {}).get("connectivity_key", "spatial_connectivities")
     get_connectivities(adata, connectivity_key)  # raises with the next step if missing
     if not isinstance(adata.obs[niche_key].dtype, pd.CategoricalDtype):
         adata.obs[niche_key] = adata.obs[niche_key].astype(str).astype("category")
@@ -496,9 +588,7 @@ def niche_enrichment(
     adata.uns[f"{niche_key}_nhood_enrichment"] = {
         "zscore": out["zscore"].to_numpy(),
         "count": out["count"].to_numpy(),
-        "params": provenance(
-            connectivity_key=connectivity_key, n_perms=int(n_perms), seed=int(seed)
-        ),
+        "params": provenance(connectivity_key=connectivity_key, n_perms=int(n_perms), seed=int(seed)),
     }
     logger.info(
         "Adding `adata.uns['%s_composition']`, `adata.uns['%s_nhood_enrichment']`",

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -81,9 +84,7 @@ def _cox_loss(risk: torch.Tensor, time: np.ndarray, event: np.ndarray) -> torch.
 # --------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------
-def _build_net(
-    in_dim: int, hidden_dim: int, attention_dim: int, dropout: float, pooling: str
-) -> Any:
+def _build_net(in_dim: int, hidden_dim: int, attention_dim: int, dropout: float, pooling: str) -> Any:
     import torch
     from torch import nn
 
@@ -92,18 +93,14 @@ def _build_net(
 
         def __init__(self) -> None:
             super().__init__()
-            self.encoder = nn.Sequential(
-                nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout)
-            )
+            self.encoder = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
             self.att_v = nn.Linear(hidden_dim, attention_dim)
             self.att_u = nn.Linear(hidden_dim, attention_dim)
             self.att_w = nn.Linear(attention_dim, 1)
             self.head = nn.Linear(hidden_dim, 1)
             self.pooling = pooling
 
-        def forward(
-            self, x: torch.Tensor, seg: torch.Tensor, n_seg: int
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(self, x: torch.Tensor, seg: torch.Tensor, n_seg: int) -> tuple[torch.Tensor, torch.Tensor]:
             h = self.encoder(x)
             if self.pooling == "mean":
                 s = torch.zeros(x.shape[0], device=x.device)
@@ -139,6 +136,8 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 class OutcomeModel:
     """A slide-level outcome model fitted by :func:`fit_outcome`.
 
+    Write it with :meth:`save` (safetensors weights + JSON) and read it back with :meth:`load`.
+
     Attributes
     ----------
     task
@@ -173,6 +172,134 @@ class OutcomeModel:
     def predict(self, data: AnnData | SpatialData, **kwargs: Any) -> pd.DataFrame:
         """Shortcut for :func:`predict_outcome` with this model."""
         return predict_outcome(data, self, **kwargs)
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the model to a directory: weights as safetensors, everything else as JSON / CSV.
+
+        The directory holds ``model.safetensors`` (network weights and the embedding
+        standardisation), ``config.json`` (task, keys, architecture, metrics) and, when the model
+        was cross-validated, ``cv_results.csv``. The files are written to a temporary directory
+        next to ``path`` which then replaces ``path`` in one rename, so an interrupted save never
+        leaves a half-written model.
+
+        Parameters
+        ----------
+        path
+            Output directory.
+        overwrite
+            Replace an existing model at ``path`` instead of raising :class:`FileExistsError`.
+
+        Returns
+        -------
+        The directory.
+
+        """
+        import shutil
+        import tempfile
+
+        import torch
+        from safetensors.torch import save_file
+
+        from squall_sd import __version__
+
+        path = Path(path).expanduser()
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass `overwrite=True` to replace it.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"net.{k}": torch.as_tensor(v).detach().cpu().contiguous() for k, v in self.state_dict.items()}
+        tensors["embedding_mean"] = torch.as_tensor(np.asarray(self.mean, dtype=np.float32)).contiguous()
+        tensors["embedding_std"] = torch.as_tensor(np.asarray(self.std, dtype=np.float32)).contiguous()
+        meta = {
+            "format": _OUTCOME_FORMAT,
+            "format_version": 1,
+            "squall_sd_version": __version__,
+            "task": self.task,
+            "embeddings": self.embeddings,
+            "slide_key": self.slide_key,
+            "config": self.config,
+            "metrics": self.metrics,
+            "weights_file": "model.safetensors",
+            "cv_results_file": None if self.cv_results is None else "cv_results.csv",
+        }
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if self.cv_results is not None:
+                self.cv_results.to_csv(tmp / "cv_results.csv", index_label="__slide__")
+            (tmp / "config.json").write_text(json.dumps(_jsonable(meta), indent=2) + "\n")
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("Saved outcome model to %s", path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> OutcomeModel:
+        """Read a model written by :meth:`save`.
+
+        Parameters
+        ----------
+        path
+            Directory written by :meth:`save`.
+
+        Returns
+        -------
+        The model, ready for :func:`predict_outcome`.
+
+        """
+        from safetensors.torch import load_file
+
+        path = Path(path).expanduser()
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"No outcome model at {path} (missing config.json).")
+        meta = json.loads(cfg_file.read_text())
+        if meta.get("format") != _OUTCOME_FORMAT:
+            raise ValueError(f"{cfg_file} is not a squall outcome model (format {meta.get('format')!r}).")
+        tensors = load_file(str(path / meta.get("weights_file", "model.safetensors")))
+        state = {k[len("net.") :]: v for k, v in tensors.items() if k.startswith("net.")}
+        cv = None
+        if meta.get("cv_results_file"):
+            cv = pd.read_csv(path / meta["cv_results_file"], index_col="__slide__")
+            cv.index.name = None
+        return cls(
+            task=meta["task"],
+            embeddings=meta["embeddings"],
+            slide_key=meta["slide_key"],
+            config=meta["config"],
+            state_dict=state,
+            mean=tensors["embedding_mean"].numpy(),
+            std=tensors["embedding_std"].numpy(),
+            cv_results=cv,
+            metrics=meta.get("metrics", {}),
+        )
+
+
+_OUTCOME_FORMAT = "squall-sd-outcome-model"
+
+
+def _jsonable(obj: Any) -> Any:
+    """Convert numpy scalars / arrays and tuples inside ``obj`` to plain JSON types."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None if np.isnan(obj) else obj
+    return obj
 
 
 def _slide_codes(adata: AnnData, slide_key: str) -> tuple[np.ndarray, pd.Index]:
@@ -215,19 +342,14 @@ def _outcome_table(
                 "DataFrame indexed "
                 f"by slide id with columns {cols}."
             )
-        grp = (
-            adata.obs[[slide_key, *cols]].astype({slide_key: str}).groupby(slide_key, observed=True)
-        )
+        grp = adata.obs[[slide_key, *cols]].astype({slide_key: str}).groupby(slide_key, observed=True)
         if (grp.nunique(dropna=False) > 1).any().any():
             raise ValueError(f"Outcome columns {cols} must be constant within each slide.")
         table = grp.first()
     else:
         missing = [c for c in cols if c not in outcomes.columns]
         if missing:
-            raise KeyError(
-                f"Outcome columns {missing} not found in `outcomes`; available: "
-                f"{list(outcomes.columns)}."
-            )
+            raise KeyError(f"Outcome columns {missing} not found in `outcomes`; available: {list(outcomes.columns)}.")
         table = outcomes.copy()
         if slide_key in table.columns:
             table = table.set_index(slide_key)
@@ -267,9 +389,7 @@ def _train(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n_seg = int(seg.max()) + 1
-    net = _build_net(
-        X.shape[1], cfg["hidden_dim"], cfg["attention_dim"], cfg["dropout"], cfg["pooling"]
-    )
+    net = _build_net(X.shape[1], cfg["hidden_dim"], cfg["attention_dim"], cfg["dropout"], cfg["pooling"])
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     Xt = torch.as_tensor(X)
     segt = torch.as_tensor(seg)
@@ -282,9 +402,7 @@ def _train(
         if max_tiles is not None and np.diff(bounds).max() > max_tiles:
             idx = np.concatenate(
                 [
-                    order[lo:hi]
-                    if hi - lo <= max_tiles
-                    else rng.choice(order[lo:hi], max_tiles, replace=False)
+                    order[lo:hi] if hi - lo <= max_tiles else rng.choice(order[lo:hi], max_tiles, replace=False)
                     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
                 ]
             )
@@ -303,9 +421,7 @@ def _train(
     return net
 
 
-def _predict_net(
-    net: Any, X: np.ndarray, seg: np.ndarray, n_seg: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _predict_net(net: Any, X: np.ndarray, seg: np.ndarray, n_seg: int) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     with torch.no_grad():
@@ -427,9 +543,7 @@ def fit_outcome(
     adata = resolve_adata(slides, table_key)
     if task == "cox":
         if time is None or event is None:
-            raise ValueError(
-                "`task='cox'` needs `time=` and `event=` (column names of the outcome table)."
-            )
+            raise ValueError("`task='cox'` needs `time=` and `event=` (column names of the outcome table).")
         cols = [time, event]
     elif task == "binary":
         if response is None:
@@ -446,9 +560,7 @@ def fit_outcome(
     if task == "binary":
         vals = set(np.unique(table[response].astype(float)))
         if not vals <= {0.0, 1.0}:
-            raise ValueError(
-                f"`response` must be 0/1 (or boolean), found values {sorted(vals)[:5]}."
-            )
+            raise ValueError(f"`response` must be 0/1 (or boolean), found values {sorted(vals)[:5]}.")
     else:
         if (table[time].astype(float) < 0).any():
             raise ValueError("Survival times must be non-negative.")
@@ -513,9 +625,7 @@ def fit_outcome(
                 fold_of[te] = f
                 att_all[tile_idx[pos]] = att
                 fold_scores.append(_score(task, table.iloc[te], risk, cols))
-                logger.info(
-                    "Fold %d/%d: %s = %.3f", f + 1, len(splits), _metric(task), fold_scores[-1]
-                )
+                logger.info("Fold %d/%d: %s = %.3f", f + 1, len(splits), _metric(task), fold_scores[-1])
         net, mean, std = fit_rows(np.arange(len(table)), random_state)
 
     metric = _metric(task)
@@ -586,8 +696,7 @@ def _splits(
         g = table[groups].astype(str).to_numpy()
         if len(np.unique(g)) < cv:
             raise ValueError(
-                f"`cv={cv}` folds need at least {cv} distinct `{groups}` values, found "
-                f"{len(np.unique(g))}."
+                f"`cv={cv}` folds need at least {cv} distinct `{groups}` values, found {len(np.unique(g))}."
             )
         if np.bincount(strata).min() >= cv:
             splitter = StratifiedGroupKFold(cv, shuffle=True, random_state=seed)
@@ -654,21 +763,15 @@ def predict_outcome(
         )
     codes, slide_ids = _slide_codes(adata, slide_key)
     cfg = model.config
-    net = _build_net(
-        cfg["in_dim"], cfg["hidden_dim"], cfg["attention_dim"], cfg["dropout"], cfg["pooling"]
-    )
+    net = _build_net(cfg["in_dim"], cfg["hidden_dim"], cfg["attention_dim"], cfg["dropout"], cfg["pooling"])
     net.load_state_dict({k: torch.as_tensor(v) for k, v in model.state_dict.items()})
     net.eval()
     risk, att = _predict_net(net, (X - model.mean) / model.std, codes, len(slide_ids))
-    out = pd.DataFrame(
-        {"risk": risk, "n_tiles": np.bincount(codes, minlength=len(slide_ids))}, index=slide_ids
-    )
+    out = pd.DataFrame({"risk": risk, "n_tiles": np.bincount(codes, minlength=len(slide_ids))}, index=slide_ids)
     if model.task == "binary":
         out.insert(1, "probability", 1.0 / (1.0 + np.exp(-risk)))
     if not copy:
         adata.obs[f"{key_added}_attention"] = att
         adata.uns[f"{key_added}_prediction"] = out
-        logger.info(
-            "Adding `adata.obs['%s_attention']`, `adata.uns['%s_prediction']`", key_added, key_added
-        )
+        logger.info("Adding `adata.obs['%s_attention']`, `adata.uns['%s_prediction']`", key_added, key_added)
     return out

@@ -272,7 +272,9 @@ def collate_tiles(
         local = np.concatenate([it[3] for it in items]).astype(np.int64)
         vals = np.concatenate([it[4] for it in items]).astype(np.float32)
         ind = torch.from_numpy(np.stack([bi, local, cells // grid, cells % grid]))
-        w = torch.sparse_coo_tensor(ind, torch.from_numpy(vals), (b, r, grid, grid)).coalesce()
+        w = torch.sparse_coo_tensor(
+            ind, torch.from_numpy(vals), (b, r, grid, grid), check_invariants=False
+        ).coalesce()
         return torch.from_numpy(tids), rgb, w, torch.from_numpy(idx)
     w = np.zeros((b, r, g2), dtype=np.float32)
     for k, (_t, _, cells, local, weight) in enumerate(items):
@@ -793,6 +795,9 @@ def predict_expression(
     dense_t = None if dense_idx is None else [int(i) for i in dense_idx]  # channel indices
     genes_arg = channels.tolist() if len(channels) < model.n_genes else None
     bar = progress_bar(len(plan), desc="predict_expression", enabled=progress)
+    if num_workers == 0 and hasattr(patches, "warm"):
+        # nothing else runs yet: decode the first batch's image chunks with all cores
+        patches.warm(np.arange(min(len(plan), int(batch_size))))
     batches = _Prefetch(loader) if num_workers == 0 and len(plan) > batch_size else None
     try:
         for tids, rgb, w, ridx in (batches if batches is not None else loader):

@@ -22,6 +22,7 @@ writes beside its checkpoints.
       num_workers: 0
       shuffle_buffer: 512             # tiles; shuffling happens within this window
       max_tiles: null                 # use only the first N tiles (debugging / tests)
+      in_memory: false                # read all shards into RAM once (small data, CPU training)
       augment: {flips: true, rot90: true, stain_jitter: 0.0}
     optim:
       lr: 1.0e-4
@@ -32,6 +33,8 @@ writes beside its checkpoints.
       warmup_start_lr: 1.0e-6
       min_lr: 1.0e-6
       total_steps: null               # length of the cosine schedule; default trainer.max_steps
+      lr_scale: {}                    # lr multipliers by parameter-name prefix, e.g.
+                                      # {model.encoder.: 0.1} (longest matching prefix wins)
     trainer:
       max_steps: 100
       max_epochs: null
@@ -61,6 +64,8 @@ writes beside its checkpoints.
       level: spot                     # expression: spot | tile
       label_key: null                 # classification: the obs column given to prepare(label_key=)
       freeze_backbone: false
+      standardize: null               # expression: "section" = z-score each gene within each
+                                      # section (training targets only; see ExpressionFinetuneModule)
       slide_labels: null              # mil: CSV with columns slide, and time+event or label
       outcome: survival               # mil: survival (Cox) | binary (BCE)
       hidden_dim: 256                 # mil: attention width
@@ -101,6 +106,7 @@ DEFAULTS: dict[str, Any] = {
         "shuffle_buffer": 512,
         "max_tiles": None,
         "drop_last": True,
+        "in_memory": False,
         "augment": {"flips": True, "rot90": True, "stain_jitter": 0.0},
     },
     "optim": {
@@ -111,6 +117,7 @@ DEFAULTS: dict[str, Any] = {
         "warmup_start_lr": 1.0e-6,
         "min_lr": 1.0e-6,
         "total_steps": None,
+        "lr_scale": {},
     },
     "trainer": {
         "max_steps": 100,
@@ -141,6 +148,7 @@ DEFAULTS: dict[str, Any] = {
         "level": "spot",
         "label_key": None,
         "freeze_backbone": False,
+        "standardize": None,
         "slide_labels": None,
         "outcome": "survival",
         "hidden_dim": 256,
@@ -149,7 +157,7 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
-_FREE_FORM = {("model", "overrides")}
+_FREE_FORM = {("model", "overrides"), ("optim", "lr_scale")}
 
 
 def merge_config(
@@ -285,6 +293,10 @@ def _validate(cfg: Mapping[str, Any]) -> None:
         )
     if task["level"] not in ("spot", "tile"):
         raise ValueError(f"task.level must be 'spot' or 'tile'; found {task['level']!r}.")
+    if task.get("standardize") not in (None, "section"):
+        raise ValueError(
+            f"task.standardize must be null or 'section'; found {task['standardize']!r}."
+        )
     if task["outcome"] not in ("survival", "binary"):
         raise ValueError(f"task.outcome must be 'survival' or 'binary'; found {task['outcome']!r}.")
 

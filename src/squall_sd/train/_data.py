@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from squall_sd._logging import logger
 from squall_sd.train._prepare import read_manifest
 
-__all__ = ["ShardDataset", "ShardDataModule", "collate_tiles", "augment_tile"]
+__all__ = ["ShardDataset", "ShardDataModule", "collate_tiles", "augment_tile", "section_stats"]
 
 
 def _rng(*keys: int) -> np.random.Generator:
@@ -114,6 +114,7 @@ def augment_tile(
         ("rgb", (1, 2)),
         ("cell_spot", (0, 1)),
         ("cell_weight", (0, 1)),
+        ("cell_fill", (0, 1)),
         ("expr", (1, 2)),
     ):
         if key not in out or out[key] is None:
@@ -130,13 +131,21 @@ def augment_tile(
 
 
 class _Shard:
-    """Lazy handle on one shard (zarr group) with its spot table cached on first use."""
+    """Handle on one shard (zarr group) with its spot table cached on first use.
 
-    def __init__(self, path: Path) -> None:
+    With ``in_memory``, every array of the shard is read (decompressed) once and kept as numpy
+    arrays, so later tile reads are plain indexing.
+    """
+
+    def __init__(self, path: Path, *, in_memory: bool = False) -> None:
         import zarr
 
         self.path = path
-        self.group = zarr.open_group(path, mode="r")
+        group = zarr.open_group(path, mode="r")
+        if in_memory:
+            self.group: Any = {k: np.asarray(group[k][:]) for k in group.array_keys()}
+        else:
+            self.group = group
         self._spots: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._meta: dict[str, np.ndarray] = {}
 
@@ -182,6 +191,10 @@ class ShardDataset(IterableDataset):
         DDP rank and number of ranks (default: from ``torch.distributed`` when initialised).
     tiles
         Optional explicit list of global tile indices to use (e.g. one slide), in this order.
+    in_memory
+        Read every shard fully into RAM on first use and keep it (instead of streaming tiles from
+        disk with at most two shards open). Same samples, same order; for small datasets (e.g. a
+        few sections) where decompressing tiles again every epoch dominates CPU training.
 
     Notes
     -----
@@ -208,6 +221,7 @@ class ShardDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         tiles: Sequence[int] | None = None,
+        in_memory: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(sources, (str, os.PathLike)):
@@ -261,6 +275,7 @@ class ShardDataset(IterableDataset):
         self._world = world_size
         self.epoch = 0
         self.skip_batches = 0
+        self.in_memory = bool(in_memory)
         self._open: OrderedDict[int, _Shard] = OrderedDict()
 
     # --------------------------------------------------------------------------- distribution
@@ -336,6 +351,13 @@ class ShardDataset(IterableDataset):
             for pos in range(j * bs, min((j + 1) * bs, len(order))):
                 yield self.get(int(order[pos]), augment=True)
 
+    def preload(self) -> ShardDataset:
+        """Read every shard into RAM now (``in_memory`` datasets; DataLoader workers inherit them)."""
+        if self.in_memory:
+            for s in range(len(self.shard_paths)):
+                self._shard(s)
+        return self
+
     # --------------------------------------------------------------------------- access
     def _locate(self, index: int) -> tuple[int, int]:
         s = int(np.searchsorted(self.shard_start, index, side="right") - 1)
@@ -345,9 +367,9 @@ class ShardDataset(IterableDataset):
         if s in self._open:
             self._open.move_to_end(s)
             return self._open[s]
-        sh = _Shard(self.shard_paths[s])
+        sh = _Shard(self.shard_paths[s], in_memory=self.in_memory)
         self._open[s] = sh
-        while len(self._open) > 2:
+        while not self.in_memory and len(self._open) > 2:
             self._open.popitem(last=False)
         return sh
 
@@ -379,6 +401,10 @@ class ShardDataset(IterableDataset):
             "index": np.int64(index),
             "cell_spot": local,
             "cell_weight": cell_weight,
+            # cells outside every region filled with the nearest region's vector (older shards: none)
+            "cell_fill": np.asarray(g["cell_fill"][i]).astype(bool)
+            if "cell_fill" in g
+            else np.zeros(cell_spot.shape, dtype=bool),
             "spot_indptr": np.asarray(rows_ptr, dtype=np.int64),
             "spot_indices": np.concatenate(rows_idx).astype(np.int64)
             if rows_idx
@@ -402,7 +428,8 @@ class ShardDataset(IterableDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_open"] = OrderedDict()  # zarr handles are reopened in each worker
+        # zarr handles are reopened in each worker; in-memory shards already loaded travel along
+        state["_open"] = OrderedDict(self._open) if self.in_memory else OrderedDict()
         return state
 
 
@@ -424,6 +451,57 @@ def _buffer_shuffle(stream: np.ndarray, size: int, rng: np.random.Generator) -> 
     return out
 
 
+def section_stats(
+    sources: str | os.PathLike | Sequence[str | os.PathLike],
+    gene_idx: Sequence[int] | np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-section mean and standard deviation of each gene's spot log1p(CP10k).
+
+    Sections are indexed as the ``slide`` field of :class:`ShardDataset` items over the same
+    ``sources`` (slides of the manifests, in order). Every spot of a shard's spot table counts
+    once, zeros included.
+
+    Parameters
+    ----------
+    sources
+        Prepared dataset folder(s), as given to :class:`ShardDataset`.
+    gene_idx
+        Vocabulary indices of the genes to summarise (default: all).
+
+    Returns
+    -------
+    ``mean`` and ``std`` (n_slides, n_genes) float32; sections without spots get mean 0, std 0.
+
+    """
+    import zarr
+
+    ds = ShardDataset(sources, batch_size=1, shuffle=False)
+    n_vocab = len(ds.genes)
+    idx = np.arange(n_vocab) if gene_idx is None else np.asarray(gene_idx, dtype=np.int64)
+    n_sl = len(ds.slides)
+    s1 = np.zeros((n_sl, len(idx)), np.float64)
+    s2 = np.zeros((n_sl, len(idx)), np.float64)
+    cnt = np.zeros(n_sl, np.float64)
+    for path, off in zip(ds.shard_paths, ds.shard_slide_offset, strict=True):
+        g = zarr.open_group(path, mode="r")
+        indptr = np.asarray(g["spot_indptr"][:])
+        n_sp = len(indptr) - 1
+        if n_sp == 0:
+            continue
+        dense = np.zeros((n_sp, n_vocab), np.float32)
+        rows = np.repeat(np.arange(n_sp), np.diff(indptr))
+        dense[rows, np.asarray(g["spot_indices"][:])] = np.asarray(g["spot_log1p"][:])
+        dense = dense[:, idx].astype(np.float64)
+        slide = np.asarray(g["spot_slide"][:]).astype(np.int64) + off
+        np.add.at(s1, slide, dense)
+        np.add.at(s2, slide, dense**2)
+        np.add.at(cnt, slide, 1.0)
+    n = np.maximum(cnt, 1.0)[:, None]
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
 def collate_tiles(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     """Batch samples of :class:`ShardDataset`.
 
@@ -436,6 +514,7 @@ def collate_tiles(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tenso
     -------
     ``rgb`` uint8 (B, 3, P, P); ``res``, ``slide``, ``label``, ``index`` (B,); ``center_um`` (B, 2);
     ``cell_spot`` (B, g, g) indexing the batch's spots (-1: none); ``cell_weight`` (B, g, g);
+    ``cell_fill`` bool (B, g, g): cells outside every spot filled with the nearest spot's vector;
     ``spot_tile`` (S,) the tile of each spot; ``spot_crow``, ``spot_col``, ``spot_log1p``: a CSR of
     the S spots × G genes with log1p(CP10k) values (binary = nonzero); ``expr`` (B, G, g, g) when
     the shards are dense.
@@ -449,6 +528,7 @@ def collate_tiles(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tenso
         "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),
         "center_um": torch.from_numpy(np.stack([s["center_um"] for s in samples])),
         "cell_weight": torch.from_numpy(np.stack([s["cell_weight"] for s in samples])),
+        "cell_fill": torch.from_numpy(np.stack([s["cell_fill"] for s in samples])),
     }
     cell_spot, crow, cols, vals, spot_tile = [], [0], [], [], []
     offset = 0
@@ -507,7 +587,7 @@ class ShardDataModule(pl.LightningDataModule):
     cfg
         Resolved configuration (see :func:`squall_sd.train.load_config`); uses ``seed`` and
         ``data.{train, val, batch_size, num_workers, shuffle_buffer, augment, drop_last,
-        max_tiles}``.
+        max_tiles, in_memory}``.
 
     """
 
@@ -531,14 +611,15 @@ class ShardDataModule(pl.LightningDataModule):
             augment=d["augment"] if train else None,
             drop_last=bool(d["drop_last"]) if train else False,
             max_tiles=d["max_tiles"],
+            in_memory=bool(d.get("in_memory", False)),
         )
 
     def setup(self, stage: str | None = None) -> None:
         d = self.cfg["data"]
         if self.train_ds is None:
-            self.train_ds = self._make(d["train"], train=True)
+            self.train_ds = self._make(d["train"], train=True).preload()
         if d["val"] is not None and self.val_ds is None:
-            self.val_ds = self._make(d["val"], train=False)
+            self.val_ds = self._make(d["val"], train=False).preload()
         if self.trainer is not None:
             for ds in (self.train_ds, self.val_ds):
                 if ds is not None:

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from squall_sd._logging import logger
-from squall_sd.train._data import expression_grid, spot_matrix
+from squall_sd.train._data import expression_grid, section_stats, spot_matrix
 from squall_sd.train._losses import (
     GatedAttentionMIL,
     cox_partial_likelihood,
@@ -250,6 +251,12 @@ class ExpressionFinetuneModule(_FinetuneBase):
     mapped through a per-gene affine calibration (``head.scale``, ``head.shift``; the backbone
     predicts in the binary pretraining space) and regressed on log1p(CP10k) with MSE.
 
+    With ``task.standardize: section`` the targets are z-scored per gene within each section
+    (mean and standard deviation over the section's spots, the deviation floored at 0.1), which
+    removes section- and patient-level offsets and scales that a per-section correlation ignores
+    anyway; the exported head maps back to log1p(CP10k) with the average section mean and
+    deviation of the training data (``scale' = scale * sd``, ``shift' = shift * sd + mean``).
+
     Parameters
     ----------
     model
@@ -273,6 +280,30 @@ class ExpressionFinetuneModule(_FinetuneBase):
             }
         )
         self.level = cfg["task"]["level"]
+        self.standardize = cfg["task"].get("standardize")
+        if self.standardize == "section":
+            for split in ("train", "val"):
+                src = cfg["data"].get(split)
+                if src is None:
+                    continue
+                mean, std = section_stats(src, idx)
+                std = np.maximum(std, 0.1)
+                self.register_buffer(f"{split}_mean", torch.from_numpy(mean), persistent=False)
+                self.register_buffer(f"{split}_std", torch.from_numpy(std), persistent=False)
+                if split == "train":
+                    self.register_buffer(
+                        "ref_mean", torch.from_numpy(mean.mean(0)), persistent=False
+                    )
+                    self.register_buffer("ref_std", torch.from_numpy(std.mean(0)), persistent=False)
+            logger.info("expression targets z-scored per section (%d sections)", len(self.train_mean))
+
+    def _standardize(self, target: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.standardize != "section":
+            return target
+        split = "train" if self.training or not hasattr(self, "val_mean") else "val"
+        mean, std = getattr(self, f"{split}_mean"), getattr(self, f"{split}_std")
+        slide = batch["slide"][batch["spot_tile"]]
+        return (target - mean[slide]) / std[slide]
 
     def predict_regions(
         self, batch: Mapping[str, torch.Tensor]
@@ -283,10 +314,13 @@ class ExpressionFinetuneModule(_FinetuneBase):
         h = m.decoder.expression_features(z).float()  # (B, g, g, E)
         cs = batch["cell_spot"]
         valid = cs >= 0
+        if "cell_fill" in batch:  # filled cells lie outside their spot: not part of it
+            valid = valid & ~batch["cell_fill"]
         n_sp = batch["spot_crow"].numel() - 1
         fc2 = m.decoder.increase_dim_rgb.fc2
         w, b = fc2.weight[self.gene_idx].float(), fc2.bias[self.gene_idx].float()
         target_all = spot_matrix(batch, m.n_genes, binary=False)[:, self.gene_idx]
+        target_all = self._standardize(target_all, batch)
         counts = torch.bincount(cs[valid], minlength=n_sp).float()
         if self.level == "spot":
             feats = torch.zeros(n_sp, h.shape[-1], device=h.device).index_add_(
@@ -321,16 +355,24 @@ class ExpressionFinetuneModule(_FinetuneBase):
         return {"loss": loss, "mse": loss.detach()}
 
     def _export_head(self, directory: Path) -> None:
-        self._save_head(
-            directory,
-            self.head,
-            {
-                "task": "expression",
-                "level": self.level,
-                "genes": self.genes,
-                "target": "log1p_cp10k",
-            },
-        )
+        head: nn.Module = self.head
+        meta: dict[str, Any] = {
+            "task": "expression",
+            "level": self.level,
+            "genes": self.genes,
+            "target": "log1p_cp10k",
+        }
+        if self.standardize == "section":
+            # fold the average section mean / deviation in: outputs are log1p(CP10k) again
+            sd, mu = self.ref_std.detach(), self.ref_mean.detach()
+            head = nn.ParameterDict(
+                {
+                    "scale": nn.Parameter(self.head["scale"].detach() * sd),
+                    "shift": nn.Parameter(self.head["shift"].detach() * sd + mu),
+                }
+            )
+            meta["standardize"] = "section (folded: average training-section mean and sd)"
+        self._save_head(directory, head, meta)
 
 
 class ClassificationFinetuneModule(_FinetuneBase):

@@ -12,10 +12,20 @@ from torch import nn
 __all__ = ["param_groups", "build_optimizer", "cosine_with_warmup"]
 
 
+def _scale_of(name: str, lr_scale: Mapping[str, float]) -> float:
+    best, scale = -1, 1.0
+    for prefix, value in lr_scale.items():
+        if name.startswith(prefix) and len(prefix) > best:
+            best, scale = len(prefix), float(value)
+    return scale
+
+
 def param_groups(
-    named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float
+    named_params: Iterable[tuple[str, nn.Parameter]],
+    weight_decay: float,
+    lr_scale: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Split parameters into a decayed and a non-decayed group.
+    """Split parameters into a decayed and a non-decayed group (per learning-rate multiplier).
 
     1-D tensors (norms, biases), names ending in ``.bias`` and names containing ``"token"`` get no
     weight decay, as in the published optimizer builder; frozen parameters are left out.
@@ -26,25 +36,28 @@ def param_groups(
         ``(name, parameter)`` pairs, e.g. ``module.named_parameters()``.
     weight_decay
         Decay of the decayed group.
+    lr_scale
+        Optional learning-rate multipliers by parameter-name prefix (the longest matching prefix
+        wins; 1 otherwise), stored as ``lr_scale`` in each group.
 
     Returns
     -------
-    Two parameter groups for :class:`torch.optim.AdamW`.
+    Parameter groups for :class:`torch.optim.AdamW`: decayed and non-decayed, for each multiplier.
 
     """
-    decay, no_decay = [], []
+    buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or "token" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or "token" in name
+        scale = _scale_of(name, lr_scale or {})
+        buckets.setdefault((scale, no_decay), []).append(p)
     groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": float(weight_decay)})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    for (scale, no_decay), params in sorted(buckets.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        group: dict[str, Any] = {"params": params, "weight_decay": 0.0 if no_decay else float(weight_decay)}
+        if lr_scale:
+            group["lr_scale"] = scale
+        groups.append(group)
     if not groups:
         raise ValueError("No trainable parameters.")
     return groups
@@ -105,14 +118,20 @@ def build_optimizer(
     Returns
     -------
     The optimizer and a :class:`~torch.optim.lr_scheduler.LambdaLR` to step every optimizer step.
+    Groups with an ``optim.lr_scale`` multiplier follow the same schedule scaled by it.
 
     """
     lr = float(optim["lr"])
     total = int(optim.get("total_steps") or total_steps)
     warm = optim.get("warmup_steps")
     warm = int(round(total * 5 / 200)) if warm is None else int(warm)
+    groups = param_groups(
+        module.named_parameters(), float(optim["weight_decay"]), optim.get("lr_scale") or None
+    )
+    for g in groups:
+        g["lr"] = lr * float(g.get("lr_scale", 1.0))
     opt = torch.optim.AdamW(
-        param_groups(module.named_parameters(), float(optim["weight_decay"])),
+        groups,
         lr=lr,
         betas=tuple(float(b) for b in optim.get("betas", (0.9, 0.999))),
     )
