@@ -435,9 +435,10 @@ def extract_patches(
     transform
         Optional callable applied to each patch in ``__getitem__`` (e.g. :func:`he_stain_jitter`).
     cache_mb
-        Read the chosen level into memory once when it is at most this many megabytes (fast for
-        small JPEG / PNG images); larger levels are always read window by window, so memory stays
-        flat for whole-slide images. ``0`` disables the cache.
+        Keep decoded chunks of the chosen level in a least-recently-used cache of at most this many
+        megabytes, so each chunk is decoded about once (a level of at most ``cache_mb`` is read
+        once; small JPEG / PNG images are one chunk). The cache is bounded whatever the slide size;
+        a level whose chunks exceed it is read window by window. ``0`` disables the cache.
 
     Returns
     -------

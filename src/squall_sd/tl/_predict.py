@@ -249,7 +249,11 @@ class TileDataset:
 
 
 def collate_tiles(
-    items: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], *, grid: int, plan: TilePlan, sparse: bool = False
+    items: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    grid: int,
+    plan: TilePlan,
+    sparse: bool = False,
 ):
     """Batch tiles: ``(tile ids, rgb uint8 (B,3,P,P), weights (B,R,grid,grid), region positions (B,R))``.
 
@@ -283,7 +287,7 @@ def collate_tiles(
 
 
 def make_loader(dataset: Any, *, batch_size: int, num_workers: int, device: torch.device, collate: Any):
-    """A :class:`torch.utils.data.DataLoader` over ``dataset`` in order (workers prefetch, pinned on CUDA)."""
+    """Return a :class:`torch.utils.data.DataLoader` over ``dataset`` in order (workers prefetch, pinned on CUDA)."""
     from torch.utils.data import DataLoader
 
     if int(batch_size) <= 0:
@@ -305,7 +309,7 @@ def make_loader(dataset: Any, *, batch_size: int, num_workers: int, device: torc
 
 
 def progress_bar(total: int, *, desc: str, enabled: bool) -> Any:
-    """A :mod:`tqdm.auto` bar (disabled when ``enabled`` is false)."""
+    """Return a :mod:`tqdm.auto` bar (disabled when ``enabled`` is false)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="tile", disable=not enabled, leave=False)
@@ -315,7 +319,7 @@ def progress_bar(total: int, *, desc: str, enabled: bool) -> Any:
 # regions
 # ---------------------------------------------------------------------------------------------
 def region_geometry(sdata: SpatialData, region: Region) -> gpd.GeoDataFrame:
-    """The region element as shapes (labels are vectorised with :func:`spatialdata.to_polygons`)."""
+    """Return the region element as shapes (labels are vectorised with :func:`spatialdata.to_polygons`)."""
     if region.kind == "shapes":
         return sdata.shapes[region.key]
     from spatialdata import to_polygons
@@ -355,7 +359,9 @@ def virtual_spots(
     tissue_key = f"{image_key}_tissue"
     tissue = None
     if tissue_key in sdata.shapes:
-        gdf = make_spots(sdata, kind=spots, size_um=spot_size_um, image_key=image_key, tissue_key=tissue_key, inplace=False)
+        gdf = make_spots(
+            sdata, kind=spots, size_um=spot_size_um, image_key=image_key, tissue_key=tissue_key, inplace=False
+        )
     else:
         tissue = detect_tissue(sdata, image_key=image_key, inplace=False)
         gdf = make_spots(sdata, kind=spots, size_um=spot_size_um, image_key=image_key, tissue=tissue, inplace=False)
@@ -448,26 +454,37 @@ class Canvas:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-def image_from_canvas(data: np.ndarray, *, channels: Sequence[str], pixel_um: float, origin_um: tuple[float, float], transformations_extra: dict | None = None):
-    """A chunked (c, y, x) image element in ``microns``: pixel (0, 0) starts at ``origin_um`` (x, y)."""
+def image_from_canvas(
+    data: np.ndarray,
+    *,
+    channels: Sequence[str],
+    pixel_um: float,
+    origin_um: tuple[float, float],
+    transformations_extra: dict | None = None,
+):
+    """Return a chunked (c, y, x) image element in ``microns``: pixel (0, 0) starts at ``origin_um`` (x, y)."""
     import dask.array as da
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Scale, Translation
     from spatialdata.transformations import Sequence as TSequence
 
-    t = TSequence([Scale([pixel_um, pixel_um], axes=("y", "x")), Translation([origin_um[1], origin_um[0]], axes=("y", "x"))])
+    t = TSequence(
+        [Scale([pixel_um, pixel_um], axes=("y", "x")), Translation([origin_um[1], origin_um[0]], axes=("y", "x"))]
+    )
     arr = da.from_array(data, chunks=(1, 1024, 1024))
     transformations = {MICRONS: t}
     if transformations_extra:
         transformations.update(transformations_extra)
-    return Image2DModel.parse(arr, dims=("c", "y", "x"), c_coords=[str(c) for c in channels], transformations=transformations)
+    return Image2DModel.parse(
+        arr, dims=("c", "y", "x"), c_coords=[str(c) for c in channels], transformations=transformations
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # genes
 # ---------------------------------------------------------------------------------------------
 def vocabulary_frame(model: Squall) -> pd.DataFrame:
-    """The model vocabulary as a DataFrame of alternative identifiers per channel (for gene matching)."""
+    """Return the model vocabulary as a DataFrame of alternative identifiers per channel (for gene matching)."""
     vocab = model.vocabulary
     if vocab is None:
         raise ValueError(
@@ -874,7 +891,9 @@ def predict_expression(
     before = {
         "shapes": {k: sdata.shapes[k] for k in new_shapes if k in sdata.shapes},
         "images": {k: sdata.images[k] for k in new_images if k in sdata.images},
-        "tables": {written_table: sdata.tables[written_table]} if table is None and written_table in sdata.tables else {},
+        "tables": (
+            {written_table: sdata.tables[written_table]} if table is None and written_table in sdata.tables else {}
+        ),
     }
     for k, v in new_shapes.items():
         sdata.shapes[k] = v
@@ -888,7 +907,8 @@ def predict_expression(
         persist(sdata, new=[*new_shapes, *new_images], replaced=[written_table], write_to_store=write_to_store)
     except BaseException:
         # the store is as it was: put the in-memory SpatialData back as well
-        for kind, names in (("shapes", new_shapes), ("images", new_images), ("tables", [] if table is not None else [written_table])):
+        new_tables = [] if table is not None else [written_table]
+        for kind, names in (("shapes", new_shapes), ("images", new_images), ("tables", new_tables)):
             container = getattr(sdata, kind)
             for k in names:
                 if k in before[kind]:
@@ -902,7 +922,7 @@ def predict_expression(
 
 
 def _table_snapshot(table: AnnData, layer: str) -> Any:
-    """A callable that restores ``layer``, ``var['squall_predicted']`` and ``uns['squall']`` of ``table``."""
+    """Return a callable that restores ``layer``, ``var['squall_predicted']`` and ``uns['squall']`` of ``table``."""
     import copy
 
     old_layer = table.layers[layer] if layer in table.layers else None
@@ -934,8 +954,10 @@ def _set_uns(adata: AnnData, prov: dict[str, Any], name: str = "predict_expressi
     adata.uns[ATTRS_KEY] = meta
 
 
-def new_table(pred: np.ndarray, genes: Sequence[str], region: Region, shapes: gpd.GeoDataFrame, centers: np.ndarray) -> AnnData:
-    """A table annotating ``region`` with ``pred`` (regions × genes) as ``X``."""
+def new_table(
+    pred: np.ndarray, genes: Sequence[str], region: Region, shapes: gpd.GeoDataFrame, centers: np.ndarray
+) -> AnnData:
+    """Return a table annotating ``region`` with ``pred`` (regions × genes) as ``X``."""
     from anndata import AnnData
     from spatialdata.models import TableModel
 
