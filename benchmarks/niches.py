@@ -17,7 +17,7 @@ parameters, seed and version>.npz, so a rerun only repeats CellCharter when its 
 
 Rows (methods):
   squall gmm          squall.tl.niches defaults: radius graph (1.5 x median NN distance), 3 hops,
-                      10 PCs, Gaussian mixture, n_niches in 2..10 chosen by stability (5 runs)
+                      10 PCs, Gaussian mixture, n_niches in 2..10 chosen by stability (10 runs)
   squall leiden       squall.tl.niches(method="leiden"), resolution 1
   squall gmm joint    one tl.niches call on A1+C1+D1 together (library_key, joint PCA), scored per section,
                       without correction and with batch_key="section" (per-section alignment)

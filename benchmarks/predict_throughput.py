@@ -129,18 +129,30 @@ def child(zarr: str, args: argparse.Namespace) -> None:
     set_threads(args.threads)
     model, mpp = make_model(args.workload, args.mpp)
     sdata = sd.read_zarr(zarr)
+    made = []  # the PatchDataset predict_expression reads from (to count its chunk decodes)
+    extract = squall.pp.extract_patches
+
+    def counting(*a, **k):
+        made.append(extract(*a, **k))
+        return made[-1]
+
+    squall.pp.extract_patches = counting
     rss0 = peak_rss_mb()
     t0 = time.perf_counter()
     squall.tl.predict_expression(sdata, model, spots="visium", mpp=mpp, progress=False, batch_size=args.batch_size,
                                  num_workers=args.num_workers, write_to_store=False)
     dt = time.perf_counter() - t0
     rss1 = peak_rss_mb()
+    ds = made[0]
+    cache = ds._chunks
+    chunks = 0 if cache is None else (len(cache.ybounds) - 1) * (len(cache.xbounds) - 1)
     params = sdata.tables["squall_expression"].uns["squall"]["predict_expression"]["params"]
     h, w = sdata.images["he"]["scale0"]["image"].shape[1:]
     print(json.dumps({
         "tiles": params["n_tiles"], "spots": sdata.tables["squall_expression"].n_obs, "seconds": dt,
         "maxrss_mb": rss1, "shape": [int(h), int(w)], "rss_before_mb": rss0,
         "genes": sdata.tables["squall_expression"].n_vars, "output_mb": output_bytes(sdata) / 2**20,
+        "decodes": ds.decodes, "level_chunks": chunks, "level": ds.level.name, "cache_mb": ds.cache_mb,
     }))
 
 
@@ -208,7 +220,8 @@ def bench(workload: str, slides: dict[int, Path], args: argparse.Namespace) -> d
         rows.append(rec)
         print(f"[{workload}] {f:>3}x  {rec['shape']}  {rec['tiles']} tiles  {rec['spots']} spots  "
               f"{rec['seconds']:.1f} s  peak RSS {rec['maxrss_mb']:.0f} MB (before {rec['rss_before_mb']:.0f}), "
-              f"output {rec['output_mb']:.1f} MB", flush=True)
+              f"output {rec['output_mb']:.1f} MB, {rec['decodes']} decodes of {rec['level_chunks']} chunks",
+              flush=True)
     last = slides[max(slides)]
     e2e = [rows[-1]["seconds"]]
     fwds = []
@@ -219,6 +232,12 @@ def bench(workload: str, slides: dict[int, Path], args: argparse.Namespace) -> d
         print(f"[{workload}] run {k + 1}: end to end {e2e[-1]:.2f} s, forward only {fwds[-1]['seconds']:.2f} s",
               flush=True)
     return {"rows": rows, "e2e": e2e, "fwd": [r["seconds"] for r in fwds], "tiles": fwds[0]["tiles"]}
+
+
+def results_cache_mb(results: dict[str, dict]) -> str:
+    """The chunk cache size(s) the runs used, e.g. ``"24 MB"``."""
+    sizes = sorted({r["cache_mb"] for res in results.values() for r in res["rows"]})
+    return ", ".join(f"{s:g} MB" for s in sizes)
 
 
 def report(results: dict[str, dict], args: argparse.Namespace) -> str:
@@ -263,18 +282,23 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> str:
         "",
         "Growth = peak RSS during `predict_expression` minus RSS before it (after imports, model and "
         "`read_zarr`). Output = what it adds to the SpatialData: table `X` (spots x genes x 4 bytes), "
-        "`obsm['spatial']` and the spots' centres and columns.",
+        "`obsm['spatial']` and the spots' centres and columns. Growth - output is what reading, the model and "
+        "the per-slide work hold beyond the result; flat memory means it does not grow with the area. Decodes: "
+        "image chunks decoded (1024 x 1024 x 3 bytes each) into `PatchDataset`'s chunk cache "
+        f"(`cache_mb` = {results_cache_mb(results)}) / chunks of the level read.",
         "",
         "| workload | area | image (px) | tiles | spots | seconds | tiles/s | RSS before (MB) | peak RSS (MB) "
-        "| growth (MB) | output (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| growth (MB) | output (MB) | growth - output (MB) | decodes / level chunks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for wl, res in results.items():
         for r in res["rows"]:
             lines.append(
                 f"| {wl} | {r['factor']}x | {r['shape'][0]} x {r['shape'][1]} | {r['tiles']} | {r['spots']} | "
                 f"{r['seconds']:.1f} | {r['tiles'] / r['seconds']:.1f} | {r['rss_before_mb']:.0f} | "
-                f"{r['maxrss_mb']:.0f} | {r['maxrss_mb'] - r['rss_before_mb']:.0f} | {r['output_mb']:.1f} |"
+                f"{r['maxrss_mb']:.0f} | {r['maxrss_mb'] - r['rss_before_mb']:.0f} | {r['output_mb']:.1f} | "
+                f"{r['maxrss_mb'] - r['rss_before_mb'] - r['output_mb']:.0f} | "
+                f"{r['decodes']} / {r['level_chunks']} ({r['level']}) |"
             )
     lines += ["", "Peak RSS is the child's own high-water mark (`VmHWM`); `ru_maxrss` would include the parent's "
               "memory at spawn time (the slide it has just built)."]

@@ -215,3 +215,21 @@ def test_chunk_cache_is_bounded_and_exact(he2048):
     back = pickle.loads(pickle.dumps(ds))
     assert not back.cached
     np.testing.assert_array_equal(back[3], ref[3])
+
+
+def test_chunk_cache_counts_decodes_and_clears(he2048):
+    cyx, mpp = he2048
+    lazy = da.from_array(cyx, chunks=(3, 256, 256))
+    image = Image2DModel.parse(lazy, dims=("c", "y", "x"), transformations={"microns": microns_scale(mpp)})
+    sdata = make_sdata(image=image)
+    # a row of patches across two chunk rows, left to right, through a cache of 4 chunks: each decoded once
+    centers = np.column_stack([np.arange(100, 2000, 40), np.full(48, 512)]) * mpp
+    ds = squall.pp.extract_patches(sdata, centers, patch_px=96, mpp=mpp, cache_mb=4 * 3 * 256 * 256 / 1e6)
+    assert ds.decodes == 0
+    patches = [ds[i] for i in range(len(ds))]
+    touched = {k for c in ds.centers_um for k in ds._chunks.keys(*ds._window_bounds(*c))}
+    assert ds.decodes == len(touched) == 16  # 8 chunk columns x 2 chunk rows
+    ds.clear_cache()
+    assert not ds.cached and ds._chunks.nbytes == 0 and ds.decodes == 16
+    np.testing.assert_array_equal(ds[0], patches[0])
+    assert ds.decodes == 18

@@ -189,3 +189,28 @@ def test_niches_selection_subsample(d1):
     params = adata.uns["squall_niche"]
     assert params["selection_subsample"] == 150 and params["subsample"] is None
     assert 2 <= params["n_niches"] <= 4 and adata.obs["squall_niche"].notna().all()
+
+
+def test_pick_k_one_standard_error_rule():
+    """A smaller peak within one standard error of the highest peak wins; a clearly lower one does not."""
+    curve = pd.DataFrame(
+        {
+            "n_niches": [2, 3, 4, 5, 6, 7],
+            "stability": [0.50, 0.70, 0.60, 0.72, 0.65, 0.60],
+            "stability_se": [0.02, 0.02, 0.02, 0.03, 0.02, 0.02],
+        }
+    )
+    assert _pick_k(curve) == 3  # 0.70 >= 0.72 - 0.03: the difference is within the noise
+    curve["stability_se"] = 0.01
+    assert _pick_k(curve) == 5  # 0.70 < 0.72 - 0.01: the higher peak wins
+    assert _pick_k(curve.drop(columns="stability_se")) == 5  # no standard errors: the highest peak
+
+
+def test_niches_seed_robust_real(d1):
+    """Two random states on a real section: the same number of niches and (nearly) the same labels."""
+    a = squall.tl.niches(d1, n_niches=range(2, 9), random_state=0, copy=True)
+    b = squall.tl.niches(d1, n_niches=range(2, 9), random_state=1, copy=True)
+    assert a.uns["squall_niche"]["n_niches"] == b.uns["squall_niche"]["n_niches"]
+    assert adjusted_rand_score(a.obs["squall_niche"], b.obs["squall_niche"]) > 0.6
+    curve = pd.DataFrame(a.uns["squall_niche"]["stability"])
+    assert (curve["stability_se"] >= 0).all() and a.uns["squall_niche"]["n_runs"] == 10

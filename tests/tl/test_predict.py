@@ -232,7 +232,8 @@ def test_missing_mpp_and_no_tissue(genes):
     img = image_element(np.full((3, 400, 400), 120, dtype=np.uint8), {"global": Identity()})
     with pytest.raises(ValueError, match="has no µm per pixel.*microns"):
         squall.tl.predict_expression(make_sdata(image=img), tiny(genes), progress=False)
-    blank = make_sdata(image=image_element(np.full((3, 400, 400), 245, dtype=np.uint8), {"microns": microns_scale(2.0)}))
+    white = np.full((3, 400, 400), 245, dtype=np.uint8)
+    blank = make_sdata(image=image_element(white, {"microns": microns_scale(2.0)}))
     with pytest.raises(ValueError, match="no tissue detected"):
         squall.tl.predict_expression(blank, tiny(genes, mpp=4.0), progress=False)
     assert not blank.shapes and not blank.tables
@@ -302,3 +303,122 @@ def test_prefetch_order_errors_and_close():
     next(iter(p))
     p.close()
     assert not p._thread.is_alive()
+
+
+# ------------------------------------------------------------------------------------- tile order
+
+
+def test_hilbert_index_is_a_curve():
+    from squall_sd.tl._predict import hilbert_index
+
+    for k in range(6):
+        n = 1 << k
+        cells = np.stack(np.meshgrid(np.arange(n), np.arange(n), indexing="ij"), -1).reshape(-1, 2)
+        d = hilbert_index(cells)
+        assert sorted(d.tolist()) == list(range(n * n))  # a permutation of the square
+        walk = cells[np.argsort(d)]
+        assert (np.abs(np.diff(walk, axis=0)).sum(axis=1) == 1).all()  # consecutive cells are adjacent
+        np.testing.assert_array_equal(hilbert_index(cells - [7, -3]), d)  # only relative positions count
+    rng = np.random.default_rng(0)
+    cells = rng.integers(-40, 40, (500, 2))
+    d = hilbert_index(cells)
+    same = (cells[:, None] == cells[None]).all(axis=2)
+    assert ((d[:, None] == d[None]) == same).all()  # distinct cells, distinct positions
+    assert hilbert_index(np.zeros((0, 2))).shape == (0,)
+
+
+def _permute_plan(plan, perm):
+    """The same tiles (and owned regions) visited in the order ``perm``."""
+    from squall_sd.tl._predict import TilePlan
+
+    parts = [plan.owned[plan.owner_ptr[t] : plan.owner_ptr[t + 1]] for t in perm]
+    ptr = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+    origin = plan.origin[perm] if len(plan.origin) else plan.origin
+    return TilePlan(plan.centers[perm], ptr, np.concatenate(parts), plan.layout, plan.core_um, origin)
+
+
+def test_plan_tiles_follows_the_hilbert_curve():
+    from squall_sd.tl._predict import plan_tiles
+
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 1024, (3000, 2))
+    plan = plan_tiles(xy, np.full(len(xy), 10.0), tile_um=128, token_um=32, layout="tiles")
+    assert plan.layout == "tiles" and plan.core_um == 64 and len(plan) == 16 * 16
+    # every region owned once, by the tile whose core holds its centre
+    assert sorted(plan.owned.tolist()) == list(range(len(xy)))
+    owner = np.repeat(np.arange(len(plan)), np.diff(plan.owner_ptr))
+    np.testing.assert_array_equal(plan.origin[owner], np.floor(xy[plan.owned] / 64))
+    np.testing.assert_allclose(plan.centers, (plan.origin + 0.5) * 64)
+    # a full 16 x 16 square of cells: consecutive tiles are neighbours
+    assert (np.abs(np.diff(plan.origin, axis=0)).sum(axis=1) == 1).all()
+    # one tile per region: regions visited along the curve over tile-sized cells
+    shapes = plan_tiles(xy[:50], np.full(50, 10.0), tile_um=128, token_um=32, layout="shapes")
+    assert sorted(shapes.owned.tolist()) == list(range(50))
+    np.testing.assert_array_equal(shapes.centers, xy[shapes.owned])
+    np.testing.assert_array_equal(shapes.owner_ptr, np.arange(51))
+
+
+def test_tile_order_does_not_change_predictions(small, genes, monkeypatch):
+    """Tiles in column order (the old plan) give the same values per spot (up to float rounding)."""
+    import squall_sd.tl._predict as mod
+
+    model = tiny(genes, mpp=4.0, img_size=128)
+    kw = {"progress": False, "inplace": False, "layout": "tiles", "batch_size": 3}
+    ref = squall.tl.predict_expression(small, model, **kw)
+    plan_tiles = mod.plan_tiles
+
+    def by_columns(*args, **kwargs):
+        plan = plan_tiles(*args, **kwargs)
+        return _permute_plan(plan, np.lexsort((plan.origin[:, 1], plan.origin[:, 0])))
+
+    monkeypatch.setattr(mod, "plan_tiles", by_columns)
+    got = squall.tl.predict_expression(small, model, **kw)
+    pred = ref.var["squall_predicted"].to_numpy()
+    assert np.isfinite(ref.layers["squall"][:, pred]).all()
+    np.testing.assert_allclose(got.layers["squall"][:, pred], ref.layers["squall"][:, pred], rtol=1e-5, atol=1e-5)
+
+
+def test_small_chunk_cache_decodes_each_chunk_about_once(genes, monkeypatch):
+    """Predicting a tiled slide through a cache of 8 chunks decodes each chunk at most ~2 times."""
+    import dask.array as da
+
+    import squall_sd.pp as spp
+    from squall_sd.io._common import circles_element
+
+    with Image.open(_bundle_dir() / "he.jpg") as im:
+        arr = np.moveaxis(np.asarray(im.convert("RGB"))[1000:1768, 1000:1768], -1, 0)
+    ch = 96  # 8 x 8 chunks of 96 px (192 µm): three 64 µm tile cores per chunk
+    image = image_element(da.from_array(np.ascontiguousarray(arr), chunks=(3, ch, ch)),
+                          {"microns": microns_scale(2.0)}, chunks=ch)
+    g = np.arange(20.0, 768 * 2, 64.0)
+    xy = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+    sdata = make_sdata(image=image, shapes={"spots": circles_element(xy, 10.0, {"microns": microns_scale(1.0)})})
+    model = tiny(genes, mpp=2.0)
+
+    def no_forward(rgb, mpp, *, genes=None, aggregate=None, **kwargs):  # only reading is tested here
+        return torch.zeros(aggregate.shape[0], aggregate.shape[1], len(genes) if genes else model.n_genes)
+
+    monkeypatch.setattr(model, "predict", no_forward)
+    made = []
+    extract = spp.extract_patches
+    cache_mb = 8 * 3 * ch * ch / 1e6
+
+    def small_cache(*args, **kwargs):
+        made.append(extract(*args, **{**kwargs, "cache_mb": cache_mb}))
+        return made[-1]
+
+    monkeypatch.setattr(spp, "extract_patches", small_cache)
+    out = squall.tl.predict_expression(sdata, model, shapes_key="spots", table_key=None, layout="tiles",
+                                       batch_size=8, progress=False, inplace=False)
+    assert out.uns["squall"]["predict_expression"]["params"]["n_tiles"] == 24 * 24
+    (ds,) = made
+    assert ds.level.name == "scale0" and not ds.cached  # the cache is emptied after the loop
+    touched = {k for c in ds.centers_um for k in ds._chunks.keys(*ds._window_bounds(*c))}
+    assert len(touched) == 64
+    assert ds.decodes <= 2 * len(touched)
+    # the same tiles column by column through the same cache decode each chunk ~4 times
+    col = np.lexsort((ds.centers_um[:, 1], ds.centers_um[:, 0]))
+    ref = extract(sdata, ds.centers_um[col], patch_px=64, mpp=2.0, cache_mb=cache_mb)
+    for i in range(len(ref)):
+        ref[i]
+    assert ref.decodes > 3 * len(touched)

@@ -61,8 +61,10 @@ class PatchDataset:
         megabytes, so each chunk is decoded about once however many patches overlap it (small JPEG /
         PNG images are one chunk, so reading them window by window would decode the whole file for
         every patch); a level of at most ``cache_mb`` is thus read once. The cache is bounded by
-        ``cache_mb`` whatever the slide size. A level whose chunks are larger than ``cache_mb`` is
-        read window by window. ``0`` never caches.
+        ``cache_mb`` whatever the slide size: centres visited in a local order (as
+        :func:`squall_sd.tl.predict_expression` does, along a Hilbert curve) need only the chunks
+        around the current patch, which the default (eight 3 MB chunks of 1024 px) holds. A level
+        whose chunks are larger than ``cache_mb`` is read window by window. ``0`` never caches.
 
     """
 
@@ -75,7 +77,7 @@ class PatchDataset:
         mpp: float = 0.5,
         white_point: Sequence[float] | None = None,
         transform: Callable[[np.ndarray], Any] | None = None,
-        cache_mb: float = 64.0,
+        cache_mb: float = 24.0,
     ) -> None:
         self.level = level
         self.cache_mb = float(cache_mb)
@@ -171,11 +173,22 @@ class PatchDataset:
                 keys.setdefault(key, None)
         return cache.load(list(keys))
 
+    def clear_cache(self) -> None:
+        """Drop the decoded chunks (or the in-memory level) held for cutting patches; ``decodes`` is kept."""
+        self._cache = None
+        if self._chunks is not None:
+            self._chunks.clear()
+
     # ------------------------------------------------------------------ internals
     @property
     def cached(self) -> bool:
         """Whether patches are cut from decoded chunks held in memory (see ``cache_mb``)."""
         return self._cache is not None or (self._chunks is not None and self._chunks.nbytes > 0)
+
+    @property
+    def decodes(self) -> int:
+        """Chunks decoded into the chunk cache so far (0 without one; a chunk evicted and read again counts twice)."""
+        return 0 if self._chunks is None else int(self._chunks.decoded)
 
     def _chunk_cache(self) -> _ChunkCache | None:
         """Return the chunk cache of a dask level whose chunks fit ``cache_mb`` (``None`` otherwise)."""
@@ -304,6 +317,8 @@ class _ChunkCache:
         self.ybounds = np.concatenate([[0], np.cumsum(src.chunks[1])]).astype(np.int64)
         self.xbounds = np.concatenate([[0], np.cumsum(src.chunks[2])]).astype(np.int64)
         self.nbytes = 0
+        #: number of chunks decoded so far (a chunk evicted and read again counts again)
+        self.decoded = 0
         self._lru: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -326,6 +341,7 @@ class _ChunkCache:
         # itself: a scheduler *name* makes dask import distributed (slow)
         arr = np.asarray(self.src[:, y0:y1, x0:x1].compute(scheduler=dask.local.get_sync))
         with self._lock:
+            self.decoded += 1
             self._insert(key, arr)
         return arr
 
@@ -353,9 +369,16 @@ class _ChunkCache:
         ]
         datas = dask.compute(*parts, scheduler=dask.threaded.get)
         with self._lock:
+            self.decoded += len(todo)
             for key, arr in zip(todo, datas, strict=True):
                 self._insert(key, np.asarray(arr))
         return len(todo)
+
+    def clear(self) -> None:
+        """Drop every cached chunk (the ``decoded`` counter is kept)."""
+        with self._lock:
+            self._lru.clear()
+            self.nbytes = 0
 
     def _insert(self, key: tuple[int, int], arr: np.ndarray) -> None:
         # under the lock
@@ -399,7 +422,7 @@ def extract_patches(
     scale: str | int | None = "auto",
     white_point: Sequence[float] | None = None,
     transform: Callable[[np.ndarray], Any] | None = None,
-    cache_mb: float = 64.0,
+    cache_mb: float = 24.0,
 ) -> PatchDataset:
     """Return a lazy dataset of RGB patches of ``patch_px`` pixels at ``mpp`` µm/px around centres.
 
@@ -437,8 +460,10 @@ def extract_patches(
     cache_mb
         Keep decoded chunks of the chosen level in a least-recently-used cache of at most this many
         megabytes, so each chunk is decoded about once (a level of at most ``cache_mb`` is read
-        once; small JPEG / PNG images are one chunk). The cache is bounded whatever the slide size;
-        a level whose chunks exceed it is read window by window. ``0`` disables the cache.
+        once; small JPEG / PNG images are one chunk). The cache is bounded whatever the slide size,
+        so pass the centres in a local order (neighbours one after the other, not whole columns) to
+        decode each chunk about once; a level whose chunks exceed it is read window by window.
+        ``0`` disables the cache.
 
     Returns
     -------

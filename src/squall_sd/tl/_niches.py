@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import product
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -67,61 +66,95 @@ def _stability_select(
     """Choose the number of mixture components by clustering stability (CellCharter's idea).
 
     Every ``k`` in ``ks`` (plus its neighbours ``min(ks) - 1`` and ``max(ks) + 1``) is fitted
-    ``n_runs`` times with different seeds. The stability of ``k`` is the mean adjusted Rand index
-    between the labels at ``k`` of one run and the labels at ``k - 1`` and ``k + 1`` of every other
-    run: a real structure persists when one more or one fewer component is allowed, and across
-    initialisations. The ``k`` with the highest stability wins; its model is the run with the
-    highest likelihood.
+    ``n_runs`` times, each run with its own seed drawn from ``random_state``. The stability of ``k``
+    for run ``r`` is the mean adjusted Rand index between its labels at ``k`` and the labels at
+    ``k - 1`` and ``k + 1`` of every other run: a real structure persists when one more or one fewer
+    component is allowed, and across initialisations. The curve is the mean over runs, with its
+    standard error over runs. The ``k`` is chosen by :func:`_pick_k` (highest interior peak,
+    then the one-standard-error rule toward fewer niches). The model returned is the most central
+    run at that ``k`` (highest mean ARI to the other runs at ``k``), not the luckiest seed.
     """
-    from sklearn.metrics import adjusted_rand_score
-
     grid = sorted(set(ks))
     ext = ([grid[0] - 1] if grid[0] - 1 >= 2 else []) + grid + [grid[-1] + 1]
     ext = [k for k in ext if k <= X.shape[0] - 1]
     labels: dict[int, list[np.ndarray]] = {k: [] for k in ext}
-    best: dict[int, Any] = {}
-    for run, k in product(range(n_runs), ext):
-        gmm = _fit_gmm(X, k, random_state + run, covariance_type)
-        labels[k].append(gmm.predict(X))
-        if k not in best or gmm.lower_bound_ > best[k].lower_bound_:
-            best[k] = gmm
-    pairs = [(r, s) for r in range(n_runs) for s in range(n_runs) if r != s] or [(0, 0)]
+    models: dict[int, list[Any]] = {k: [] for k in ext}
+    # independent streams per run (not random_state + run: neighbouring random states would share runs)
+    seeds = np.random.default_rng(random_state).integers(0, 2**31 - 1, size=n_runs)
+    for run in range(n_runs):
+        for k in ext:
+            gmm = _fit_gmm(X, k, int(seeds[run]), covariance_type)
+            labels[k].append(gmm.predict(X))
+            models[k].append(gmm)
+    from sklearn.metrics import adjusted_rand_score
+
+    others = [[s for s in range(n_runs) if s != r] or [r] for r in range(n_runs)]
     rows = []
+    medoid: dict[int, int] = {}
     for k in grid:
         if k not in labels:
             continue
-        across = [
-            adjusted_rand_score(labels[k][r], labels[kk][s]) for kk in (k - 1, k + 1) if kk in labels for r, s in pairs
-        ]
-        within = [adjusted_rand_score(labels[k][r], labels[k][s]) for r, s in pairs if r < s]
+        per_run = np.array(
+            [
+                np.mean(
+                    [
+                        adjusted_rand_score(labels[k][r], labels[kk][s])
+                        for kk in (k - 1, k + 1)
+                        if kk in labels
+                        for s in others[r]
+                    ]
+                )
+                if (k - 1 in labels or k + 1 in labels)
+                else np.nan
+                for r in range(n_runs)
+            ]
+        )
+        within = np.eye(n_runs)
+        for r in range(n_runs):
+            for s in range(r + 1, n_runs):
+                within[r, s] = within[s, r] = adjusted_rand_score(labels[k][r], labels[k][s])
+        centrality = (within.sum(1) - 1) / max(n_runs - 1, 1)
+        medoid[k] = int(np.argmax(centrality))
         rows.append(
             {
                 "n_niches": k,
-                "stability": float(np.mean(across)) if across else np.nan,
-                "stability_within_k": float(np.mean(within)) if within else np.nan,
-                "log_likelihood": float(best[k].lower_bound_),
+                "stability": float(np.nanmean(per_run)) if np.isfinite(per_run).any() else np.nan,
+                "stability_se": float(np.nanstd(per_run, ddof=1) / np.sqrt(n_runs)) if n_runs > 1 else 0.0,
+                "stability_within_k": float(centrality.mean()) if n_runs > 1 else np.nan,
+                "log_likelihood": float(models[k][medoid[k]].lower_bound_),
             }
         )
     curve = pd.DataFrame(rows)
     if curve.empty or curve["stability"].isna().all():
         raise ValueError(f"Could not evaluate any `n_niches` in {ks} on {X.shape[0]} observations.")
     k_best = _pick_k(curve)
-    return k_best, best[k_best], curve
+    return k_best, models[k_best][medoid[k_best]], curve
 
 
 def _pick_k(curve: pd.DataFrame) -> int:
-    """Return the ``k`` at the highest local maximum of the stability curve (CellCharter's choice).
+    """Return the number of niches from a stability curve.
 
-    A candidate at the end of the range only wins when the curve has no interior peak; then a
-    warning suggests widening the range, since the best ``k`` may lie outside it.
+    The reference is the highest interior local maximum of the stability (CellCharter's choice);
+    then, by the one-standard-error rule, the smallest ``k`` whose stability is within one standard
+    error (column ``stability_se``, if present) of that peak wins: differences within the noise of
+    the runs do not justify more niches. A candidate at the end of the range is the reference only
+    when the curve has no interior peak; then a warning suggests widening the range, since the best
+    ``k`` may lie outside it.
     """
     ks = curve["n_niches"].to_numpy()
     stab = np.nan_to_num(curve["stability"].to_numpy(dtype=float), nan=-np.inf)
+    se = (
+        np.nan_to_num(curve["stability_se"].to_numpy(dtype=float), nan=0.0)
+        if "stability_se" in curve
+        else np.zeros(len(ks))
+    )
     interior = [
         i for i in range(1, len(ks) - 1) if stab[i] >= stab[i - 1] and stab[i] >= stab[i + 1] and np.isfinite(stab[i])
     ]
     if interior:
-        return int(ks[max(interior, key=lambda i: stab[i])])
+        best = max(interior, key=lambda i: stab[i])
+        within = [i for i in interior if i < best and stab[i] >= stab[best] - se[best]]
+        return int(ks[min(within)]) if within else int(ks[best])
     i = int(np.argmax(stab))
     if len(ks) > 2:
         logger.warning(
@@ -176,7 +209,7 @@ def niches(
     n_pcs: int | None = 10,
     method: Literal["gmm", "leiden"] = "gmm",
     n_niches: int | Sequence[int] | None = None,
-    n_runs: int = 5,
+    n_runs: int = 10,
     covariance_type: Literal["full", "diag"] = "full",
     subsample: int | None = 20_000,
     selection_subsample: int | None = 5_000,
@@ -244,12 +277,16 @@ def niches(
         For ``"gmm"``: a number of niches, or candidates (e.g. ``range(2, 11)``, the default when
         ``None``) among which the most stable is chosen: for every candidate ``k`` the mixtures are
         fitted ``n_runs`` times and the stability of ``k`` is the mean adjusted Rand index of its
-        labels with those at ``k - 1`` and ``k + 1`` of the other runs; the highest local maximum
-        of that curve wins (an end of the range only when the curve has no interior peak, with a
-        warning). Ignored by ``"leiden"``.
+        labels with those at ``k - 1`` and ``k + 1`` of the other runs (mean over runs ± standard
+        error). The reference is the highest local maximum of that curve (an end of the range only
+        when the curve has no interior peak, with a warning); by the one-standard-error rule a
+        smaller local maximum whose stability is within one standard error of the reference wins
+        (the smallest such ``k``). The labels are those of the most central run at the chosen ``k``
+        (highest mean adjusted Rand index to the other runs at ``k``), so they depend little on
+        ``random_state``. Ignored by ``"leiden"``.
     n_runs
-        Mixture fits per candidate (different seeds) for the stability curve, or initialisations
-        when ``n_niches`` is a single number.
+        Mixture fits per candidate (independent seeds) for the stability curve, or initialisations
+        when ``n_niches`` is a single number (the fit with the highest likelihood is kept).
     covariance_type
         Covariance of the mixture components (``"full"``; ``"diag"`` is faster on large data).
     subsample
@@ -442,7 +479,11 @@ def _cluster(
                 X_sel = X_fit[sel]
                 logger.info("Choosing the number of niches on %d observations", selection_subsample)
             k, model, curve = _stability_select(
-                X_sel, ks, n_runs=n_runs, random_state=random_state, covariance_type=covariance_type
+                X_sel,
+                ks,
+                n_runs=n_runs,
+                random_state=random_state,
+                covariance_type=covariance_type,
             )
             if X_sel is not X_fit:  # refit on the larger sample, from the best mixture of the search
                 model = _fit_gmm(X_fit, k, random_state, covariance_type, warm_start_from=model)
