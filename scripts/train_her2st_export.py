@@ -39,7 +39,8 @@ def fold(src: Path, dst: Path, *, fp16: bool = False, name: str = "squall-tiny-h
         fc2.weight[idx] = fc2.weight[idx] * s[:, None]
         fc2.bias[idx] = fc2.bias[idx] * s + b
     vocab = model.vocabulary
-    model.config = model.config.replace(name=name, description=DESCRIPTION,
+    # the head was fitted on spot means of the cell outputs (task.level spot): predict with reduce="mean"
+    model.config = model.config.replace(name=name, description=DESCRIPTION, region_reduce="mean",
                                         licence="BSD-3-Clause (squall-sd; trained on her2st, Andersson et al. 2021)")
     if fp16:
         model = model.half()

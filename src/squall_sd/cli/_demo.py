@@ -13,6 +13,8 @@ from squall_sd._logging import logger
 DEMO_MODEL = "squall-tiny-her2st"
 #: Gene the overview figure shows, predicted beside measured (HER2, the section's defining marker).
 DEMO_GENE = "ERBB2"
+#: Layer of the demo table with the measured counts as log1p(CP10k), the bundled model's target space.
+MEASURED_LAYER = "log1p_cp10k"
 
 
 def _overview_prediction(sdata, png: Path, gene: str) -> None:
@@ -21,7 +23,7 @@ def _overview_prediction(sdata, png: Path, gene: str) -> None:
 
     from squall_sd.pl import expression
 
-    axes = expression(sdata, [gene])
+    axes = expression(sdata, [gene], measured_layer=MEASURED_LAYER)
     fig = np.ravel(axes)[0].figure
     fig.savefig(png, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -136,6 +138,11 @@ def run_demo(out: Path, png: Path, overwrite: bool = False) -> Path:
     adata = sdata.tables[TABLE_KEY]
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(float)
     adata.obs["n_genes_by_counts"] = np.asarray((adata.X > 0).sum(axis=1)).ravel().astype(int)
+    # the bundled model predicts log1p(CP10k): the measured counts on the same scale, for the figure
+    import scanpy as sc
+
+    adata.layers[MEASURED_LAYER] = sc.pp.normalize_total(adata, target_sum=1e4, inplace=False)["X"]
+    sc.pp.log1p(adata, layer=MEASURED_LAYER)
 
     from squall_sd.models import list_models
 

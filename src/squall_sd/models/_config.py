@@ -69,6 +69,12 @@ class SquallConfig:
         Weight initialisation for training from scratch: ``"squall"`` (normal with mean 0.02 and
         std 0.01 for every Linear/Conv weight, zero biases, as in the published pretraining) or
         ``"trunc_normal"`` (truncated normal, std 0.02, as in the fine-tuning classes).
+    region_reduce
+        How a region's value (a spot, bin or cell) is formed from the model's grid cells, the
+        default of ``reduce`` in :meth:`Squall.predict` and :func:`squall_sd.tl.predict_expression`:
+        ``"sum"`` for the published binary target (each cell holds the region's vector divided by the
+        region's cell count, so the region's vector is the sum), ``"mean"`` for models fine-tuned on
+        region means (e.g. ``squall-tiny-her2st``, whose cells each predict the spot's log1p(CP10k)).
     description
         Free text.
     licence
@@ -96,6 +102,7 @@ class SquallConfig:
     mpp: float = 0.5
     input_range: Literal["0-1"] = "0-1"
     init: Literal["squall", "trunc_normal"] = "squall"
+    region_reduce: Literal["sum", "mean"] = "sum"
     description: str = ""
     licence: str = ""
 

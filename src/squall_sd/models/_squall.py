@@ -608,7 +608,7 @@ class Squall(nn.Module):
         *,
         genes: GenesLike = None,
         aggregate: Literal["tile"] | torch.Tensor | None = None,
-        reduce: Literal["sum", "mean"] = "sum",
+        reduce: Literal["sum", "mean"] | None = None,
         autocast: bool | None = None,
         dense_genes: GenesLike = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -634,8 +634,9 @@ class Squall(nn.Module):
             The (B, R, S, S) weights may be a sparse COO tensor (each region covers few cells):
             then no dense weight tensor is built.
         reduce
-            ``"sum"`` (default, as the published pooling) or ``"mean"`` (divide by the weight sum;
-            regions with zero weight give NaN).
+            ``"sum"`` (as the published pooling) or ``"mean"`` (divide by the weight sum; regions
+            with zero weight give NaN). ``None`` (default): ``config.region_reduce``, the
+            aggregation the model was trained for.
         autocast
             bf16 autocast; default: on for CUDA, off on CPU.
         dense_genes
@@ -650,6 +651,8 @@ class Squall(nn.Module):
         :func:`torch.inference_mode` (its training flag is restored afterwards).
 
         """
+        if reduce is None:
+            reduce = self.config.region_reduce
         if reduce not in ("sum", "mean"):
             raise ValueError(f"`reduce` must be 'sum' or 'mean', found {reduce!r}.")
         with torch.inference_mode(), self._eval_mode():

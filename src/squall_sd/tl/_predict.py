@@ -644,7 +644,7 @@ def predict_expression(
     genes: Sequence[str] | None = None,
     mpp: float | None = None,
     layout: Literal["auto", "tiles", "shapes"] = "auto",
-    reduce: Literal["sum", "mean"] = "sum",
+    reduce: Literal["sum", "mean"] | None = None,
     dense_genes: Sequence[str] | None = None,
     key_added: str = "squall",
     table_key_added: str = "squall_expression",
@@ -709,7 +709,9 @@ def predict_expression(
     layout
         ``"auto"``, ``"tiles"`` or ``"shapes"`` (see above). Dense maps need ``"tiles"`` (forced).
     reduce
-        ``"sum"`` or ``"mean"`` over a region's grid cells.
+        ``"sum"`` or ``"mean"`` over a region's grid cells; default ``model.config.region_reduce``,
+        the aggregation the model was trained for (``"sum"`` for the published binary target,
+        ``"mean"`` for ``squall-tiny-her2st``'s log1p(CP10k)).
     dense_genes
         Also write dense maps of these genes at the model's native grid (4 px cells, 2 µm at
         0.5 µm/px) as the image ``dense_key_added`` (channels = genes) in ``microns``; NaN outside
@@ -765,6 +767,8 @@ def predict_expression(
         between model and table, or an output that exists (pass ``overwrite=True``).
     """
     model = resolve_model(model)
+    if reduce is None:
+        reduce = model.config.region_reduce
     if reduce not in ("sum", "mean"):
         raise ValueError(f"`reduce` must be 'sum' or 'mean', found {reduce!r}.")
     if layout not in ("auto", "tiles", "shapes"):

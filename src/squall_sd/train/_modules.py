@@ -361,6 +361,7 @@ class ExpressionFinetuneModule(_FinetuneBase):
             "level": self.level,
             "genes": self.genes,
             "target": "log1p_cp10k",
+            "region_reduce": "mean",  # the head is fitted on the mean of a region's cell outputs
         }
         if self.standardize == "section":
             # fold the average section mean / deviation in: outputs are log1p(CP10k) again
