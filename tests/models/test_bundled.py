@@ -41,3 +41,24 @@ def test_bundled_model_predicts_on_a_real_tile():
     rgb = torch.from_numpy(np.stack([ds[i] for i in range(len(ds))])).float() / 255.0
     out = model.predict(rgb, torch.full((2,), model.config.mpp), genes=["ERBB2"], aggregate="tile")
     assert out.shape[0] == 2 and torch.isfinite(out).all()
+
+
+def test_bundled_model_averages_a_spot_in_log1p_cp10k():
+    """Its cells each predict the spot's log1p(CP10k): a spot is their mean (``region_reduce``), not their sum."""
+    import squall_sd as squall
+
+    model = sm.load(NAME)
+    assert model.config.region_reduce == "mean"
+    assert sm.create("squall-tiny").config.region_reduce == "sum"  # the published binary target
+    sdata = squall.datasets.example()
+    centre = sdata.tables["table"].obsm["spatial"][:1]
+    ds = squall.pp.extract_patches(sdata, centre, patch_px=224, mpp=model.config.mpp)
+    rgb = torch.from_numpy(ds[0][None]).float() / 255.0
+    g = model.config.expr_size
+    yy, xx = np.mgrid[:g, :g]
+    disc = torch.from_numpy(((yy - g / 2 + 0.5) ** 2 + (xx - g / 2 + 0.5) ** 2 <= 12.5**2).astype(np.float32))
+    default = model.predict(rgb, genes=["ERBB2", "GRB7"], aggregate=disc[None])
+    torch.testing.assert_close(default, model.predict(rgb, genes=["ERBB2", "GRB7"], aggregate=disc[None], reduce="mean"))
+    summed = model.predict(rgb, genes=["ERBB2", "GRB7"], aggregate=disc[None], reduce="sum")
+    assert ((default > 0) & (default < 12)).all()  # log1p(CP10k) range
+    torch.testing.assert_close(summed, default * disc.sum(), rtol=1e-3, atol=1e-3)
