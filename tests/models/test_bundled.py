@@ -58,7 +58,8 @@ def test_bundled_model_averages_a_spot_in_log1p_cp10k():
     yy, xx = np.mgrid[:g, :g]
     disc = torch.from_numpy(((yy - g / 2 + 0.5) ** 2 + (xx - g / 2 + 0.5) ** 2 <= 12.5**2).astype(np.float32))
     default = model.predict(rgb, genes=["ERBB2", "GRB7"], aggregate=disc[None])
-    torch.testing.assert_close(default, model.predict(rgb, genes=["ERBB2", "GRB7"], aggregate=disc[None], reduce="mean"))
+    mean = model.predict(rgb, genes=["ERBB2", "GRB7"], aggregate=disc[None], reduce="mean")
+    torch.testing.assert_close(default, mean)
     summed = model.predict(rgb, genes=["ERBB2", "GRB7"], aggregate=disc[None], reduce="sum")
     assert ((default > 0) & (default < 12)).all()  # log1p(CP10k) range
     torch.testing.assert_close(summed, default * disc.sum(), rtol=1e-3, atol=1e-3)

@@ -36,7 +36,8 @@ def find_slides(path: str | Path) -> list[Path]:
     if p.is_dir():
         found = sorted(
             q for q in p.iterdir()
-            if not q.name.startswith(".") and (q.suffix == ".zarr" or (q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES))
+            if not q.name.startswith(".")
+            and (q.suffix == ".zarr" or (q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES))
         )
         if not found:
             raise FileNotFoundError(f"No slide (.zarr store or image {IMAGE_SUFFIXES}) found in {str(p)!r}.")

@@ -204,9 +204,10 @@ class RegionGrid:
     def _label_lattice(
         self, every: np.ndarray, ox: float, oy: float, kx0: int, ky0: int, h: int, w: int
     ) -> tuple[np.ndarray, list[int]]:
-        """Label the (h, w) lattice cells (offset ``kx0``, ``ky0``) with the local index of the region
-        in ``every`` holding their centre (nearest centre wins, ties to the lower local index), all
-        regions at once; also return the local indices of regions that hold no cell centre.
+        """Label the (h, w) lattice cells (offset ``kx0``, ``ky0``) by the region holding their centre.
+
+        The label is the local index in ``every`` (nearest centre wins, ties to the lower local
+        index), all regions at once; also return the local indices of regions that hold no cell centre.
         """
         cell = self.cell_um
         every = np.asarray(every, dtype=np.int64)

@@ -61,8 +61,8 @@ def _available(sdata: SpatialData) -> str:
 def resolve_image_key(sdata: SpatialData, image_key: str | None) -> str:
     """Return the H&E image to read.
 
-    ``None`` picks the only image (images squall wrote, ``squall_*``, do not count), or the one a squall reader recorded in
-    ``sdata.attrs["squall"]["image_key"]``; otherwise the choice is ambiguous and a
+    ``None`` picks the only image (images squall wrote, ``squall_*``, do not count), or the one a
+    squall reader recorded in ``sdata.attrs["squall"]["image_key"]``; otherwise the choice is ambiguous and a
     :class:`KeyError` lists the images.
 
     Parameters
