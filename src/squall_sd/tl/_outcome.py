@@ -195,12 +195,12 @@ class OutcomeModel:
 
         """
         import shutil
-        import tempfile
 
         import torch
         from safetensors.torch import save_file
 
         from squall_sd import __version__
+        from squall_sd.io._common import move_into_place, temp_sibling
 
         path = Path(path).expanduser()
         if path.exists() and not overwrite:
@@ -221,21 +221,14 @@ class OutcomeModel:
             "weights_file": "model.safetensors",
             "cv_results_file": None if self.cv_results is None else "cv_results.csv",
         }
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = temp_sibling(path)
+        tmp.mkdir()
         try:
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             if self.cv_results is not None:
                 self.cv_results.to_csv(tmp / "cv_results.csv", index_label="__slide__")
             (tmp / "config.json").write_text(json.dumps(_jsonable(meta), indent=2) + "\n")
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            move_into_place(tmp, path)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
