@@ -72,7 +72,7 @@ def _coarse_blocks(
     mpp_range: tuple[float, float],
     max_pixels: int | None,
 ):
-    """Pick the level and factor of :func:`coarse_image`; return ``(shape, affine, level, blocks)``.
+    """Pick the level and factor of :func:`coarse_image`; return ``(shape, affine, level, is_uint8, blocks)``.
 
     ``blocks`` yields ``(y, x, mean)``: float32 (3, bh, bw) block means (not yet scaled to [0, 1])
     of the coarse image at coarse pixel ``(y, x)``, one chunk-sized block at a time.
