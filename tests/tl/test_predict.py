@@ -422,3 +422,18 @@ def test_small_chunk_cache_decodes_each_chunk_about_once(genes, monkeypatch):
     for i in range(len(ref)):
         ref[i]
     assert ref.decodes > 3 * len(touched)
+
+
+def test_num_workers_auto(monkeypatch):
+    from squall_sd.tl._predict import resolve_workers
+
+    assert resolve_workers("auto", torch.device("cpu")) == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert resolve_workers("auto", torch.device("cuda")) == 8
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    assert resolve_workers("auto", torch.device("cuda")) == 3
+    assert resolve_workers(2, torch.device("cpu")) == 2
+    with pytest.raises(ValueError, match="'auto'"):
+        resolve_workers("many", torch.device("cpu"))
+    with pytest.raises(ValueError, match=">= 0"):
+        resolve_workers(-1, torch.device("cpu"))

@@ -156,6 +156,9 @@ def run_predict(
     if scheduler not in ("sync", "local"):
         raise ValueError(f"`scheduler` must be 'sync' or 'local', found {scheduler!r}.")
     kwargs.setdefault("progress", scheduler == "sync")
+    if scheduler == "local" or client is not None:
+        # dask workers are daemon processes, which may not start DataLoader workers of their own
+        kwargs["num_workers"] = 0 if kwargs.get("num_workers", "auto") == "auto" else kwargs["num_workers"]
     if scheduler == "sync" and client is None:
         from squall_sd.models import load
 
@@ -179,6 +182,10 @@ def run_predict(
             cluster.close()
 
 
+def _workers(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def add_predict_parser(sub: Any) -> None:
     """Register ``squall predict`` on the sub-parsers ``sub``."""
     p = sub.add_parser("predict", help="predict expression from H&E for a slide or a folder of slides")
@@ -191,7 +198,8 @@ def add_predict_parser(sub: Any) -> None:
     p.add_argument("--spots", choices=["visium", "bins", "tiles"], default=None, help="virtual spots (H&E only)")
     p.add_argument("--spot-size-um", type=float, default=None, help="virtual spot diameter / edge in µm")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per slide")
+    p.add_argument("--num-workers", type=_workers, default="auto",
+                   help="DataLoader workers per slide (default: auto, 0 on CPU; 0 under --scheduler local)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dense-genes", nargs="*", default=None, help="genes to write as dense maps")
     p.add_argument("--overwrite", action="store_true", help="recompute slides whose output is complete")

@@ -78,7 +78,7 @@ def embed(
     shapes_key_added: str = "squall_spots",
     token_map_key_added: str = "squall_token_map",
     batch_size: int = 32,
-    num_workers: int = 0,
+    num_workers: int | Literal["auto"] = "auto",
     device: str = "auto",
     autocast: bool | None = None,
     max_upsample: float = MAX_UPSAMPLE,
@@ -142,7 +142,7 @@ def embed(
     batch_size
         Tiles per forward pass.
     num_workers
-        DataLoader worker processes.
+        DataLoader worker processes; ``"auto"``: 0 on the CPU, ``min(8, cores // 2)`` on a GPU.
     device
         ``"auto"``, ``"cpu"``, ``"cuda"``, ...
     autocast
@@ -318,7 +318,7 @@ def _token_map(
     mpp: float,
     stride: int,
     batch_size: int,
-    num_workers: int,
+    num_workers: int | str,
     device: Any,
     autocast: bool,
     progress: bool,

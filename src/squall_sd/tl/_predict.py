@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -343,14 +344,30 @@ def collate_tiles(
     return torch.from_numpy(tids), rgb, torch.from_numpy(w.reshape(b, r, grid, grid)), torch.from_numpy(idx)
 
 
-def make_loader(dataset: Any, *, batch_size: int, num_workers: int, device: torch.device, collate: Any):
+#: most DataLoader workers ``num_workers="auto"`` starts on a GPU
+AUTO_WORKERS = 8
+
+
+def resolve_workers(num_workers: int | str, device: torch.device) -> int:
+    """``"auto"``: no worker processes on the CPU (tiles are read in a thread beside the forward pass,
+    which measured as fast there), and ``min(8, cores // 2)`` on a GPU, where one reading thread cannot
+    keep up with the forward pass (``benchmarks/predict_throughput.py``)."""
+    if isinstance(num_workers, str):
+        if num_workers != "auto":
+            raise ValueError(f"`num_workers` must be an integer >= 0 or 'auto', found {num_workers!r}.")
+        return 0 if device.type == "cpu" else min(AUTO_WORKERS, (os.cpu_count() or 1) // 2)
+    if int(num_workers) < 0:
+        raise ValueError(f"Expected `num_workers` to be >= 0, found {num_workers!r}.")
+    return int(num_workers)
+
+
+def make_loader(dataset: Any, *, batch_size: int, num_workers: int | str, device: torch.device, collate: Any):
     """Return a :class:`torch.utils.data.DataLoader` over ``dataset`` in order (workers prefetch, pinned on CUDA)."""
     from torch.utils.data import DataLoader
 
     if int(batch_size) <= 0:
         raise ValueError(f"Expected `batch_size` to be positive, found {batch_size!r}.")
-    if int(num_workers) < 0:
-        raise ValueError(f"Expected `num_workers` to be >= 0, found {num_workers!r}.")
+    num_workers = resolve_workers(num_workers, device)
     kw: dict[str, Any] = {}
     if num_workers > 0:
         kw["prefetch_factor"] = 4
@@ -651,7 +668,7 @@ def predict_expression(
     shapes_key_added: str = "squall_spots",
     dense_key_added: str = "squall_dense",
     batch_size: int = 32,
-    num_workers: int = 0,
+    num_workers: int | Literal["auto"] = "auto",
     device: str = "auto",
     autocast: bool | None = None,
     max_upsample: float = MAX_UPSAMPLE,
@@ -727,7 +744,9 @@ def predict_expression(
     batch_size
         Tiles per forward pass.
     num_workers
-        DataLoader worker processes reading tiles (0: in the main process).
+        DataLoader worker processes reading tiles (0: a thread of the main process reads them while
+        the model runs). ``"auto"``: 0 on the CPU, ``min(8, cores // 2)`` on a GPU, where one
+        reading thread cannot keep up with the forward pass.
     device
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
     autocast
@@ -873,10 +892,10 @@ def predict_expression(
     dense_t = None if dense_idx is None else [int(i) for i in dense_idx]  # channel indices
     genes_arg = channels.tolist() if len(channels) < model.n_genes else None
     bar = progress_bar(len(plan), desc="predict_expression", enabled=progress)
-    if num_workers == 0 and hasattr(patches, "warm"):
+    if loader.num_workers == 0 and hasattr(patches, "warm"):
         # nothing else runs yet: decode the first batch's image chunks with all cores
         patches.warm(np.arange(min(len(plan), int(batch_size))))
-    batches = _Prefetch(loader) if num_workers == 0 and len(plan) > batch_size else None
+    batches = _Prefetch(loader) if loader.num_workers == 0 and len(plan) > batch_size else None
     try:
         for tids, rgb, w, ridx in (batches if batches is not None else loader):
             if dense_t is None:
