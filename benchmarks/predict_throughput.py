@@ -241,6 +241,15 @@ def run_child(flag: str, path: Path, args: argparse.Namespace, workload: str) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def workers(args: argparse.Namespace) -> int:
+    """The DataLoader workers ``--num-workers`` means on ``--device``."""
+    import torch
+
+    from squall_sd.tl._predict import resolve_workers
+
+    return resolve_workers(args.num_workers, torch.device(args.device))
+
+
 def describe(workload: str, args: argparse.Namespace) -> str:
     if workload == "bundled":
         return f"`{BUNDLED}` (bundled weights, 848 genes, 224 px tiles at its native 2.0 µm/px)"
@@ -295,7 +304,8 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> str:
         + (f"; best of {args.repeat} alternating runs." if args.repeat > 1 else ".") + "  ",
         "Slides: H&E only, built by tiling the her2st C2 H&E (2 µm/px) and written to zarr (1024 px chunks, "
         "5 levels); virtual Visium spots (55 µm) over the detected tissue; "
-        f"batch {args.batch_size}, {args.num_workers} DataLoader workers (tiles read in a prefetch thread).",
+        f"batch {args.batch_size}, `num_workers={args.num_workers!r}` ({workers(args)} DataLoader workers"
+        + ("; tiles read in a prefetch thread)." if workers(args) == 0 else ")."),
         "",
         f"## Throughput ({big}x slide, same tiles)",
         "",
@@ -344,8 +354,8 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> str:
     if args.device != "cpu":
         gpu = ", ".join(f"{wl} {r['factor']}x {r['gpu_peak_mb']:.0f}" for wl, res in results.items() for r in res["rows"])
         lines += ["", f"Peak GPU memory allocated by torch (MB, model weights included): {gpu}."]
-    if args.num_workers:
-        lines += ["", f"With {args.num_workers} DataLoader workers, peak RSS and decodes are the main process's "
+    if workers(args):
+        lines += ["", f"With {workers(args)} DataLoader workers, peak RSS and decodes are the main process's "
                   "only: each worker reads its own tiles and keeps its own chunk cache (at most `cache_mb`)."]
     lines += ["", "Peak RSS is the child's own high-water mark (`VmHWM`); `ru_maxrss` would include the parent's "
               "memory at spawn time (the slide it has just built)."]
@@ -357,7 +367,8 @@ def main() -> None:
     ap.add_argument("--mpp", type=float, default=8.0, help="µm/px of the worst-case workload (tile = 224 px x mpp)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--num-workers", type=lambda t: t if t == "auto" else int(t), default="auto",
+                    help="DataLoader workers (default: auto, predict_expression's default: 0 on CPU, min(8, cores // 2) on GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--repeat", type=int, default=1, help="throughput runs on the largest slide (best is kept)")
     ap.add_argument("--workloads", nargs="+", default=["bundled", "worst"], choices=["bundled", "worst", "large"])
