@@ -11,6 +11,12 @@
     python benchmarks/niches.py --quick              # 1 seed, no CellCharter, smaller Xenium candidate range
     python benchmarks/niches.py --skip-cellcharter --seeds 3
     python benchmarks/niches.py --dev                # development sections E1, F1, G2, H1 (authors' clusters)
+    python benchmarks/niches.py --from-he MODEL_DIR  # A1 from its H&E alone (predicted expression, embeddings)
+
+``--from-he`` scores niches found from the H&E alone on the labelled sections that have one (A1):
+expression predicted by a model that never saw the section's patient (e.g. one trained on patient C
+only), and that model's tile embeddings (``tl.embed``), beside the measured counts of the same spots,
+with every method. Written to results/niches_he.md.
 
 CellCharter labels are cached in results/cache/niches_cellcharter_<sha256 of its 10 PCs, coordinates,
 parameters, seed and version>.npz, so a rerun only repeats CellCharter when its input changed.
@@ -273,6 +279,62 @@ def run_her2st(sections: tuple[str, ...], seeds: list[int], cc_seeds: list[int],
     return pd.DataFrame(rows)
 
 
+def he_inputs(sec: str, model_dir: str) -> dict[str, object]:
+    """The inputs of section ``sec`` for the H&E comparison: measured counts, predicted expression and
+    H&E embeddings from the model in ``model_dir``, each an AnnData with ``X_pca`` over the same spots."""
+    import anndata as ad
+    import scanpy as sc
+
+    import squall_sd as squall
+
+    sdata = squall.datasets.her2st(sec, SHARED / "her2st")
+    if not sdata.images:
+        raise SystemExit(f"{sec} has no H&E in {SHARED / 'her2st' / 'images'}")
+    model = squall.models.load(model_dir)
+    table = sdata.tables["table"]
+    table.obs_names = [f"{sec}_{n}" for n in table.obs_names]
+    measured = _prep(table.copy())
+    pred = squall.tl.predict_expression(sdata, model, progress=False, inplace=False)
+    keep = pred.var["squall_predicted"].to_numpy()
+    # the model predicts log1p(CP10k) per spot (region_reduce "mean"): PCA directly, no re-normalising
+    predicted = ad.AnnData(np.asarray(pred.layers["squall"][:, keep], dtype=np.float32), obs=table.obs.copy(),
+                           obsm={"spatial": np.asarray(table.obsm["spatial"])})
+    sc.pp.pca(predicted, n_comps=50, random_state=0)
+    emb = squall.tl.embed(sdata, model, progress=False, inplace=False)
+    embedded = ad.AnnData(np.asarray(emb.obsm["X_squall"], dtype=np.float32), obs=table.obs.copy(),
+                          obsm={"spatial": np.asarray(table.obsm["spatial"])})
+    sc.pp.pca(embedded, n_comps=min(50, embedded.n_vars - 1), random_state=0)
+    return {"measured counts": measured, "predicted expression": predicted, "H&E embedding (X_squall)": embedded}
+
+
+def run_he(model_dir: str, seeds: list[int], cc_seeds: list[int], skip_cc: bool) -> pd.DataFrame:
+    """Every method on measured counts, predicted expression and embeddings of the sections with an H&E."""
+    rows = []
+    for sec in [s for s in SECTIONS if any((SHARED / "her2st" / "images").glob(f"{s}.*"))]:
+        for inp, base in he_inputs(sec, model_dir).items():
+            for name, fn in METHODS.items():
+                if fn is m_cellcharter and skip_cc:
+                    continue
+                for seed in cc_seeds if fn is m_cellcharter else seeds:
+                    a = base.copy()
+                    labels = fn(a, seed)
+                    rows.append({"input": inp, "method": name, "section": sec, "seed": seed, **_scores(a, labels)})
+                    print(f"  {sec} {inp} {name} seed={seed}: ARI={rows[-1]['ari']:.3f} NMI={rows[-1]['nmi']:.3f} "
+                          f"k={rows[-1]['k']}", flush=True)
+    return pd.DataFrame(rows)
+
+
+def he_table(df: pd.DataFrame) -> str:
+    lines = ["| section | input | method | seeds | ARI | NMI | k |", "|---|---|---|---|---|---|---|"]
+    for (sec, inp, m), d in df.groupby(["section", "input", "method"], sort=False):
+        sd = "" if len(d) == 1 else f" ± {d['ari'].std(ddof=0):.3f}"
+        sn = "" if len(d) == 1 else f" ± {d['nmi'].std(ddof=0):.3f}"
+        ks = "–".join(sorted({str(k) for k in d["k"]}, key=int))
+        ari, nmi = f"{d['ari'].mean():.3f}{sd}", f"{d['nmi'].mean():.3f}{sn}"
+        lines.append(f"| {sec} | {inp} | {m} | {len(d)} | {ari} | {nmi} | {ks} |")
+    return "\n".join(lines)
+
+
 def her2st_table(df: pd.DataFrame, sections: tuple[str, ...]) -> str:
     def fmt(x: pd.Series) -> str:
         return f"{x.mean():.3f}" if len(x) == 1 else f"{x.mean():.3f} ± {x.std(ddof=0):.3f}"
@@ -421,6 +483,9 @@ def main() -> None:
     ap.add_argument("--xenium-candidates", default="2-10")
     ap.add_argument("--xenium-child", default=None)
     ap.add_argument("--out", default=None, help="default results/niches.md (results/niches_dev.md with --dev)")
+    ap.add_argument("--from-he", default=None, metavar="MODEL_DIR",
+                    help="only the H&E comparison on A1 with this model (one trained without patient A); "
+                    "writes results/niches_he.md")
     ap.add_argument(
         "--dev",
         action="store_true",
@@ -433,7 +498,8 @@ def main() -> None:
     if args.dev:
         sections, REFERENCE, args.skip_xenium = DEV_SECTIONS, "her2st_cluster", True
     if args.out is None:
-        args.out = str(HERE / "results" / ("niches_dev.md" if args.dev else "niches.md"))
+        name = "niches_he.md" if args.from_he else "niches_dev.md" if args.dev else "niches.md"
+        args.out = str(HERE / "results" / name)
     if args.xenium_child:
         xenium_child(args.xenium_child, args.xenium_candidates)
         return
@@ -451,14 +517,30 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f}); BLAS/OpenMP threads = 1.",
         "",
     ]
+    cc_ok = not args.skip_cellcharter
+    if cc_ok:
+        try:
+            import cellcharter  # noqa: F401
+        except ImportError:
+            print("cellcharter not installed: skipping it (pip install cellcharter)")
+            cc_ok = False
+    if args.from_he:
+        args.skip_her2st = args.skip_xenium = True
+        df = run_he(args.from_he, list(range(args.seeds)), list(range(args.cellcharter_seeds)), not cc_ok)
+        df.to_csv(Path(args.out).with_suffix(".csv"), index=False)
+        model = json.loads((Path(args.from_he) / "config.json").read_text())["config"]
+        parts += [
+            "## her2st A1 from its H&E alone",
+            "",
+            f"Model: `{args.from_he}` (`{model['name']}`: {model['description'][:160]}…). It must not have seen "
+            "patient A. Inputs over the same spots: the measured counts (CP10k + log1p → PCA), the expression it "
+            "predicts from the H&E (log1p(CP10k) → PCA) and its H&E embeddings (`tl.embed`, `X_squall` → PCA). "
+            "ARI / NMI against the pathologist's regions, mean ± sd over seeds; no method sees the labels.",
+            "",
+            he_table(df),
+            "",
+        ]
     if not args.skip_her2st:
-        cc_ok = not args.skip_cellcharter
-        if cc_ok:
-            try:
-                import cellcharter  # noqa: F401
-            except ImportError:
-                print("cellcharter not installed: skipping it (pip install cellcharter)")
-                cc_ok = False
         df = run_her2st(sections, list(range(args.seeds)), list(range(args.cellcharter_seeds)), not cc_ok)
         df.to_csv(Path(args.out).with_suffix(".her2st.csv"), index=False)
         if args.dev:

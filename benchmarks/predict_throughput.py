@@ -296,7 +296,7 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> str:
     else:
         where = f"{torch.cuda.get_device_name(args.device)}, bf16 autocast, one warm-up batch before timing"
     lines = [
-        "# predict_expression throughput and memory",
+        "# predict_expression throughput and memory" + ("" if args.device == "cpu" else " on a GPU"),
         "",
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s) (shared), "
