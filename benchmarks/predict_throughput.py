@@ -29,9 +29,9 @@ Run::
 
 ``--device cuda`` runs the model on the GPU (bf16 autocast, the ``predict_expression`` default
 there); one warm-up batch runs before timing in both the end-to-end and the forward-only process, so
-CUDA/cuBLAS start-up is not counted in either. ``--threads`` sets ``torch.set_num_threads`` in every process (default: torch's default); on a
-shared machine ``--threads 1`` gives the steadiest numbers. ``--repeat`` runs the throughput
-comparison (end to end and forward only alternate on the largest slide, each in a fresh process)
+CUDA/cuBLAS start-up is not counted in either. ``--threads`` sets ``torch.set_num_threads`` in every
+process (default: torch's default); on a shared machine ``--threads 1`` gives the steadiest numbers.
+``--repeat`` runs the throughput comparison (end to end and forward only alternate on the largest slide, each in a fresh process)
 several times and keeps the best of each. ``--workloads`` picks ``bundled`` and / or ``worst``.
 
 It prints a table and writes ``benchmarks/results/predict_throughput.md`` and
@@ -332,7 +332,8 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> str:
         "## Peak memory vs slide size (one subprocess per size, peak RSS = `VmHWM`)",
         "",
         "Growth = peak RSS during `predict_expression` minus RSS before it (after imports, model and "
-        "`read_zarr`; the high-water mark is reset just before the call). Output = what it adds to the SpatialData: table `X` (spots x genes x 4 bytes), "
+        "`read_zarr`; the high-water mark is reset just before the call). Output = what it adds to the "
+        "SpatialData: table `X` (spots x genes x 4 bytes), "
         "`obsm['spatial']` and the spots' centres and columns. Growth - output is what reading, the model and "
         "the per-slide work hold beyond the result; flat memory means it does not grow with the area. Decodes: "
         "image chunks decoded (1024 x 1024 x 3 bytes each) into `PatchDataset`'s chunk cache "
@@ -352,7 +353,9 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> str:
                 f"{r['decodes']} / {r['level_chunks']} ({r['level']}) |"
             )
     if args.device != "cpu":
-        gpu = ", ".join(f"{wl} {r['factor']}x {r['gpu_peak_mb']:.0f}" for wl, res in results.items() for r in res["rows"])
+        gpu = ", ".join(
+            f"{wl} {r['factor']}x {r['gpu_peak_mb']:.0f}" for wl, res in results.items() for r in res["rows"]
+        )
         lines += ["", f"Peak GPU memory allocated by torch (MB, model weights included): {gpu}."]
     if workers(args):
         lines += ["", f"With {workers(args)} DataLoader workers, peak RSS and decodes are the main process's "
@@ -368,7 +371,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--num-workers", type=lambda t: t if t == "auto" else int(t), default="auto",
-                    help="DataLoader workers (default: auto, predict_expression's default: 0 on CPU, min(8, cores // 2) on GPU)")
+                    help="DataLoader workers (default: auto, as predict_expression: 0 on CPU, "
+                    "min(8, cores // 2) on GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--repeat", type=int, default=1, help="throughput runs on the largest slide (best is kept)")
     ap.add_argument("--workloads", nargs="+", default=["bundled", "worst"], choices=["bundled", "worst", "large"])

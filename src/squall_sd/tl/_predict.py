@@ -349,9 +349,12 @@ AUTO_WORKERS = 8
 
 
 def resolve_workers(num_workers: int | str, device: torch.device) -> int:
-    """``"auto"``: no worker processes on the CPU (tiles are read in a thread beside the forward pass,
-    which measured as fast there), and ``min(8, cores // 2)`` on a GPU, where one reading thread cannot
-    keep up with the forward pass (``benchmarks/predict_throughput.py``)."""
+    """Return the number of DataLoader worker processes ``num_workers`` means on ``device``.
+
+    ``"auto"``: none on the CPU (tiles are read in a thread beside the forward pass, which measured as
+    fast there), and ``min(8, cores // 2)`` on a GPU, where one reading thread cannot keep up with the
+    forward pass (``benchmarks/predict_throughput.py``).
+    """
     if isinstance(num_workers, str):
         if num_workers != "auto":
             raise ValueError(f"`num_workers` must be an integer >= 0 or 'auto', found {num_workers!r}.")
