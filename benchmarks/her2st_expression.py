@@ -301,8 +301,8 @@ def run(args) -> dict:
         }
         timing["ridge-hand, per-section z-scored features"] = time.time() - t
         notes["ridge-hand, per-section z-scored features"] = (
-            f"alpha {zalpha:.3g} (CV r in {train_p} {zcv['cv_best_r']:.3f}); standardises each section's image features "
-            "with that section's own mean/sd (unlabelled test images only)"
+            f"alpha {zalpha:.3g} (CV r in {train_p} {zcv['cv_best_r']:.3f}); standardises each section's image "
+            "features with that section's own mean/sd (unlabelled test images only)"
         )
 
         # (b) depth proxy: hand features → log UMI → genes
@@ -337,7 +337,8 @@ def run(args) -> dict:
             preds[key] = {n: epipe.predict(row["emb"][n], ealpha) for n in te_names}
             timing[key] = time.time() - t + row["embed_s"]
             notes[key] = (
-                f"dim {Xtr.shape[1]} → PCA {min(256, Xtr.shape[1], len(Xtr) - 1)}, alpha {ealpha:.3g} (CV r {ecv['cv_best_r']:.3f})"
+                f"dim {Xtr.shape[1]} → PCA {min(256, Xtr.shape[1], len(Xtr) - 1)}, alpha {ealpha:.3g} "
+                f"(CV r {ecv['cv_best_r']:.3f})"
                 + (f"; model {row['spec']}" if row["split"] else "")
             )
             key2 = f"squall head[{label}]"
@@ -476,7 +477,8 @@ def table_for_split(split: str, res: dict, n_hvg: int) -> str:
         for label, m in per.items():
             h, t = m["hvg"], m["top50"]
             lines.append(
-                f"| {meth} | {label} | {h['n']} | {_f(h['mean_r'])} | {_f(h['median_r'])} | {h['n_sig']}/{h['genes']} | "
+                f"| {meth} | {label} | {h['n']} | {_f(h['mean_r'])} | {_f(h['median_r'])} | "
+                f"{h['n_sig']}/{h['genes']} | "
                 f"{_f(h['mean_partial_r'])} | {_f(t['mean_r'])} | {_f(t['median_r'])} | {t['n_sig']}/{t['genes']} | "
                 f"{_f(t['mean_partial_r'])} |"
             )
@@ -496,15 +498,18 @@ def write_report(args, results: dict, argv: list[str]) -> str:
         f"Machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs visible, torch threads "
         f"{args.threads}, device {args.device}; wall time {results['wall_s'] / 60:.1f} min (tiles "
         f"{results['tiles_s']:.0f}s){' — QUICK SMOKE RUN (60 spots per section)' if args.quick else ''}.  ",
-        f"Data: her2st A1, A2 (PNG, ≈3.2 µm/px) and C2–C6 (JPG, ≈0.69 µm/px); reader: {', '.join(results['reader'])}; "
+        "Data: her2st A1, A2 (PNG, ≈3.2 µm/px) and C2–C6 (JPG, ≈0.69 µm/px); "
+        f"reader: {', '.join(results['reader'])}; "
         f"tiles: {', '.join(results['tiler'])}; {args.tile}-px tiles at {args.mpp} µm/px "
         f"({args.tile * args.mpp:.0f} µm field, spot = 100 µm disc at the centre)"
         f"{'' if args.no_black_to_white else '; near-black (max channel < 16) pixels set to white'}.  ",
         f"Genes: {results['genes']['hvg785_in_data']} of the 785 published genes (all measured in every section) "
-        "and the 50 with the highest mean CP10k+log1p in the TRAINING patient. Normalisation CP10k + log1p over all genes.  ",
+        "and the 50 with the highest mean CP10k+log1p in the TRAINING patient. "
+        "Normalisation CP10k + log1p over all genes.  ",
         "Metric: per gene Pearson r across the spots of one held-out section (or pooled over the test patient), "
         "mean / median over genes; 'sig.' = genes with r > 0 and BH q < 0.05 (two-sided t test); partial r controls "
-        "for log1p total UMI of the test spot. Ridge alphas: leave-one-section-out CV inside the training patient only.",
+        "for log1p total UMI of the test spot. "
+        "Ridge alphas: leave-one-section-out CV inside the training patient only.",
     ]
     body = [
         table_for_split(s, r, results["genes"]["hvg785_in_data"])

@@ -307,6 +307,18 @@ def he_inputs(sec: str, model_dir: str) -> dict[str, object]:
     return {"measured counts": measured, "predicted expression": predicted, "H&E embedding (X_squall)": embedded}
 
 
+def _trained_on(model_dir: Path) -> str:
+    """The training sections of a model exported by ``squall train`` (its run's ``config.yaml``), if known."""
+    import yaml
+
+    for cfg in (model_dir / "config.yaml", model_dir.parent / "finetune" / "config.yaml"):
+        if cfg.is_file():
+            train = yaml.safe_load(cfg.read_text()).get("data", {}).get("train", [])
+            train = [train] if isinstance(train, str) else train
+            return ", ".join(Path(t).name for t in train) or "unknown"
+    return "unknown (no config.yaml beside the model)"
+
+
 def run_he(model_dir: str, seeds: list[int], cc_seeds: list[int], skip_cc: bool) -> pd.DataFrame:
     """Every method on measured counts, predicted expression and embeddings of the sections with an H&E."""
     rows = []
@@ -529,10 +541,11 @@ def main() -> None:
         df = run_he(args.from_he, list(range(args.seeds)), list(range(args.cellcharter_seeds)), not cc_ok)
         df.to_csv(Path(args.out).with_suffix(".csv"), index=False)
         model = json.loads((Path(args.from_he) / "config.json").read_text())["config"]
+        trained = _trained_on(Path(args.from_he))
         parts += [
             "## her2st A1 from its H&E alone",
             "",
-            f"Model: `{args.from_he}` (`{model['name']}`: {model['description'][:160]}…). It must not have seen "
+            f"Model: `{args.from_he}` (`{model['name']}`, trained on: {trained}). It must not have seen "
             "patient A. Inputs over the same spots: the measured counts (CP10k + log1p → PCA), the expression it "
             "predicts from the H&E (log1p(CP10k) → PCA) and its H&E embeddings (`tl.embed`, `X_squall` → PCA). "
             "ARI / NMI against the pathologist's regions, mean ± sd over seeds; no method sees the labels.",

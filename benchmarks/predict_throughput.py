@@ -31,8 +31,9 @@ Run::
 there); one warm-up batch runs before timing in both the end-to-end and the forward-only process, so
 CUDA/cuBLAS start-up is not counted in either. ``--threads`` sets ``torch.set_num_threads`` in every
 process (default: torch's default); on a shared machine ``--threads 1`` gives the steadiest numbers.
-``--repeat`` runs the throughput comparison (end to end and forward only alternate on the largest slide, each in a fresh process)
-several times and keeps the best of each. ``--workloads`` picks ``bundled`` and / or ``worst``.
+``--repeat`` runs the throughput comparison (end to end and forward only alternate on the largest
+slide, each in a fresh process) several times and keeps the best of each. ``--workloads`` picks
+``bundled``, ``worst`` and / or ``large``.
 
 It prints a table and writes ``benchmarks/results/predict_throughput.md`` and
 ``docs/benchmarks/predict_throughput.md`` (``predict_throughput_cuda.md`` with ``--device cuda``).

@@ -27,6 +27,7 @@ DESCRIPTION = (
 
 
 def fold(src: Path, dst: Path, *, fp16: bool = False, name: str = "squall-tiny-her2st") -> Path:
+    """Fold the fine-tuning head of the export at ``src`` into ``fc2`` and save the model to ``dst``."""
     import squall_sd as squall
 
     model = squall.models.load(src)

@@ -31,12 +31,14 @@ SECTIONS = {"A": ["A1", "A2"], "C": ["C2", "C3", "C4", "C5", "C6"]}
 
 
 def log1p_cp10k(counts: pd.DataFrame) -> pd.DataFrame:
+    """Normalise a spots x genes count table to log1p of counts per 10,000 (CP10k)."""
     x = counts.to_numpy(dtype=np.float64)
     tot = np.maximum(x.sum(1, keepdims=True), 1.0)
     return pd.DataFrame(np.log1p(x / tot * 1e4), index=counts.index, columns=counts.columns)
 
 
 def gene_panel(root: Path) -> tuple[list[str], dict]:
+    """Build the gene panel (hvg785 + top-50 genes of C, A and A+C, common to all sections) and its summary."""
     counts = {
         s: pd.read_csv(root / "counts" / f"{s}.tsv.gz", sep="\t", index_col=0)
         for p in SECTIONS.values()
@@ -70,6 +72,7 @@ def white_background(sdata, thresh: int = 16) -> None:
 
 
 def main(argv=None) -> None:
+    """Write the gene panel and run ``squall_sd.train.prepare`` for each requested section."""
     import squall_sd as squall
     from squall_sd import train
 

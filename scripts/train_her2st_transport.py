@@ -20,6 +20,7 @@ from PIL import Image
 
 
 def pack(src: Path, dst: Path, quality: int = 90) -> None:
+    """Copy the shard folders ``src`` to ``dst``, storing each shard's ``rgb`` array as JPEG blobs in an npz."""
     import zarr
 
     if dst.exists():
@@ -38,6 +39,7 @@ def pack(src: Path, dst: Path, quality: int = 90) -> None:
 
 
 def unpack(src: Path, dst: Path) -> None:
+    """Copy packed shards ``src`` to ``dst``, decoding the JPEG blobs back into each shard's zarr ``rgb`` array."""
     import zarr
 
     if dst.exists():
@@ -47,7 +49,9 @@ def unpack(src: Path, dst: Path) -> None:
         z = np.load(npz)
         offs = np.concatenate([[0], np.cumsum(z["lens"])])
         rgb = np.stack([
-            np.moveaxis(np.asarray(Image.open(io.BytesIO(z["blob"][offs[i]:offs[i + 1]].tobytes())).convert("RGB")), -1, 0)
+            np.moveaxis(
+                np.asarray(Image.open(io.BytesIO(z["blob"][offs[i]:offs[i + 1]].tobytes())).convert("RGB")), -1, 0
+            )
             for i in range(len(z["lens"]))
         ]).astype(np.uint8)
         assert rgb.shape == tuple(z["shape"]), (rgb.shape, z["shape"])

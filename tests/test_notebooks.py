@@ -1,8 +1,9 @@
 """Every tutorial notebook in notebooks/ executes without error (nbclient, the venv's own kernel).
 
 The notebooks are committed without outputs; this test runs them top to bottom on the bundled data
-(no network). Set ``SQUALL_NOTEBOOK_OUTPUT_DIR`` to keep the executed copies (e.g. as CI artifacts). The napari cell of ``niches_napari.ipynb`` runs when an X display is available (e.g.
-the Xvfb that pytest-xvfb starts) and is skipped otherwise.
+(no network). Set ``SQUALL_NOTEBOOK_OUTPUT_DIR`` to keep the executed copies (e.g. as CI artifacts).
+The napari cell of ``niches_napari.ipynb`` runs when an X display is available (e.g. the Xvfb that
+pytest-xvfb starts) and is skipped otherwise.
 """
 
 from __future__ import annotations

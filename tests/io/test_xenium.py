@@ -70,7 +70,10 @@ def test_xenium_spe_cells_as_circles(shared_data):
 
 
 def test_xenium_counts_from_transcripts(shared_data):
-    """No cell_feature_matrix: counts are tallied from transcripts (qv ≥ 20, genes only); pixel size from experiment.xenium."""
+    """No cell_feature_matrix: counts are tallied from transcripts (qv ≥ 20, genes only).
+
+    Pixel size from experiment.xenium.
+    """
     sdata = squall.io.xenium(shared_data / MOLEXP)
     assert sdata.attrs["squall"]["morphology_pixel_size_um"] == 0.2125
     table = sdata.tables["table"]

@@ -215,10 +215,14 @@ def test_region_grid_vectorised_equals_reference(kind):
     xy = rng.uniform(0, 600, (n, 2))
     xy[: n // 4] = np.round(xy[: n // 4] / 8) * 8  # lattice-aligned centres: equal-distance ties
     if kind == "circles":
-        shapes = ShapesModel.parse(xy, geometry=0, radius=rng.uniform(0.3, 25, n), transformations={"microns": Identity()})
+        shapes = ShapesModel.parse(
+            xy, geometry=0, radius=rng.uniform(0.3, 25, n), transformations={"microns": Identity()}
+        )
     else:
         e = 12.0 if kind == "polygons" else 150.0
-        geoms = shapely.box(xy[:, 0], xy[:, 1], xy[:, 0] + e * rng.uniform(0.1, 2, n), xy[:, 1] + e * rng.uniform(0.1, 2, n))
+        geoms = shapely.box(
+            xy[:, 0], xy[:, 1], xy[:, 0] + e * rng.uniform(0.1, 2, n), xy[:, 1] + e * rng.uniform(0.1, 2, n)
+        )
         geoms = np.where(rng.random(n) < 0.3, shapely.buffer(shapely.points(xy), e / 2), geoms)
         shapes = ShapesModel.parse(gpd.GeoDataFrame(geometry=geoms), transformations={"microns": Identity()})
     rg = squall.pp.RegionGrid(shapes, patch_px=224, mpp=0.5, grid=56)
