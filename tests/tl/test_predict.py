@@ -437,3 +437,4 @@ def test_num_workers_auto(monkeypatch):
         resolve_workers("many", torch.device("cpu"))
     with pytest.raises(ValueError, match=">= 0"):
         resolve_workers(-1, torch.device("cpu"))
+    assert resolve_workers("auto", torch.device("mps")) == 0  # not measured: the reading thread

@@ -351,14 +351,15 @@ AUTO_WORKERS = 8
 def resolve_workers(num_workers: int | str, device: torch.device) -> int:
     """Return the number of DataLoader worker processes ``num_workers`` means on ``device``.
 
-    ``"auto"``: none on the CPU (tiles are read in a thread beside the forward pass, which measured as
-    fast there), and ``min(8, cores // 2)`` on a GPU, where one reading thread cannot keep up with the
-    forward pass (``benchmarks/predict_throughput.py``).
+    ``"auto"``: ``min(8, cores // 2)`` on a CUDA GPU, where one reading thread cannot keep up with the
+    forward pass (``benchmarks/predict_throughput.py``), and none elsewhere (tiles are read in a thread
+    beside the forward pass, which measured as fast as a worker process on the CPU; other accelerators
+    were not measured).
     """
     if isinstance(num_workers, str):
         if num_workers != "auto":
             raise ValueError(f"`num_workers` must be an integer >= 0 or 'auto', found {num_workers!r}.")
-        return 0 if device.type == "cpu" else min(AUTO_WORKERS, (os.cpu_count() or 1) // 2)
+        return min(AUTO_WORKERS, (os.cpu_count() or 1) // 2) if device.type == "cuda" else 0
     if int(num_workers) < 0:
         raise ValueError(f"Expected `num_workers` to be >= 0, found {num_workers!r}.")
     return int(num_workers)
