@@ -215,6 +215,23 @@ METHODS = {
 }
 
 
+def each_method(base, seeds: list[int], cc_seeds: list[int], skip_cc: bool):
+    """Run every method of :data:`METHODS` on a copy of ``base`` per seed.
+
+    Yields ``(name, seed, adata, labels, seconds)``; CellCharter's seconds are those of the run that
+    produced its (cached) labels.
+    """
+    for name, fn in METHODS.items():
+        if fn is m_cellcharter and skip_cc:
+            continue
+        for seed in cc_seeds if fn is m_cellcharter else seeds:
+            a = base.copy()
+            t0 = time.perf_counter()
+            labels = fn(a, seed)
+            dt = m_cellcharter.cached_time if fn is m_cellcharter else time.perf_counter() - t0
+            yield name, seed, a, labels, dt
+
+
 def run_her2st(sections: tuple[str, ...], seeds: list[int], cc_seeds: list[int], skip_cc: bool) -> pd.DataFrame:
     import anndata as ad
 
@@ -223,31 +240,13 @@ def run_her2st(sections: tuple[str, ...], seeds: list[int], cc_seeds: list[int],
     rows = []
     raw = {sec: load_section(sec) for sec in sections}
     for sec in sections:
-        base = _prep(raw[sec].copy())
-        for name, fn in METHODS.items():
-            if fn is m_cellcharter and skip_cc:
-                continue
-            for seed in cc_seeds if fn is m_cellcharter else seeds:
-                a = base.copy()
-                t0 = time.perf_counter()
-                labels = fn(a, seed)
-                dt = time.perf_counter() - t0
-                if fn is m_cellcharter:  # the time of the run that produced the (cached) labels
-                    dt = m_cellcharter.cached_time
-                rows.append(
-                    {
-                        "method": name,
-                        "section": sec,
-                        "seed": seed,
-                        "time_s": dt,
-                        **_scores(a, labels),
-                    }
-                )
-                print(
-                    f"  {sec} {name} seed={seed}: ARI={rows[-1]['ari']:.3f} NMI={rows[-1]['nmi']:.3f} "
-                    f"k={rows[-1]['k']} ({dt:.1f}s)",
-                    flush=True,
-                )
+        for name, seed, a, labels, dt in each_method(_prep(raw[sec].copy()), seeds, cc_seeds, skip_cc):
+            rows.append({"method": name, "section": sec, "seed": seed, "time_s": dt, **_scores(a, labels)})
+            print(
+                f"  {sec} {name} seed={seed}: ARI={rows[-1]['ari']:.3f} NMI={rows[-1]['nmi']:.3f} "
+                f"k={rows[-1]['k']} ({dt:.1f}s)",
+                flush=True,
+            )
     # one joint fit on all sections (one model, consistent labels), scored per section; without and
     # with the per-section alignment of the representation (batch_key)
     import scanpy as sc
@@ -290,6 +289,9 @@ def he_inputs(sec: str, model_dir: str) -> dict[str, object]:
     sdata = squall.datasets.her2st(sec, SHARED / "her2st")
     if not sdata.images:
         raise SystemExit(f"{sec} has no H&E in {SHARED / 'her2st' / 'images'}")
+    seen = _trained_on(Path(model_dir)).split(", ")
+    if any(t[:1] == sec[:1] for t in seen):
+        raise SystemExit(f"{model_dir} was trained on {', '.join(seen)}: patient {sec[:1]} is not held out.")
     model = squall.models.load(model_dir)
     table = sdata.tables["table"]
     table.obs_names = [f"{sec}_{n}" for n in table.obs_names]
@@ -324,15 +326,10 @@ def run_he(model_dir: str, seeds: list[int], cc_seeds: list[int], skip_cc: bool)
     rows = []
     for sec in [s for s in SECTIONS if any((SHARED / "her2st" / "images").glob(f"{s}.*"))]:
         for inp, base in he_inputs(sec, model_dir).items():
-            for name, fn in METHODS.items():
-                if fn is m_cellcharter and skip_cc:
-                    continue
-                for seed in cc_seeds if fn is m_cellcharter else seeds:
-                    a = base.copy()
-                    labels = fn(a, seed)
-                    rows.append({"input": inp, "method": name, "section": sec, "seed": seed, **_scores(a, labels)})
-                    print(f"  {sec} {inp} {name} seed={seed}: ARI={rows[-1]['ari']:.3f} NMI={rows[-1]['nmi']:.3f} "
-                          f"k={rows[-1]['k']}", flush=True)
+            for name, seed, a, labels, _ in each_method(base, seeds, cc_seeds, skip_cc):
+                rows.append({"input": inp, "method": name, "section": sec, "seed": seed, **_scores(a, labels)})
+                print(f"  {sec} {inp} {name} seed={seed}: ARI={rows[-1]['ari']:.3f} NMI={rows[-1]['nmi']:.3f} "
+                      f"k={rows[-1]['k']}", flush=True)
     return pd.DataFrame(rows)
 
 
