@@ -438,3 +438,15 @@ def test_num_workers_auto(monkeypatch):
     with pytest.raises(ValueError, match=">= 0"):
         resolve_workers(-1, torch.device("cpu"))
     assert resolve_workers("auto", torch.device("mps")) == 0  # not measured: the reading thread
+
+
+def test_trim_heap_is_safe_to_call():
+    import platform
+
+    from squall_sd.tl._predict import _malloc_trim, trim_heap
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert _malloc_trim() is not None
+    blocks = [np.ones(2_000_000) for _ in range(8)]  # ~128 MB, then freed
+    del blocks
+    assert trim_heap() is None

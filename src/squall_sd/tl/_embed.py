@@ -12,6 +12,7 @@ from squall_sd._logging import logger
 from squall_sd.tl._keys import instance_positions, resolve_region
 from squall_sd.tl._predict import (
     MAX_UPSAMPLE,
+    TRIM_EVERY,
     Canvas,
     TileDataset,
     _set_uns,
@@ -28,6 +29,7 @@ from squall_sd.tl._predict import (
     resolve_image_mpp,
     resolve_model,
     resolve_where,
+    trim_heap,
 )
 
 if TYPE_CHECKING:
@@ -215,7 +217,9 @@ def embed(
     canvas = None
     try:
         bar = progress_bar(len(plan), desc="embed", enabled=progress)
-        for _, rgb, w, ridx in loader:
+        for k_batch, (_, rgb, w, ridx) in enumerate(loader):
+            if k_batch % TRIM_EVERY == TRIM_EVERY - 1:
+                trim_heap()
             tok = model.embed(rgb, mpp, pool=None, autocast=use_autocast)  # (B, N, D)
             if pool == "tile":
                 vec = tok.mean(dim=1)[:, None, :].expand(-1, w.shape[1], -1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -344,6 +345,37 @@ def collate_tiles(
     return torch.from_numpy(tids), rgb, torch.from_numpy(w.reshape(b, r, grid, grid)), torch.from_numpy(idx)
 
 
+#: batches between two :func:`trim_heap` calls in the prediction loops
+TRIM_EVERY = 8
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    """Glibc's ``malloc_trim``, or ``None`` where there is none (macOS, Windows, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the operating system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    glibc raises its mmap threshold once a large block is freed, so the ~10 MB batches that follow
+    are served from the heap, and what they free stays resident. In ``benchmarks`` the main process
+    grew by 75-120 MB over the first ~32 batches of a large slide and then levelled off; trimming every
+    :data:`TRIM_EVERY` batches keeps it near the first batches' level (dask.distributed trims its
+    workers the same way). Only free memory is released; nothing in use is touched.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 #: most DataLoader workers ``num_workers="auto"`` starts on a GPU
 AUTO_WORKERS = 8
 
@@ -641,6 +673,7 @@ def resolve_where(
         shapes, tissue = virtual_spots(
             sdata, image_key=image_key, spots=spots or "visium", spot_size_um=spot_size_um
         )
+        trim_heap()  # tissue detection's working images are freed
         new_shapes[shapes_key_added] = shapes
         if tissue is not None:
             new_shapes[f"{image_key}_tissue"] = tissue
@@ -901,7 +934,9 @@ def predict_expression(
         patches.warm(np.arange(min(len(plan), int(batch_size))))
     batches = _Prefetch(loader) if loader.num_workers == 0 and len(plan) > batch_size else None
     try:
-        for tids, rgb, w, ridx in (batches if batches is not None else loader):
+        for k_batch, (tids, rgb, w, ridx) in enumerate(batches if batches is not None else loader):
+            if k_batch % TRIM_EVERY == TRIM_EVERY - 1:
+                trim_heap()
             if dense_t is None:
                 agg = model.predict(rgb, mpp, genes=genes_arg, aggregate=w, reduce=reduce, autocast=use_autocast)
             else:
