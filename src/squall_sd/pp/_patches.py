@@ -335,15 +335,16 @@ class _ChunkCache:
             if arr is not None:
                 self._lru.move_to_end(key)
                 return arr
-        y0, y1 = self.ybounds[i], self.ybounds[i + 1]
-        x0, x1 = self.xbounds[j], self.xbounds[j + 1]
-        # chunk-aligned, so dask reads exactly one chunk (per channel chunk); the scheduler function
-        # itself: a scheduler *name* makes dask import distributed (slow)
-        arr = np.asarray(self.src[:, y0:y1, x0:x1].compute(scheduler=dask.local.get_sync))
+        # the scheduler function itself: a scheduler *name* makes dask import distributed (slow)
+        arr = np.asarray(self._part(i, j).compute(scheduler=dask.local.get_sync))
         with self._lock:
             self.decoded += 1
             self._insert(key, arr)
         return arr
+
+    def _part(self, i: int, j: int) -> da.Array:
+        """Return the lazy chunk at chunk row ``i``, column ``j`` (chunk-aligned: dask reads exactly that chunk)."""
+        return self.src[:, self.ybounds[i] : self.ybounds[i + 1], self.xbounds[j] : self.xbounds[j + 1]]
 
     def keys(self, x0: int, y0: int, x1: int, y1: int) -> list[tuple[int, int]]:
         """Return the (row, column) of the chunks under the window (clipped to the level)."""
@@ -364,10 +365,7 @@ class _ChunkCache:
         todo = todo[: max(1, int(self.max_bytes // max(self.chunk_bytes(self.src), 1)))]
         if not todo:
             return 0
-        parts = [
-            self.src[:, self.ybounds[i] : self.ybounds[i + 1], self.xbounds[j] : self.xbounds[j + 1]] for i, j in todo
-        ]
-        datas = dask.compute(*parts, scheduler=dask.threaded.get)
+        datas = dask.compute(*[self._part(i, j) for i, j in todo], scheduler=dask.threaded.get)
         with self._lock:
             self.decoded += len(todo)
             for key, arr in zip(todo, datas, strict=True):
