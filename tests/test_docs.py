@@ -32,3 +32,17 @@ def test_docs_build_warning_free(tmp_path):
             if name not in constants:
                 assert f"{ns}.{name}" in api, f"squall.{ns}.{name} missing from the API page"
     shutil.rmtree(DOCS / "generated", ignore_errors=True)
+
+
+def test_readme_images_exist():
+    """Every local image of README.md is in the repository (a missing one shows as a broken image on GitHub)."""
+    import re
+
+    root = DOCS.parent
+    text = (root / "README.md").read_text()
+    refs = re.findall(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", text)
+    refs += re.findall(r"<img\s[^>]*src=[\"']([^\"']+)[\"']", text)
+    local = [r for r in refs if not re.match(r"^[a-z][a-z0-9+.-]*:", r, flags=re.I)]
+    assert local, "README.md references no local image; update this test if that is intended"
+    missing = [r for r in local if not (root / r.split("#")[0]).is_file()]
+    assert not missing, f"README.md shows images that are not in the repository: {missing}"
