@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from squall_sd import __version__
 from squall_sd._logging import logger
 
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``squall`` command."""
     parser = argparse.ArgumentParser(prog="squall", description="squall-sd: H&E + spatial transcriptomics.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the main job on the bundled example")
