@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predict_parser(sub)
 
+    from squall_sd.cli._niches import add_niches_parser
+
+    add_niches_parser(sub)
+
     from squall_sd.cli._view import add_view_parser
 
     add_view_parser(sub)
@@ -54,8 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.setLevel(logging.INFO)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
-        sys.stderr.write(f"squall {args.command}: error: {e}\n")
+    except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, KeyError) as e:
+        # str(KeyError) quotes its message: print the message itself
+        msg = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e
+        sys.stderr.write(f"squall {args.command}: error: {msg}\n")
         return 2
 
 
