@@ -16,11 +16,16 @@ from squall_sd.cli import main
 
 @pytest.fixture
 def store(tmp_path):
-    """The bundled example with a log1p(CP10k) layer, written to a zarr store."""
+    """The bundled example with a layer shaped like `squall predict`'s, written to a zarr store.
+
+    The layer ``squall`` holds log1p(CP10k) and, as predictions do, NaN for the genes "not predicted".
+    """
     sdata = squall.datasets.example()
     adata = sdata.tables["table"]
-    adata.layers["log1p"] = sc.pp.normalize_total(adata, target_sum=1e4, inplace=False)["X"]
-    sc.pp.log1p(adata, layer="log1p")
+    pred = sc.pp.normalize_total(adata, target_sum=1e4, inplace=False)["X"]
+    pred = np.log1p(np.asarray(pred.todense() if hasattr(pred, "todense") else pred, dtype=np.float32))
+    pred[:, ::3] = np.nan
+    adata.layers["squall"] = pred
     path = tmp_path / "example.zarr"
     sdata.write(path)
     return path
@@ -36,7 +41,7 @@ def _snapshot(path: Path) -> dict[str, str]:
 
 
 def test_cli_niches_writes_into_store(store):
-    args = ["niches", str(store), "--use-rep", "log1p", "--n-niches", "3", "--n-runs", "2"]
+    args = ["niches", str(store), "--use-rep", "squall", "--n-niches", "3", "--n-runs", "2"]
     assert main(args) == 0
     assert sorted(p.name for p in store.parent.iterdir()) == ["example.zarr"]  # no temporary leftovers
     back = sd.read_zarr(store)
@@ -44,7 +49,7 @@ def test_cli_niches_writes_into_store(store):
     assert adata.obs["squall_niche"].nunique() == 3
     assert adata.obs["squall_niche"].notna().all()
     assert adata.obsm["X_squall_niche"].shape[0] == adata.n_obs
-    assert adata.uns["squall_niche"]["use_rep"] == "log1p"
+    assert adata.uns["squall_niche"]["use_rep"] == "squall"
     # the rest of the store is kept
     assert set(back.images) == {"he"} and set(back.shapes) == {"spots"}
     assert back.attrs["squall"]["section"] == "C2"
@@ -61,8 +66,8 @@ def test_cli_niches_writes_into_store(store):
     [
         (["--table-key", "nope"], "Table 'nope' not found"),
         (["--use-rep", "X_nope"], "Representation 'X_nope' not found"),
-        (["--use-rep", "log1p", "--library-key", "nope"], "--library-key 'nope' not found"),
-        (["--use-rep", "log1p", "--n-niches", "500"], "Expected `n_niches` in"),  # fails in tl.niches itself
+        (["--use-rep", "squall", "--library-key", "nope"], "--library-key 'nope' not found"),
+        (["--use-rep", "squall", "--n-niches", "500"], "Expected `n_niches` in"),  # fails in tl.niches itself
     ],
 )
 def test_cli_niches_bad_key_leaves_store_unchanged(store, capsys, extra, message):

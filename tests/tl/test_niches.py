@@ -147,6 +147,22 @@ def test_niches_bundled_example_spatialdata():
         squall.tl.niches(sdata, table_key="cells")
 
 
+def test_niches_predicted_layer_ignores_unpredicted_genes():
+    """A `predict_expression` layer is NaN for the genes the model does not predict: those are left out."""
+    adata = squall.datasets.example().tables["table"]
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    pred = np.asarray(adata.X.todense() if sparse.issparse(adata.X) else adata.X, dtype=np.float32).copy()
+    pred[:, ::3] = np.nan
+    adata.layers["squall"] = pred
+    squall.tl.niches(adata, use_rep="squall", n_niches=3, n_runs=2)
+    assert adata.obs["squall_niche"].nunique() == 3
+    pred[0, 1] = np.nan  # a missing value in a predicted gene is an error, not silently dropped
+    adata.layers["squall"] = pred
+    with pytest.raises(ValueError, match="missing values"):
+        squall.tl.niches(adata, use_rep="squall", n_niches=3, n_runs=2)
+
+
 def test_pick_k_prefers_interior_peak():
     curve = pd.DataFrame({"n_niches": [2, 3, 4, 5, 6], "stability": [0.5, 0.7, 0.6, 0.65, 0.9]})
     assert _pick_k(curve) == 3  # the range end (6) is higher but is no peak

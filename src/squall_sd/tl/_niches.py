@@ -237,7 +237,8 @@ def niches(
     use_rep
         Representation to aggregate: a key of ``obsm`` (``"X_pca"``, ``"X_squall"`` embeddings, …),
         ``"X"`` or a key of ``layers`` (e.g. predicted expression). Gene matrices are reduced to
-        ``n_pcs`` principal components first; they should be normalised (e.g. log1p CP10k).
+        ``n_pcs`` principal components first; they should be normalised (e.g. log1p CP10k). Genes
+        that are NaN everywhere (not predicted, in a ``predict_expression`` layer) are left out.
     table_key
         Table of a SpatialData input (default ``"table"``).
     library_key

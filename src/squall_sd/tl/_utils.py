@@ -101,7 +101,8 @@ def get_representation(
     use_rep
         ``"X"``, a key of ``obsm`` (e.g. ``"X_pca"``, ``"X_squall"``) or a key of ``layers``
         (e.g. predicted expression). Gene matrices (``"X"`` or a layer) are reduced by PCA to
-        ``n_pcs`` components.
+        ``n_pcs`` components; their genes that are NaN in every observation (genes a model did not
+        predict) are left out.
     n_pcs
         Use at most this many leading columns of an ``obsm`` representation, or compute this
         many principal components of a gene matrix (``None``: all columns / 50 components).
@@ -129,6 +130,7 @@ def get_representation(
         where = "X" if use_rep == "X" else f"layers[{use_rep!r}]"
         if X is None:
             raise ValueError(f"`adata.{where}` is empty.")
+        X = _drop_unpredicted(X, where)
         if _looks_like_counts(X):
             logger.warning(
                 "`adata.%s` looks like raw counts; niches and trajectories are usually computed on "
@@ -154,6 +156,27 @@ def get_representation(
         f"Representation {use_rep!r} not found in `adata.obsm` {list(adata.obsm.keys())} nor "
         f"`adata.layers` {list(adata.layers.keys())}. {hint}"
     )
+
+
+def _drop_unpredicted(X: Any, where: str) -> Any:
+    """Drop the all-NaN columns of a gene matrix (genes a model did not predict); refuse any other NaN."""
+    if sparse.issparse(X):
+        if np.isnan(X.data).any():
+            raise ValueError(f"`adata.{where}` has missing values (NaN); fill or remove them first.")
+        return X
+    X = np.asarray(X)
+    nan = np.isnan(X) if np.issubdtype(X.dtype, np.floating) else None
+    if nan is None or not nan.any():
+        return X
+    empty = nan.all(axis=0)
+    if (nan[:, ~empty]).any():
+        raise ValueError(
+            f"`adata.{where}` has missing values (NaN) in {int(nan[:, ~empty].any(axis=0).sum())} genes that are "
+            "not missing everywhere; fill or remove them first."
+        )
+    logger.info("Ignoring %d of %d genes of `adata.%s` that are NaN everywhere (not predicted)",
+                int(empty.sum()), X.shape[1], where)
+    return X[:, ~empty]
 
 
 def _rep_hint(use_rep: str) -> str:
