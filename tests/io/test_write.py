@@ -118,3 +118,25 @@ def test_failure_mid_write_leaves_store_untouched(example, written, monkeypatch)
 def test_missing_parent_folder(example, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         squall.io.write(example, tmp_path / "no" / "such" / "x.zarr")
+
+
+def test_write_no_autosharding_warning(example, tmp_path):
+    """Our writes pin anndata's zarr v3 sharding to off instead of printing its warning once per array."""
+    import warnings
+
+    import anndata as ad
+
+    if getattr(ad.settings, "auto_shard_zarr_v3", False) is not None:
+        pytest.skip("this anndata has no unset `auto_shard_zarr_v3` option (nothing to warn about)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        squall.io.write(example, tmp_path / "a.zarr")
+    assert not [w for w in caught if "autosharding" in str(w.message)]
+    assert ad.settings.auto_shard_zarr_v3 is None  # the user's setting is restored
+    # a choice the user made is kept: with autosharding on, the table arrays are sharded
+    with ad.settings.override(auto_shard_zarr_v3=True):
+        squall.io.write(example, tmp_path / "b.zarr")
+    meta = (tmp_path / "b.zarr" / "tables" / "table" / "obs" / "total_counts" / "zarr.json").read_text()
+    assert "sharding" in meta
+    meta = (tmp_path / "a.zarr" / "tables" / "table" / "obs" / "total_counts" / "zarr.json").read_text()
+    assert "sharding" not in meta

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -257,13 +258,33 @@ def write(sdata: SpatialData, path: str | os.PathLike, *, overwrite: bool = Fals
         raise FileNotFoundError(f"The folder {str(target.parent)!r} to write into does not exist.")
     tmp = temp_sibling(target)
     try:
-        sdata.write(tmp, overwrite=False)
+        with table_write_settings():
+            sdata.write(tmp, overwrite=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     move_into_place(tmp, target)
     logger.info("wrote %s", target)
     return target
+
+
+@contextmanager
+def table_write_settings() -> Iterator[None]:
+    """Write tables with zarr v3 sharding off, explicitly, unless the user chose a sharding setting.
+
+    SpatialData writes tables through anndata in zarr format 3. While ``anndata.settings.auto_shard_zarr_v3``
+    is unset (``None``, anndata's default), anndata (0.12 here) warns *"zarr v3 autosharding will be the
+    default in the next minor release."* (``UserWarning``) once for every array of every table written:
+    ``squall demo`` printed 18 of them. Setting the option to ``False`` while we write avoids the warning
+    at its source and keeps the layout written so far (unsharded arrays), also once anndata's default
+    changes. A value the user set (``True`` or ``False``) is left alone, and so is an anndata without
+    the option.
+    """
+    if getattr(ad.settings, "auto_shard_zarr_v3", False) is None:
+        with ad.settings.override(auto_shard_zarr_v3=False):
+            yield
+    else:
+        yield
 
 
 def temp_sibling(target: Path) -> Path:

@@ -1105,6 +1105,8 @@ def persist(sdata: SpatialData, *, new: Sequence[str], replaced: Sequence[str], 
     ``new`` are element names that did not exist on disk before; ``replaced`` may exist and are
     overwritten. On an error the new elements written so far are deleted again.
     """
+    from squall_sd.io._common import table_write_settings
+
     backed = getattr(sdata, "path", None) is not None
     if write_to_store is None:
         write_to_store = backed
@@ -1125,7 +1127,8 @@ def persist(sdata: SpatialData, *, new: Sequence[str], replaced: Sequence[str], 
                 shutil.copytree(src, tmp / rel.replace("/", "__"))
                 backups.append((name, src, tmp / rel.replace("/", "__")))
                 sdata.delete_element_from_disk(name)
-            sdata.write_element(name)
+            with table_write_settings():  # no zarr v3 autosharding warning per table array
+                sdata.write_element(name)
             written.append(name)
             logger.info("wrote %r to %s", name, sdata.path)
     except BaseException:
