@@ -79,8 +79,19 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=Path("../shared/data/her2st"))
     p.add_argument("--out", type=Path, default=Path("data/her2st-shards"))
-    p.add_argument("--mpp", type=float, default=2.0, help="µm/px of the 224-px tiles")
+    p.add_argument("--mpp", type=float, default=2.0, help="µm/px of the tiles")
+    p.add_argument("--img-size", type=int, default=224, help="tile edge in px (field = img-size × mpp µm)")
     p.add_argument("--stride-um", type=float, default=None, help="tile step (default: tile edge)")
+    p.add_argument(
+        "--spot-tiles", type=int, default=0,
+        help="N > 0: N tiles centred on each spot (the first exact, the rest shifted by up to --jitter-um) "
+        "instead of the stride grid",
+    )
+    p.add_argument("--jitter-um", type=float, default=0.0, help="largest shift of the extra spot tiles")
+    p.add_argument(
+        "--model-overrides", default="",
+        help="further SquallConfig fields as key=value,... (e.g. stem=conv,init=trunc_normal)",
+    )
     p.add_argument("--sections", default="A1,A2,C2,C3,C4,C5,C6")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +99,12 @@ def main(argv=None) -> None:
     (args.out / "panel.txt").write_text("\n".join(panel) + "\n")
     (args.out / "panel.json").write_text(json.dumps(info, indent=1))
     print(f"panel: {len(panel)} genes ({info['n_hvg785']} hvg785 + top-50 extras)")
-    cfg = squall.models.get_config("squall-tiny").replace(genes=tuple(panel), mpp=args.mpp)
+    over = dict(kv.split("=", 1) for kv in args.model_overrides.split(",") if kv)
+    # a tile of img-size px keeps the tiny model's 4 px per expression cell
+    cfg = squall.models.get_config("squall-tiny").replace(
+        genes=tuple(panel), mpp=args.mpp, img_size=args.img_size, expr_size=args.img_size // 4, **over
+    )
+    spot = {"tile_centers": "spots", "tiles_per_spot": args.spot_tiles, "jitter_um": args.jitter_um}
     for sec in args.sections.split(","):
         t = time.time()
         sdata = squall.datasets.her2st(sec, args.root)
@@ -96,7 +112,7 @@ def main(argv=None) -> None:
             white_background(sdata)
         train.prepare(
             sdata, args.out / sec, model_config_or_name=cfg, tile_stride_um=args.stride_um,
-            slide_ids=[sec], overwrite=True,
+            slide_ids=[sec], overwrite=True, **(spot if args.spot_tiles else {}),
         )
         print(f"{sec}: prepared in {time.time() - t:.0f}s")
 

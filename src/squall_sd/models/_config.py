@@ -69,6 +69,10 @@ class SquallConfig:
         Weight initialisation for training from scratch: ``"squall"`` (normal with mean 0.02 and
         std 0.01 for every Linear/Conv weight, zero biases, as in the published pretraining) or
         ``"trunc_normal"`` (truncated normal, std 0.02, as in the fine-tuning classes).
+    stem
+        RGB patch embedding: ``"patchify"`` (one strided ``patch_size`` convolution, the published
+        layout) or ``"conv"`` (:class:`~squall_sd.models._layers.ConvStem`: a stack of 3×3 stride-2
+        convolutions with BatchNorm, for small models trained from scratch on little data).
     region_reduce
         How a region's value (a spot, bin or cell) is formed from the model's grid cells, the
         default of ``reduce`` in :meth:`Squall.predict` and :func:`squall_sd.tl.predict_expression`:
@@ -102,6 +106,7 @@ class SquallConfig:
     mpp: float = 0.5
     input_range: Literal["0-1"] = "0-1"
     init: Literal["squall", "trunc_normal"] = "squall"
+    stem: Literal["patchify", "conv"] = "patchify"
     region_reduce: Literal["sum", "mean"] = "sum"
     description: str = ""
     licence: str = ""
@@ -153,6 +158,8 @@ class SquallConfig:
             )
         if self.input_range != "0-1":
             raise ValueError(f"Only input_range='0-1' is supported, found {self.input_range!r}.")
+        if self.stem not in ("patchify", "conv"):
+            raise ValueError(f"`stem` must be 'patchify' or 'conv', found {self.stem!r}.")
         if self.init not in ("squall", "trunc_normal"):
             raise ValueError(f"`init` must be 'squall' or 'trunc_normal', found {self.init!r}.")
 

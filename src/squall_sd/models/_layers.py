@@ -22,6 +22,7 @@ __all__ = [
     "MultiWayBlock",
     "MultiWayEncoder",
     "MultiWayMLP",
+    "ConvStem",
     "PatchEmbed",
     "PositionEmbeddingMLP",
     "RelativePositionBias",
@@ -118,6 +119,42 @@ class PatchEmbed(nn.Module):
         # contiguous (B, N, D): otherwise every residual add keeps the conv's (B, D, N) strides and each
         # LayerNorm / Linear of every block copies its input back to row-major
         return self.proj(x).flatten(2).transpose(1, 2).contiguous()
+
+
+class ConvStem(nn.Module):
+    """Convolutional stem: ``log2(patch_size)`` 3×3 stride-2 convolutions, then a 1×1 projection.
+
+    A drop-in replacement of :class:`PatchEmbed` with the same token grid (one token per
+    ``patch_size`` px) for small-data models: early convolutions make ViTs optimise and generalise
+    far better when trained from scratch on little data (Xiao et al., *Early convolutions help
+    transformers see better*, NeurIPS 2021). Channels double from ``embed_dim / 2**(n-1)`` up to
+    ``embed_dim``; each 3×3 convolution is followed by BatchNorm and ReLU. The final 1×1
+    convolution is named ``proj`` like the patchify projection.
+    """
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        n = int(patch_size).bit_length() - 1
+        if patch_size < 2 or 2**n != patch_size:
+            raise ValueError(f"The convolutional stem needs a power-of-two patch_size >= 2, found {patch_size}.")
+        self.img_size = int(img_size)
+        self.patch_size = int(patch_size)
+        widths = [max(8, embed_dim // 2 ** (n - 1 - i)) for i in range(n)]
+        layers: list[nn.Module] = []
+        c = in_chans
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            c = w
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(c, embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(
+                f"Expected input of spatial size {self.img_size}×{self.img_size}, found "
+                f"{tuple(x.shape[-2:])}; cut tiles of exactly this size."
+            )
+        return self.proj(self.stem(x)).flatten(2).transpose(1, 2).contiguous()
 
 
 class PositionEmbeddingMLP(nn.Module):

@@ -18,6 +18,7 @@ from squall_sd.models._layers import (
     DecoderStack,
     LinearShuffle,
     MultiWayEncoder,
+    ConvStem,
     PatchEmbed,
     PositionEmbeddingMLP,
     Route,
@@ -55,7 +56,8 @@ class SquallEncoder(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        self.patch_embed_rgb = PatchEmbed(c.img_size, c.patch_size, 3, c.embed_dim)
+        stem = ConvStem if c.stem == "conv" else PatchEmbed
+        self.patch_embed_rgb = stem(c.img_size, c.patch_size, 3, c.embed_dim)
         self.patch_embed_expr = nn.Sequential(
             nn.Conv2d(c.n_genes, c.expr_embed_dim, kernel_size=1),
             PatchEmbed(c.expr_size, c.expr_patch, c.expr_embed_dim, c.embed_dim),
@@ -218,7 +220,11 @@ class Squall(nn.Module):
     # weights, genes
     # ---------------------------------------------------------------------------------------
     def init_weights(self) -> None:
-        """(Re)initialise all weights as described by ``config.init``."""
+        """(Re)initialise all weights as described by ``config.init``.
+
+        The 3×3 convolutions of a convolutional stem (``config.stem == "conv"``) always get He
+        initialisation, as they feed BatchNorm + ReLU.
+        """
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 if self.config.init == "squall":
@@ -227,9 +233,14 @@ class Squall(nn.Module):
                     nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
+            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        stem = getattr(self.encoder.patch_embed_rgb, "stem", None)
+        if stem is not None:  # 3×3 convolutions followed by BatchNorm + ReLU: He initialisation
+            for m in stem.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     @property
     def vocabulary(self) -> GeneVocabulary | None:

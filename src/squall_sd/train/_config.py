@@ -23,7 +23,7 @@ writes beside its checkpoints.
       shuffle_buffer: 512             # tiles; shuffling happens within this window
       max_tiles: null                 # use only the first N tiles (debugging / tests)
       in_memory: false                # read all shards into RAM once (small data, CPU training)
-      augment: {flips: true, rot90: true, stain_jitter: 0.0}
+      augment: {flips: true, rot90: true, stain_jitter: 0.0, color_jitter: 0.0, blur: 0.0}
     optim:
       lr: 1.0e-4
       weight_decay: 0.05              # not applied to 1-D tensors, biases and "token" parameters
@@ -47,11 +47,16 @@ writes beside its checkpoints.
       gradient_clip_val: 1.0
       log_every_n_steps: 10
       val_check_interval: null
+      early_stopping: null            # stop when a validation metric stops improving, e.g.
+                                      # {monitor: val/loss, patience: 5, min_delta: 0.0}
+                                      # (patience counts validation runs; needs data.val)
       deterministic: auto             # auto: true on CPU, "warn" on GPU
     checkpoint:
       every_n_steps: 50
       save_top_k: -1                  # keep every periodic checkpoint (-1) or only last (0)
       export: true                    # write a save_pretrained folder beside each checkpoint
+      best: null                      # e.g. val/loss: also keep the checkpoint with the lowest
+                                      # value as checkpoints/best.ckpt (+ its export best/)
     loss:                             # phase-specific, see the phase functions
       mask_ratio: null                # pretrain_image: share of tokens to reconstruct (default 0.5)
       rgb_weight: 1.0                 # align
@@ -107,7 +112,7 @@ DEFAULTS: dict[str, Any] = {
         "max_tiles": None,
         "drop_last": True,
         "in_memory": False,
-        "augment": {"flips": True, "rot90": True, "stain_jitter": 0.0},
+        "augment": {"flips": True, "rot90": True, "stain_jitter": 0.0, "color_jitter": 0.0, "blur": 0.0},
     },
     "optim": {
         "lr": 1.0e-4,
@@ -131,10 +136,11 @@ DEFAULTS: dict[str, Any] = {
         "gradient_clip_val": 1.0,
         "log_every_n_steps": 10,
         "val_check_interval": None,
+        "early_stopping": None,
         "deterministic": "auto",
         "enable_progress_bar": True,
     },
-    "checkpoint": {"every_n_steps": 50, "save_top_k": -1, "export": True},
+    "checkpoint": {"every_n_steps": 50, "save_top_k": -1, "export": True, "best": None},
     "loss": {
         "mask_ratio": None,
         "rgb_weight": 1.0,
@@ -299,6 +305,22 @@ def _validate(cfg: Mapping[str, Any]) -> None:
         )
     if task["outcome"] not in ("survival", "binary"):
         raise ValueError(f"task.outcome must be 'survival' or 'binary'; found {task['outcome']!r}.")
+    es = tr.get("early_stopping")
+    if es is not None:
+        if not isinstance(es, Mapping) or "monitor" not in es:
+            raise ValueError(
+                "trainer.early_stopping must be a mapping with at least `monitor` (e.g. "
+                "{monitor: val/loss, patience: 5}); found " + repr(es) + "."
+            )
+        unknown = sorted(set(es) - {"monitor", "patience", "min_delta", "mode"})
+        if unknown:
+            raise KeyError(f"Unknown trainer.early_stopping key(s) {unknown}; valid: monitor, patience, min_delta, mode.")
+    monitored = [m for m in ((es or {}).get("monitor"), cfg["checkpoint"].get("best")) if m]
+    if any(str(m).startswith("val/") for m in monitored) and data["val"] is None:
+        raise ValueError(
+            f"{monitored} monitor(s) a validation metric but data.val is not set: give the held-out "
+            "shard folders (e.g. whole sections of the training patients) as data.val."
+        )
 
 
 def dump_config(cfg: Mapping[str, Any], path: str | os.PathLike) -> Path:

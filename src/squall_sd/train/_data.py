@@ -84,8 +84,10 @@ def augment_tile(
     flips: bool = True,
     rot90: bool = True,
     stain: float = 0.0,
+    color: float = 0.0,
+    blur: float = 0.0,
 ) -> dict[str, Any]:
-    """Flip / rotate a tile's RGB and expression grids identically, then jitter the stain.
+    """Flip / rotate a tile's RGB and expression grids identically, then jitter stain, colour, focus.
 
     Parameters
     ----------
@@ -101,6 +103,12 @@ def augment_tile(
         Random multiple of 90°.
     stain
         Stain-jitter strength (0 disables it).
+    color
+        Brightness, contrast and saturation jitter: each factor is drawn uniformly from
+        ``[1 - color, 1 + color]`` (0 disables it). Scanners and stain batches differ in all three.
+    blur
+        Largest Gaussian blur sigma in pixels, applied to half of the tiles with a sigma drawn
+        uniformly from ``[0, blur]`` (0 disables it): other focus and scan resolutions.
 
     Returns
     -------
@@ -127,7 +135,25 @@ def augment_tile(
         out[key] = np.ascontiguousarray(a)
     if stain > 0:
         out["rgb"] = stain_jitter(out["rgb"], stain, rng)
+    if color > 0:
+        out["rgb"] = color_jitter(out["rgb"], color, rng)
+    if blur > 0 and rng.random() < 0.5:
+        from scipy.ndimage import gaussian_filter
+
+        sigma = float(rng.uniform(0.0, blur))
+        rgb = gaussian_filter(out["rgb"].astype(np.float32), sigma=(0, sigma, sigma), mode="reflect")
+        out["rgb"] = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
     return out
+
+
+def color_jitter(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Random brightness, contrast and saturation of a (3, P, P) uint8 tile (factors 1 ± strength)."""
+    b, c, s = rng.uniform(1.0 - strength, 1.0 + strength, size=3)
+    x = rgb.astype(np.float32) * b
+    x = (x - x.mean()) * c + x.mean()
+    grey = x.mean(axis=0, keepdims=True)
+    x = (x - grey) * s + grey
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 class _Shard:
@@ -182,7 +208,8 @@ class ShardDataset(IterableDataset):
     seed
         Base seed of the order and the augmentations.
     augment
-        ``{"flips": bool, "rot90": bool, "stain_jitter": float}``, or ``None`` for no augmentation.
+        ``{"flips": bool, "rot90": bool, "stain_jitter": float, "color_jitter": float, "blur": float}``
+        (see :func:`augment_tile`), or ``None`` for no augmentation.
     drop_last
         Drop the last incomplete batch of each rank.
     max_tiles
@@ -423,6 +450,8 @@ class ShardDataset(IterableDataset):
                 flips=bool(self.augment.get("flips", True)),
                 rot90=bool(self.augment.get("rot90", True)),
                 stain=float(self.augment.get("stain_jitter", 0.0) or 0.0),
+                color=float(self.augment.get("color_jitter", 0.0) or 0.0),
+                blur=float(self.augment.get("blur", 0.0) or 0.0),
             )
         return sample
 

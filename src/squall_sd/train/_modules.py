@@ -306,9 +306,9 @@ class ExpressionFinetuneModule(_FinetuneBase):
         return (target - mean[slide]) / std[slide]
 
     def predict_regions(
-        self, batch: Mapping[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predictions and targets (R, P) per spot (or per tile) of a batch."""
+        self, batch: Mapping[str, torch.Tensor], *, return_slide: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """Predictions and targets (R, P) per spot (or per tile) of a batch (and each one's slide)."""
         m = self.model
         z = m.forward_rgb(batch["rgb"], batch["res"])
         h = m.decoder.expression_features(z).float()  # (B, g, g, E)
@@ -329,6 +329,7 @@ class ExpressionFinetuneModule(_FinetuneBase):
             keep = counts > 0
             feats = feats[keep] / counts[keep, None]
             target = target_all[keep]
+            slide = batch["slide"][batch["spot_tile"]][keep]
         else:
             bsz = cs.shape[0]
             tile_of_cell = torch.arange(bsz, device=h.device)[:, None, None].expand_as(cs)
@@ -343,8 +344,44 @@ class ExpressionFinetuneModule(_FinetuneBase):
             keep = ncell > 0
             feats = feats[keep] / ncell[keep, None]
             target = tgt[keep] / ncell[keep, None]
+            slide = batch["slide"][keep]
         pred = F.linear(feats, w, b) * self.head["scale"] + self.head["shift"]
-        return pred, target
+        return (pred, target, slide) if return_slide else (pred, target)
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        """Log the validation loss and keep the predictions for :meth:`on_validation_epoch_end`."""
+        super().validation_step(batch, batch_idx)
+        pred, target, slide = self.predict_regions(batch, return_slide=True)
+        self._val_outputs.append((pred.detach().float().cpu(), target.detach().float().cpu(), slide.cpu()))
+
+    def on_validation_epoch_start(self) -> None:  # noqa: D102
+        self._val_outputs: list[tuple[torch.Tensor, ...]] = []
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/pearson``: per-gene Pearson r over the spots of each validation section,
+        averaged over genes and then over sections (the metric of the her2st benchmark)."""
+        outs = getattr(self, "_val_outputs", [])
+        if not outs:
+            return
+        pred = torch.cat([o[0] for o in outs]).double()
+        target = torch.cat([o[1] for o in outs]).double()
+        slide = torch.cat([o[2] for o in outs])
+        rs = []
+        for sl in torch.unique(slide):
+            at = slide == sl
+            if int(at.sum()) < 3:
+                continue
+            p = pred[at] - pred[at].mean(0)
+            t = target[at] - target[at].mean(0)
+            den = (p.norm(dim=0) * t.norm(dim=0)).clamp_min(1e-12)
+            r = (p * t).sum(0) / den
+            ok = (p.norm(dim=0) > 0) & (t.norm(dim=0) > 0)
+            if ok.any():
+                rs.append(r[ok].mean())
+        self._val_outputs = []
+        if rs:
+            value = torch.stack(rs).mean().float().to(self.device)
+            self.log("val/pearson", value, on_step=False, on_epoch=True, sync_dist=True)
 
     def losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # noqa: D102
         pred, target = self.predict_regions(batch)

@@ -668,6 +668,10 @@ def prepare(
     model_config_or_name: Any = "squall-tiny",
     shard_size: int = 256,
     tile_stride_um: float | None = None,
+    tile_centers: str = "grid",
+    jitter_um: float = 0.0,
+    tiles_per_spot: int = 1,
+    seed: int = 0,
     min_tissue: float = 0.25,
     min_spot_cells: int = 1,
     genes: Sequence[str] | None = None,
@@ -717,6 +721,19 @@ def prepare(
     tile_stride_um
         Step between tile centres in microns (default: the tile edge, i.e. no overlap). It is
         rounded to a whole number of expression cells so that all tiles share one cell lattice.
+    tile_centers
+        ``"grid"`` (default): tiles on a regular grid stepping ``tile_stride_um``. ``"spots"``: one
+        tile centred on each region of the table (spot, bin or cell) plus ``tiles_per_spot - 1``
+        copies shifted at random by up to ``jitter_um`` on each axis; the whole tile is still
+        rasterised (neighbouring regions included). Slides without expression are always tiled on
+        the grid. Spot-centred tiles put every spot at a tile's centre, which suits spot-level
+        regression with a small field of view.
+    jitter_um
+        Largest random shift (microns, each axis) of the extra spot-centred tiles.
+    tiles_per_spot
+        Tiles per region with ``tile_centers="spots"`` (the first one unshifted).
+    seed
+        Seed of the random shifts.
     min_tissue
         Minimum tissue share of a tile (0–1).
     min_spot_cells
@@ -767,6 +784,12 @@ def prepare(
         raise ValueError(f"fill must be 'auto', 'nearest' or None, found {fill!r}.")
     if expr_format not in ("factored", "dense"):
         raise ValueError(f"expr_format must be 'factored' or 'dense', found {expr_format!r}.")
+    if tile_centers not in ("grid", "spots"):
+        raise ValueError(f"tile_centers must be 'grid' or 'spots', found {tile_centers!r}.")
+    if int(tiles_per_spot) < 1 or float(jitter_um) < 0:
+        raise ValueError(
+            f"tiles_per_spot must be >= 1 and jitter_um >= 0, found {tiles_per_spot!r} and {jitter_um!r}."
+        )
     if not 0 <= float(min_tissue) <= 1:
         raise ValueError(f"min_tissue must lie in [0, 1], found {min_tissue!r}.")
     target = Path(out_dir).expanduser().resolve()
@@ -854,6 +877,10 @@ def prepare(
                 max_tiles=max_tiles_per_slide,
                 show_progress=show_progress,
                 slide_name=sid,
+                tile_centers=tile_centers,
+                jitter_um=float(jitter_um),
+                tiles_per_spot=int(tiles_per_spot),
+                seed=int(seed),
             )
             n_kept = info.pop("n_tiles")
             n_total += n_kept
@@ -886,6 +913,10 @@ def prepare(
             "slides": slides_meta,
             "labels": {"key": label_key, "categories": categories},
             "params": {
+                "tile_centers": tile_centers,
+                "jitter_um": float(jitter_um),
+                "tiles_per_spot": int(tiles_per_spot),
+                "seed": int(seed),
                 "min_tissue": float(min_tissue),
                 "min_spot_cells": int(min_spot_cells),
                 "shard_size": int(shard_size),
@@ -940,6 +971,10 @@ def _tile_slide(
     max_tiles: int | None,
     show_progress: bool,
     slide_name: str,
+    tile_centers: str = "grid",
+    jitter_um: float = 0.0,
+    tiles_per_spot: int = 1,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Tile one slide into ``writer``; return its manifest entry (without ``id``)."""
     from tqdm.auto import tqdm
@@ -972,23 +1007,35 @@ def _tile_slide(
         h, w = arr.shape[-2:]
         corners = np.array([[0, 0], [w, 0], [0, h], [w, h]], dtype=float) @ m[:2, :2].T + m[:2, 2]
         lo, hi = corners.min(axis=0), corners.max(axis=0)
-    # one cell lattice per slide, anchored at the lower corner of the covered area
-    x0 = float(np.floor(lo[0] / cell_um) * cell_um)
-    y0 = float(np.floor(lo[1] / cell_um) * cell_um)
-    nx = max(1, int(np.ceil((hi[0] - x0 - tile_um) / stride)) + 1)
-    ny = max(1, int(np.ceil((hi[1] - y0 - tile_um) / stride)) + 1)
-    step = int(round(stride / cell_um))  # tile stride in lattice cells
-    tile_ij = np.array([(i, j) for j in range(ny) for i in range(nx)], dtype=np.int64).reshape(-1, 2)
-    origins = np.column_stack([x0 + tile_ij[:, 0] * stride, y0 + tile_ij[:, 1] * stride])
+    spot_mode = tile_centers == "spots" and has_expr
+    margin = tile_um / 2 + jitter_um if spot_mode else 0.0
+    # one cell lattice per slide, anchored at the lower corner of the covered area (widened by half a
+    # tile plus the jitter for spot-centred tiles, so that every tile lies on the lattice)
+    x0 = float(np.floor((lo[0] - margin) / cell_um) * cell_um)
+    y0 = float(np.floor((lo[1] - margin) / cell_um) * cell_um)
+    if spot_mode:
+        tile_cells = _spot_tile_cells(regions.center, x0, y0, tile_um, cell_um, jitter_um, tiles_per_spot, seed + si)
+        nx = int(tile_cells[:, 0].max()) + g if len(tile_cells) else g
+        ny = int(tile_cells[:, 1].max()) + g if len(tile_cells) else g
+    else:
+        nx = max(1, int(np.ceil((hi[0] - x0 - tile_um) / stride)) + 1)
+        ny = max(1, int(np.ceil((hi[1] - y0 - tile_um) / stride)) + 1)
+        step = int(round(stride / cell_um))  # tile stride in lattice cells
+        tile_ij = np.array([(i, j) for j in range(ny) for i in range(nx)], dtype=np.int64).reshape(-1, 2)
+        tile_cells = tile_ij * step  # tile origins in lattice cells (column, row)
+        origins = np.column_stack([x0 + tile_ij[:, 0] * stride, y0 + tile_ij[:, 1] * stride])
+        nx, ny = (nx - 1) * step + g, (ny - 1) * step + g
+    if spot_mode:
+        origins = np.column_stack([x0 + tile_cells[:, 0] * cell_um, y0 + tile_cells[:, 1] * cell_um])
     meta: dict[str, Any] = {"regions": None, "fill": None}
     filler = None
     if has_expr:
-        w = max((nx - 1) * step + g, int(np.ceil((hi[0] - x0) / cell_um)) + 1)
-        h = max((ny - 1) * step + g, int(np.ceil((hi[1] - y0) / cell_um)) + 1)
+        w = max(nx, int(np.ceil((hi[0] - x0) / cell_um)) + 1)
+        h = max(ny, int(np.ceil((hi[1] - y0) / cell_um)) + 1)
         lattice, n_cells, regions, stats = _label_slide(regions, x0, y0, h, w)
         weight_of = (1.0 / np.maximum(n_cells, 1)).astype(np.float32)
         # drop tiles without enough covered cells before reading any pixels
-        covered = np.array([(lattice[j * step : j * step + g, i * step : i * step + g] >= 0).sum() for i, j in tile_ij])
+        covered = np.array([(lattice[j : j + g, i : i + g] >= 0).sum() for i, j in tile_cells])
         cand = np.flatnonzero(covered >= max(min_spot_cells, 1))
         mode = _resolve_fill(fill, regions, sdata)
         if mode == "nearest":
@@ -1016,8 +1063,7 @@ def _tile_slide(
             filled = np.zeros((g, g), dtype=bool)
             label = -1
             if has_expr:
-                ti, tj = tile_ij[cand[k]]
-                iy0, ix0 = int(tj) * step, int(ti) * step
+                ix0, iy0 = (int(v) for v in tile_cells[cand[k]])
                 idx = lattice[iy0 : iy0 + g, ix0 : ix0 + g].astype(np.int64)
                 label = _tile_label(regions, idx)
                 if filler is not None:
@@ -1043,7 +1089,35 @@ def _tile_slide(
             kept += 1
     bar.close()
     meta["n_tiles"] = kept
+    if spot_mode:
+        meta["tiles"] = {"centers": "spots", "jitter_um": float(jitter_um), "tiles_per_spot": int(tiles_per_spot)}
     return meta
+
+
+def _spot_tile_cells(
+    centers: np.ndarray,
+    x0: float,
+    y0: float,
+    tile_um: float,
+    cell_um: float,
+    jitter_um: float,
+    copies: int,
+    seed: int,
+) -> np.ndarray:
+    """Origins (lattice column, row) of tiles centred on each region, ``copies`` per region.
+
+    The first copy of a region is centred on it (to the nearest lattice cell); further copies are
+    shifted by a uniform random offset in [-``jitter_um``, ``jitter_um``] on each axis, drawn from
+    ``seed`` so that a dataset is reproducible.
+    """
+    rng = np.random.default_rng(seed)
+    centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+    out = []
+    for c in range(int(copies)):
+        off = np.zeros_like(centers) if c == 0 else rng.uniform(-jitter_um, jitter_um, size=centers.shape)
+        org = centers + off - tile_um / 2 - np.array([x0, y0])
+        out.append(np.round(org / cell_um).astype(np.int64))
+    return np.clip(np.concatenate(out), 0, None) if out else np.zeros((0, 2), np.int64)
 
 
 def _resolve_fill(fill: str | None, regions: _Regions, sdata: Any) -> str | None:

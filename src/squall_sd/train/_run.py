@@ -264,6 +264,36 @@ def _build_trainer(
         save_top_k=int(ck.get("save_top_k", -1)) if every else 0,
         save_last=True,
     )
+    extra = list(extra)
+    if ck.get("best"):
+        # the checkpoint with the best monitored value, exported like the others (best.ckpt / best/)
+        extra.append(
+            ExportCheckpoint(
+                export=bool(ck.get("export", True)),
+                dirpath=run_dir / CKPT_DIR,
+                filename="best",
+                auto_insert_metric_name=False,
+                monitor=str(ck["best"]),
+                mode="max" if any(k in str(ck["best"]) for k in ("acc", "pearson")) else "min",
+                save_top_k=1,
+                save_last=False,
+                enable_version_counter=False,
+            )
+        )
+    es = t.get("early_stopping")
+    if es:
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        extra.append(
+            EarlyStopping(
+                monitor=str(es["monitor"]),
+                patience=int(es.get("patience", 3)),
+                min_delta=float(es.get("min_delta", 0.0)),
+                mode=str(es.get("mode", "min")),
+                check_on_train_epoch_end=False,
+                verbose=False,
+            )
+        )
     hist = _History(run_dir / "metrics.jsonl")
     kwargs: dict[str, Any] = {
         "accelerator": t["accelerator"],

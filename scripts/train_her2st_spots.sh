@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The squall-tiny-her2st recipe (configs/her2st/spots_finetune_tiny.yaml): spot-centred 224 µm tiles,
+# convolutional stem, trained until the validation loss on whole held-out sections of the TRAINING
+# patients stops improving (early stopping; the best checkpoint is exported as checkpoints/best/).
+#   bash scripts/train_her2st_spots.sh AC   # bundled model: train A1, C2-C5; validate on A2, C6
+#   bash scripts/train_her2st_spots.sh C    # cross-patient model (tested on A): train C2-C5; validate on C6
+#   bash scripts/train_her2st_spots.sh A    # cross-patient model (tested on C): train A1; validate on A2
+# Re-running the same command resumes from the last checkpoint. Extra arguments are passed to
+# `squall train` (e.g. --set trainer.max_steps=100). One thread per run (OMP_NUM_THREADS).
+set -euo pipefail
+SQUALL=${SQUALL:-squall}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+D=../../${DATA:-data/her2st-spots112}
+case $1 in
+  AC) train="[$D/A1,$D/C2,$D/C3,$D/C4,$D/C5]"; val="[$D/A2,$D/C6]" ;;
+  C) train="[$D/C2,$D/C3,$D/C4,$D/C5]"; val="[$D/C6]" ;;
+  A) train="[$D/A1]"; val="[$D/A2]" ;;
+  *) echo "usage: $0 AC|C|A [squall train options]" >&2; exit 2 ;;
+esac
+m=$1; shift
+r=${RUNS:-../../runs/her2st-spots}/$m
+nice -n ${NICE:-5} $SQUALL train finetune configs/her2st/spots_finetune_tiny.yaml \
+  --set run_dir=$r/finetune --set "data.train=$train" --set "data.val=$val" \
+  --set task.genes=$D/panel.txt "$@"
