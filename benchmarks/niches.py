@@ -15,8 +15,9 @@
 
 ``--from-he`` scores niches found from the H&E alone on the labelled sections that have one (A1):
 expression predicted by a model that never saw the section's patient (e.g. one trained on patient C
-only), and that model's tile embeddings (``tl.embed``), beside the measured counts of the same spots,
-with every method. Written to results/niches_he.md.
+only), that model's tile embeddings (``tl.embed``) and, as the image-only baseline, hand-made
+colour/texture features of the same tiles (aggregated over the graph by the same methods), beside
+the measured counts of the same spots, with every method. Written to results/niches_he.md.
 
 CellCharter labels are cached in results/cache/niches_cellcharter_<sha256 of its 10 PCs, coordinates,
 parameters, seed and version>.npz, so a rerun only repeats CellCharter when its input changed.
@@ -54,6 +55,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
 SHARED = Path(os.environ.get("SQUALL_SHARED_DATA", ROOT.parent / "shared" / "data"))
 XENIUM = SHARED / "fixtures/spatialexperiment_3f497ac/inst/extdata/10xXenium"
 SECTIONS = ("A1", "C1", "D1")
@@ -306,7 +308,40 @@ def he_inputs(sec: str, model_dir: str) -> dict[str, object]:
     embedded = ad.AnnData(np.asarray(emb.obsm["X_squall"], dtype=np.float32), obs=table.obs.copy(),
                           obsm={"spatial": np.asarray(table.obsm["spatial"])})
     sc.pp.pca(embedded, n_comps=min(50, embedded.n_vars - 1), random_state=0)
-    return {"measured counts": measured, "predicted expression": predicted, "H&E embedding (X_squall)": embedded}
+    hand = ad.AnnData(hand_tile_features(sdata, model), obs=table.obs.copy(),
+                      obsm={"spatial": np.asarray(table.obsm["spatial"])})
+    sc.pp.scale(hand)
+    sc.pp.pca(hand, n_comps=min(50, hand.n_vars - 1), random_state=0)
+    return {"measured counts": measured, "predicted expression": predicted, "H&E embedding (X_squall)": embedded,
+            "hand-made H&E features": hand}
+
+
+def hand_tile_features(sdata, model) -> np.ndarray:
+    """Image-only baseline: the her2st benchmark's hand-made colour/texture features (RGB and H/E/DAB
+    statistics, gradients, LBP; ``_models.hand_features``) of one tile per spot, cut like the model's
+    tiles (same field of view and µm/px, centred on the spot). The niche methods then aggregate them over
+    the spatial graph exactly as they do the model's embeddings."""
+    import geopandas as gpd
+    from spatialdata.transformations import get_transformation
+
+    import _models as M
+    import squall_sd as squall
+
+    spots = sdata.shapes["spots"]
+    aff = get_transformation(spots, "microns").to_affine_matrix(("x", "y"), ("x", "y"))
+    xy = np.c_[spots.geometry.x.to_numpy(), spots.geometry.y.to_numpy(), np.ones(len(spots))] @ aff.T
+    table = sdata.tables["table"]
+    inst = table.uns["spatialdata_attrs"]["instance_key"]
+    pos = pd.Index(spots.index).get_indexer(table.obs[inst].to_numpy())
+    assert isinstance(spots, gpd.GeoDataFrame) and (pos >= 0).all()
+    c = model.config
+    ds = squall.pp.extract_patches(sdata, xy[pos, :2], patch_px=int(c.img_size), mpp=float(c.mpp))
+    tiles = np.asarray(ds.get_batch())
+    if tiles.shape[1] == 3:
+        tiles = tiles.transpose(0, 2, 3, 1)
+    tiles = np.ascontiguousarray(tiles, dtype=np.uint8)
+    tiles[tiles.max(axis=3) < 16] = 255  # A's blacked-out background -> white, as in the expression benchmark
+    return M.hand_features(tiles, log=lambda *a: None).astype(np.float32)
 
 
 def _trained_on(model_dir: Path) -> str:

@@ -160,6 +160,11 @@ class SquallConfig:
             raise ValueError(f"Only input_range='0-1' is supported, found {self.input_range!r}.")
         if self.stem not in ("patchify", "conv"):
             raise ValueError(f"`stem` must be 'patchify' or 'conv', found {self.stem!r}.")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(
+                f"stem='conv' halves the resolution per convolution, so it needs a power-of-two "
+                f"`patch_size` >= 2, found {self.patch_size}; use stem='patchify' for this size."
+            )
         if self.init not in ("squall", "trunc_normal"):
             raise ValueError(f"`init` must be 'squall' or 'trunc_normal', found {self.init!r}.")
 
