@@ -26,8 +26,25 @@ def _overview_prediction(sdata, png: Path, gene: str) -> None:
 
     axes = expression(sdata, [gene], measured_layer=MEASURED_LAYER)
     fig = np.ravel(axes)[0].figure
+    lo, hi, r, n = prediction_summary(sdata.tables[TABLE_KEY], gene)
+    text = f"{gene} predicted from the H&E: {lo:.2f} to {hi:.2f} log1p(CP10k); Pearson r with measured = {r:.2f} ({n} spots)"
+    logger.info(text)
+    fig.suptitle(text, fontsize=9)
     fig.savefig(png, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def prediction_summary(adata, gene: str) -> tuple[float, float, float, int]:
+    """Range of the predicted ``gene`` (layer ``squall``) and its Pearson r with the measured log1p(CP10k)."""
+    from squall_sd.tl._evaluate import pearson_per_gene
+
+    j = list(adata.var_names).index(gene)
+    pred = np.asarray(adata.layers["squall"][:, j], dtype=float).ravel()
+    meas = adata.layers[MEASURED_LAYER][:, j]
+    meas = np.asarray(meas.toarray() if hasattr(meas, "toarray") else meas, dtype=float).ravel()
+    ok = np.isfinite(pred) & np.isfinite(meas)
+    r = float(pearson_per_gene(meas[ok, None], pred[ok, None])[0])
+    return float(pred[ok].min()), float(pred[ok].max()), r, int(ok.sum())
 
 
 def _overview_spatialdata_plot(sdata, png: Path, color: str) -> None:
