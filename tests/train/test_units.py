@@ -58,3 +58,14 @@ def test_config_rejects_unknown_keys_and_resolves_paths(tmp_path):
     assert cfg["run_dir"] == str(tmp_path / "runs" / "x")
     assert cfg["data"]["train"] == str(tmp_path / "shards")
     assert cfg["trainer"]["max_steps"] == 7 and cfg["optim"]["lr"] == 1e-4
+
+
+def test_dotted_override_merges_into_free_form_mappings(tmp_path):
+    """`--set model.overrides.stem=conv` changes one override and keeps the config file's others."""
+    from squall_sd.train import load_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model: {overrides: {mpp: 2.0, img_size: 112}}\noptim: {lr_scale: {model.: 0.1}}\n")
+    cfg = load_config(cfg_file, {"model.overrides.stem": "conv", "optim.lr_scale": {"model.encoder.": 0.5}})
+    assert cfg["model"]["overrides"] == {"mpp": 2.0, "img_size": 112, "stem": "conv"}
+    assert cfg["optim"]["lr_scale"] == {"model.": 0.1, "model.encoder.": 0.5}

@@ -191,11 +191,9 @@ def merge_config(
             raise KeyError(
                 f"Unknown config key {'.'.join(map(str, where))!r}; valid keys here are {valid}."
             )
-        if (
-            isinstance(out.get(key), Mapping)
-            and isinstance(value, Mapping)
-            and where not in _FREE_FORM
-        ):
+        if isinstance(out.get(key), Mapping) and isinstance(value, Mapping):
+            # free-form mappings (model.overrides, optim.lr_scale) are merged key by key too, without
+            # checking their keys: `--set model.overrides.mpp=4` changes one override, keeping the others
             out[key] = merge_config(out[key], value, _path=where)
         else:
             out[key] = copy.deepcopy(value)
