@@ -5,8 +5,9 @@
     python scripts/her2st_curves.py --plot docs/_static/her2st_curves.png runs/her2st-spots/*/finetune
 
 Per epoch: mean training loss, validation loss and ``val/pearson`` (mean per-gene r within each
-validation section). The summary gives, per run, the epochs run, the best epoch by validation loss
-(the checkpoint early stopping keeps) and its validation loss and r.
+validation section). The summary gives, per run, the epochs run, the best epoch by ``val/pearson``
+(the checkpoint the recipe's early stopping keeps), its r and validation loss, and the lowest
+validation loss.
 """
 
 from __future__ import annotations
@@ -33,24 +34,25 @@ def curves(run: str | Path) -> pd.DataFrame:
 
 
 def summary(runs: list[str]) -> pd.DataFrame:
-    """One row per run: epochs, best epoch by val/loss, its val/loss and val/pearson."""
+    """One row per run: epochs run, the best epoch by val/pearson (what early stopping keeps), its r
+    and validation loss, and the lowest validation loss."""
     rows = []
     for run in runs:
         c = curves(run)
         parts = Path(run).parts
         name = "/".join(parts[-3:-1]) if len(parts) >= 3 else run
-        if c.empty or "val/loss" not in c:
+        if c.empty or "val/pearson" not in c:
             rows.append({"run": name, "epochs": 0})
             continue
-        b = c.loc[c["val/loss"].idxmin()]
+        b = c.loc[c["val/pearson"].idxmax()]
         rows.append(
             {
                 "run": name,
                 "epochs": int(c["epoch"].max()) + 1,
                 "best epoch": int(b["epoch"]) + 1,
+                "val r (best)": round(float(b["val/pearson"]), 4),
                 "val loss (best)": round(float(b["val/loss"]), 4),
-                "val r (best)": round(float(b.get("val/pearson", float("nan"))), 4),
-                "val r (max)": round(float(c["val/pearson"].max()), 4) if "val/pearson" in c else None,
+                "val loss (min)": round(float(c["val/loss"].min()), 4),
             }
         )
     return pd.DataFrame(rows)

@@ -64,6 +64,7 @@ def main(argv=None) -> None:
     p.add_argument("--panel", type=Path, default=Path("data/her2st-spots112/panel.txt"))
     p.add_argument("--img-size", type=int, default=112)
     p.add_argument("--model-overrides", default="stem=conv,init=trunc_normal")
+    p.add_argument("--overwrite", action="store_true", help="rewrite folders that exist")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     panel = tuple(args.panel.read_text().split())
@@ -74,10 +75,17 @@ def main(argv=None) -> None:
             cfg = squall.models.get_config("squall-tiny").replace(
                 genes=panel, mpp=mpp, img_size=args.img_size, expr_size=args.img_size // 4, **over
             )
-            out = train.prepare(
-                sd, args.out / f"{name}_{mpp:g}um", model_config_or_name=cfg, slide_ids=[name],
-                min_tissue=0.5, overwrite=True,
-            )
+            target = args.out / f"{name}_{mpp:g}um"
+            if (target / "manifest.json").is_file() and not args.overwrite:
+                print(f"{name} at {mpp:g} um/px: exists, kept")
+                continue
+            try:
+                out = train.prepare(
+                    sd, target, model_config_or_name=cfg, slide_ids=[name], min_tissue=0.5, overwrite=True
+                )
+            except ValueError as e:  # e.g. an image with no tile of enough tissue at this scale
+                print(f"{name} at {mpp:g} um/px: skipped ({e})")
+                continue
             n = train.read_manifest(out)["n_tiles"]
             print(f"{name} at {mpp:g} um/px: {n} tiles in {time.time() - t:.0f}s", flush=True)
 

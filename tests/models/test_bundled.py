@@ -17,7 +17,8 @@ def test_bundled_model_is_listed_and_loads():
     assert NAME in sm.list_models(pretrained=True)
     model = sm.load(NAME)
     cfg = model.config
-    assert cfg.mpp == 2.0 and cfg.img_size == 224
+    # 112 px at 2 µm/px: a 224 µm field centred on a 100 µm spot, convolutional stem (model card)
+    assert cfg.mpp == 2.0 and cfg.img_size == 112 and cfg.stem == "conv"
     assert len(model.genes) == cfg.n_genes == 848
     assert {"ERBB2", "GRB7"} & set(model.genes)
     n = sum(p.numel() for p in model.parameters())
@@ -37,7 +38,7 @@ def test_bundled_model_predicts_on_a_real_tile():
     sdata = squall.datasets.example()
     model = sm.load(NAME)
     centres = sdata.tables["table"].obsm["spatial"][:2]
-    ds = squall.pp.extract_patches(sdata, centres, patch_px=224, mpp=model.config.mpp)
+    ds = squall.pp.extract_patches(sdata, centres, patch_px=model.config.img_size, mpp=model.config.mpp)
     rgb = torch.from_numpy(np.stack([ds[i] for i in range(len(ds))])).float() / 255.0
     out = model.predict(rgb, torch.full((2,), model.config.mpp), genes=["ERBB2"], aggregate="tile")
     assert out.shape[0] == 2 and torch.isfinite(out).all()
@@ -52,11 +53,12 @@ def test_bundled_model_averages_a_spot_in_log1p_cp10k():
     assert sm.create("squall-tiny").config.region_reduce == "sum"  # the published binary target
     sdata = squall.datasets.example()
     centre = sdata.tables["table"].obsm["spatial"][:1]
-    ds = squall.pp.extract_patches(sdata, centre, patch_px=224, mpp=model.config.mpp)
+    ds = squall.pp.extract_patches(sdata, centre, patch_px=model.config.img_size, mpp=model.config.mpp)
     rgb = torch.from_numpy(ds[0][None]).float() / 255.0
     g = model.config.expr_size
     yy, xx = np.mgrid[:g, :g]
-    disc = torch.from_numpy(((yy - g / 2 + 0.5) ** 2 + (xx - g / 2 + 0.5) ** 2 <= 12.5**2).astype(np.float32))
+    r_cells = 50.0 / (model.config.cell_px * model.config.mpp)  # the 100 µm spot
+    disc = torch.from_numpy(((yy - g / 2 + 0.5) ** 2 + (xx - g / 2 + 0.5) ** 2 <= r_cells**2).astype(np.float32))
     default = model.predict(rgb, genes=["ERBB2", "GRB7"], aggregate=disc[None])
     mean = model.predict(rgb, genes=["ERBB2", "GRB7"], aggregate=disc[None], reduce="mean")
     torch.testing.assert_close(default, mean)
