@@ -500,6 +500,53 @@ def table_for_split(split: str, res: dict, n_hvg: int) -> str:
     return "\n".join(lines)
 
 
+KEY_METRICS = (
+    ("partial r (785)", "hvg", "mean_partial_r"),
+    ("r (top 50)", "top50", "mean_r"),
+    ("r (785)", "hvg", "mean_r"),
+    ("partial r (top 50)", "top50", "mean_partial_r"),
+)
+
+
+def section_means(res: dict) -> dict[str, dict[str, float]]:
+    """Method → metric → mean over the test sections (not the pooled row) of the split."""
+    out = {}
+    for meth, per in res["methods"].items():
+        secs = [m for label, m in per.items() if label in res["test"]]
+        out[meth] = {
+            name: float(np.mean([m[group][key] for m in secs])) if secs and all(
+                m[group][key] is not None for m in secs) else float("nan")
+            for name, group, key in KEY_METRICS
+        }
+    return out
+
+
+def summary_for_split(split: str, res: dict) -> str:
+    """The key metrics as the mean over test sections, and whether the model's own head beats every image
+    baseline (the depth oracle reads the measured answer and is not a baseline)."""
+    means = section_means(res)
+    lines = [
+        f"\n**{split}** (train {', '.join(res['train'])}; test {', '.join(res['test'])}; mean over the test sections)\n",
+        "| method | " + " | ".join(n for n, _, _ in KEY_METRICS) + " |",
+        "|---|" + "---:|" * len(KEY_METRICS),
+    ]
+    for meth, vals in means.items():
+        lines.append(f"| {meth} | " + " | ".join(_f(vals[n]) for n, _, _ in KEY_METRICS) + " |")
+    ours = [m for m in means if m.startswith("squall head")]
+    base = [m for m in means if not m.startswith(("squall head", "depth oracle"))]
+    for o in ours:
+        for name, _, _ in KEY_METRICS[:2]:
+            best = max(base, key=lambda b: means[b][name]) if base else None
+            if best is None:
+                continue
+            ok = means[o][name] > means[best][name]
+            lines.append(
+                f"- {o}: {name} {means[o][name]:.3f} vs best baseline {means[best][name]:.3f} ({best}): "
+                f"{'**beats every baseline**' if ok else '**does NOT beat every baseline**'}"
+            )
+    return "\n".join(lines)
+
+
 def write_report(args, results: dict, argv: list[str]) -> str:
     cmd = "python benchmarks/her2st_expression.py " + " ".join(shlex.quote(a) for a in argv)
     head = [
@@ -522,7 +569,10 @@ def write_report(args, results: dict, argv: list[str]) -> str:
         "for log1p total UMI of the test spot. "
         "Ridge alphas: leave-one-section-out CV inside the training patient only.",
     ]
-    body = [
+    body = ["\n## Summary: mean over the test sections\n"]
+    body += [summary_for_split(s, r) for s, r in results["splits"].items()]
+    body += ["\n## Per section and pooled\n"]
+    body += [
         table_for_split(s, r, results["genes"]["hvg785_in_data"])
         for s, r in results["splits"].items()
     ]

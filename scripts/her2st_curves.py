@@ -75,10 +75,12 @@ def plot(runs: list[str], out: Path) -> None:
         line = axes[0].plot(ep, c["train"], "--", lw=1)[0]
         if "val/loss" in c:
             axes[0].plot(ep, c["val/loss"], "-", color=line.get_color(), label=f"{label}: val (—), train (--)")
-            b = c["val/loss"].idxmin()
-            axes[0].plot(ep[b], c["val/loss"][b], "o", color=line.get_color())
         if "val/pearson" in c:
             axes[1].plot(ep, c["val/pearson"], "-", color=line.get_color(), label=label)
+            b = c["val/pearson"].idxmax()  # the epoch early stopping keeps
+            axes[1].plot(ep[b], c["val/pearson"][b], "o", color=line.get_color())
+            if "val/loss" in c:
+                axes[0].plot(ep[b], c["val/loss"][b], "o", color=line.get_color())
     axes[0].set(xlabel="epoch", ylabel="MSE (targets z-scored per section)", title="loss")
     axes[1].set(xlabel="epoch", ylabel="mean per-gene r", title="validation sections: r")
     axes[0].legend(fontsize=7)

@@ -742,7 +742,8 @@ class Squall(nn.Module):
         vals = w.values().to(torch.float32)
         # (B*R) x (B*S*S) sparse matrix times the (B*S*S, E) cell features
         m = torch.sparse_coo_tensor(
-            torch.stack([bi * r + ri, (bi * s + yi) * s + xi]), vals, (b * r, b * s * s)
+            torch.stack([bi * r + ri, (bi * s + yi) * s + xi]), vals, (b * r, b * s * s),
+            check_invariants=False,  # indices come from a coalesced tensor; also silences torch's warning
         )
         hs = torch.sparse.mm(m, h.reshape(b * s * s, -1)).reshape(b, r, -1)
         wsum = torch.zeros(b * r, dtype=torch.float32, device=h.device).index_add_(0, bi * r + ri, vals)

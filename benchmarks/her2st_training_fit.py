@@ -1,0 +1,93 @@
+"""How well does a trained her2st model fit the sections it saw (and its validation sections)?
+
+The held-out numbers live in ``her2st_expression.py``; this script answers the other question a
+learning curve raises: did training fit the training data at all? For a model exported by
+``scripts/train_her2st_export.py`` (its run's ``config.yaml`` says which sections were training and
+validation), it predicts every her2st section with an image from spot-centred tiles at the model's
+geometry and reports, per section, the mean per-gene Pearson r over the 785 published genes and over
+the 50 most expressed genes of the model's training sections, with the depth-controlled partial r.
+
+    python benchmarks/her2st_training_fit.py src/squall_sd/models/weights/squall-tiny-her2st \
+        runs/her2st-spots/C/bundle runs/her2st-spots/A/bundle --out benchmarks/results/her2st_training_fit.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import reduce
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import _her2st_data as data  # noqa: E402
+import _squall_adapter as SA  # noqa: E402
+
+from squall_sd.tl._evaluate import partial_pearson_per_gene, pearson_per_gene  # noqa: E402
+
+SECTIONS = ["A1", "A2", "C2", "C3", "C4", "C5", "C6"]
+
+
+def roles(model_dir: Path) -> dict[str, str]:
+    """Section -> "train" / "validation" / "held out", from the run's config.yaml beside the model."""
+    cfg = yaml.safe_load((model_dir / "config.yaml").read_text())["data"]
+    as_list = lambda v: [] if v is None else [v] if isinstance(v, str) else v  # noqa: E731
+    tr = {Path(p).name for p in as_list(cfg["train"])}
+    va = {Path(p).name for p in as_list(cfg["val"])}
+    return {s: "train" if s in tr else "validation" if s in va else "held out" for s in SECTIONS}
+
+
+def main(argv=None) -> None:  # noqa: D103
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="+", type=Path)
+    p.add_argument("--root", type=Path, default=data.DEFAULT_ROOT)
+    p.add_argument("--out", type=Path, default=HERE / "results" / "her2st_training_fit.md")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    secs = data.load_sections(SECTIONS, args.root, use_package=True)
+    common = reduce(lambda a, b: a.intersection(b), [s.counts.columns for s in secs.values()])
+    hvg = [str(g) for g in np.load(args.root / "hvg785.npy", allow_pickle=True) if str(g) in common]
+    lines = [
+        "# Training fit of the her2st models",
+        "",
+        "Command: `python benchmarks/her2st_training_fit.py " + " ".join(sys.argv[1:]) + "`",
+        "",
+        "Per section: mean per-gene Pearson r over the spots (and partial r controlling for log total UMI) "
+        "of the model's prediction (spot-disc mean on a spot-centred tile at the model's geometry) with "
+        "the measured log1p(CP10k); top 50 = the 50 most expressed genes of the model's training sections.",
+        "",
+    ]
+    for model_dir in args.models:
+        model = SA.load_model(str(model_dir))
+        c = model.config
+        data.attach_tiles(secs, c.mpp, c.img_size, black_to_white=True, log=lambda *a: None)
+        role = roles(model_dir)
+        train = [s for s in SECTIONS if role[s] == "train"]
+        y_tr = np.concatenate([data.normalised(secs[s], list(common)) for s in train])
+        top50 = [common[i] for i in np.argsort(-y_tr.mean(0), kind="stable")[:50]]
+        lines += [f"## `{model_dir}` (trained on {', '.join(train)})", "",
+                  "| section | role | spots | r (785) | partial r (785) | r (top 50) | partial r (top 50) |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for s in SECTIONS:
+            row = []
+            for genes in (hvg, top50):
+                pred, known, _ = SA.predict_spots(model, secs[s].patches, c.mpp, genes)
+                y = data.normalised(secs[s], known)
+                depth = np.log1p(secs[s].total_umi)
+                row += [np.nanmean(pearson_per_gene(y, pred)), np.nanmean(partial_pearson_per_gene(y, pred, depth))]
+            lines.append(f"| {s} | {role[s]} | {len(secs[s].counts)} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
