@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import spatialdata as sd
@@ -9,7 +11,7 @@ import torch
 
 import squall_sd as squall
 from squall_sd.cli import main
-from squall_sd.cli._predict import is_complete, run_predict
+from squall_sd.cli._predict import SlidesFailedError, is_complete, run_predict
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,23 @@ def test_cli_predict_local_cluster(cohort, tmp_path):
         done = run_predict(slides, out, model=str(model), scheduler="local", client=client)
     assert sorted(p.split("/")[-1] for p in done) == ["s1.zarr", "s2.zarr"]
     assert all(is_complete(out / n) for n in ("s1.zarr", "s2.zarr"))
+
+
+def test_cli_predict_bad_slide_is_reported_and_the_others_finish(cohort, tmp_path, capsys):
+    slides, model = cohort
+    mixed = tmp_path / "slides"
+    mixed.mkdir()
+    shutil.copytree(slides / "s1.zarr", mixed / "s1.zarr")
+    (mixed / "bad.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    assert main(["predict", str(mixed), "--model", str(model), "--out", str(out), "--mpp", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 slide(s) failed" in err and "bad.png" in err and "rerun the same command" in err
+    assert is_complete(out / "s1.zarr") and not (out / "bad.zarr").exists()
+    # the Python API raises once the others are written; the error carries the report
+    with pytest.raises(SlidesFailedError, match="bad.png") as e:
+        run_predict(mixed, out, model=str(model), mpp=1.0, progress=False)
+    assert [r["status"] for r in e.value.records] == ["failed", "skipped"]
 
 
 def test_cli_predict_errors(tmp_path, capsys):

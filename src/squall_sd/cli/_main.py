@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.setLevel(logging.INFO)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, KeyError) as e:
+    except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, KeyError, ConnectionError) as e:
         # str(KeyError) quotes its message: print the message itself
         msg = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e
         sys.stderr.write(f"squall {args.command}: error: {msg}\n")
