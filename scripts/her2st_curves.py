@@ -20,7 +20,7 @@ import pandas as pd
 
 
 def curves(run: str | Path) -> pd.DataFrame:
-    """Per-epoch train loss (mean of the logged steps), val/loss and val/pearson of one run."""
+    """Per-epoch train loss (mean over the epoch's steps), val/loss and val/pearson of one run."""
     files = sorted(glob.glob(f"{run}/logs/*/metrics.csv"))
     if not files:
         return pd.DataFrame(columns=["epoch", "step", "train", "val/loss", "val/pearson"])
@@ -30,7 +30,15 @@ def curves(run: str | Path) -> pd.DataFrame:
     if not cols:
         return pd.DataFrame({"epoch": train.index, "train": train.values})
     v = d.dropna(subset=[cols[0]]).drop_duplicates("epoch", keep="last")[["epoch", "step", *cols]]
-    return v.assign(train=v["epoch"].map(train)).reset_index(drop=True)
+    v = v.assign(train=v["epoch"].map(train)).reset_index(drop=True)
+    jsonl = Path(run) / "metrics.jsonl"
+    if jsonl.is_file():  # every step's loss (the CSV log keeps one in log_every_n_steps): the epoch's mean
+        steps = pd.read_json(jsonl, lines=True).drop_duplicates("step", keep="last")
+        edges = [0, *v["step"].tolist()]
+        v["train"] = [
+            steps.loc[(steps["step"] > a) & (steps["step"] <= b), "loss"].mean() for a, b in zip(edges, edges[1:])
+        ]
+    return v
 
 
 def summary(runs: list[str]) -> pd.DataFrame:
