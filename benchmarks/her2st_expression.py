@@ -526,7 +526,8 @@ def summary_for_split(split: str, res: dict) -> str:
     baseline (the depth oracle reads the measured answer and is not a baseline)."""
     means = section_means(res)
     lines = [
-        f"\n**{split}** (train {', '.join(res['train'])}; test {', '.join(res['test'])}; mean over the test sections)\n",
+        f"\n**{split}** (train {', '.join(res['train'])}; test {', '.join(res['test'])}; "
+        "mean over the test sections)\n",
         "| method | " + " | ".join(n for n, _, _ in KEY_METRICS) + " |",
         "|---|" + "---:|" * len(KEY_METRICS),
     ]

@@ -321,10 +321,10 @@ def hand_tile_features(sdata, model) -> np.ndarray:
     statistics, gradients, LBP; ``_models.hand_features``) of one tile per spot, cut like the model's
     tiles (same field of view and µm/px, centred on the spot). The niche methods then aggregate them over
     the spatial graph exactly as they do the model's embeddings."""
+    import _models as M
     import geopandas as gpd
     from spatialdata.transformations import get_transformation
 
-    import _models as M
     import squall_sd as squall
 
     spots = sdata.shapes["spots"]

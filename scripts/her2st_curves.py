@@ -35,15 +35,16 @@ def curves(run: str | Path) -> pd.DataFrame:
     if jsonl.is_file():  # every step's loss (the CSV log keeps one in log_every_n_steps): the epoch's mean
         steps = pd.read_json(jsonl, lines=True).drop_duplicates("step", keep="last")
         edges = [0, *v["step"].tolist()]
-        v["train"] = [
-            steps.loc[(steps["step"] > a) & (steps["step"] <= b), "loss"].mean() for a, b in zip(edges, edges[1:])
-        ]
+        bounds = zip(edges[:-1], edges[1:], strict=True)
+        v["train"] = [steps.loc[(steps["step"] > a) & (steps["step"] <= b), "loss"].mean() for a, b in bounds]
     return v
 
 
 def summary(runs: list[str]) -> pd.DataFrame:
-    """One row per run: epochs run, the best epoch by val/pearson (what early stopping keeps), its r
-    and validation loss, and the lowest validation loss."""
+    """One row per run: epochs run, best epoch by val/pearson, its r and loss, and the lowest loss.
+
+    The best epoch by ``val/pearson`` is the one the recipe's early stopping keeps.
+    """
     rows = []
     for run in runs:
         c = curves(run)

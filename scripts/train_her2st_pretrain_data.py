@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 from spatialdata import SpatialData
+from train_her2st_prepare import white_background
 
 import squall_sd as squall
 from squall_sd import train
-
-from train_her2st_prepare import white_background
 
 VISIUM = {  # name -> (outs folder, hires image) relative to ../shared/data/fixtures
     "visium_scanpy": "scanpy/tests/_data/visium_data/1.0.0",

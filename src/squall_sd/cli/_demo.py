@@ -27,7 +27,10 @@ def _overview_prediction(sdata, png: Path, gene: str) -> None:
     axes = expression(sdata, [gene], measured_layer=MEASURED_LAYER)
     fig = np.ravel(axes)[0].figure
     lo, hi, r, n = prediction_summary(sdata.tables[TABLE_KEY], gene)
-    text = f"{gene} predicted from the H&E: {lo:.2f} to {hi:.2f} log1p(CP10k); Pearson r with measured = {r:.2f} ({n} spots)"
+    text = (
+        f"{gene} predicted from the H&E: {lo:.2f} to {hi:.2f} log1p(CP10k); "
+        f"Pearson r with measured = {r:.2f} ({n} spots)"
+    )
     logger.info(text)
     fig.suptitle(text, fontsize=9)
     fig.savefig(png, dpi=110, bbox_inches="tight")

@@ -194,7 +194,7 @@ def _distributed() -> Any:
 
 
 def read_scheduler_file(path: str | Path) -> str:
-    """The scheduler address in a dask scheduler file (``dask scheduler --scheduler-file PATH``).
+    """Read the scheduler address from a dask scheduler file (``dask scheduler --scheduler-file PATH``).
 
     Parameters
     ----------
@@ -226,7 +226,7 @@ def read_scheduler_file(path: str | Path) -> str:
 
 def connect(address: str | None = None, *, scheduler_file: str | Path | None = None,
             timeout: float = CONNECT_TIMEOUT) -> Any:
-    """A :class:`dask.distributed.Client` of an existing scheduler (close it with ``client.close()``).
+    """Connect a :class:`dask.distributed.Client` to an existing scheduler (close it with ``client.close()``).
 
     Parameters
     ----------
@@ -251,7 +251,7 @@ def connect(address: str | None = None, *, scheduler_file: str | Path | None = N
                   "scheduler stops, so it may be stale)")
     try:
         client = Client(address, timeout=timeout, set_as_default=False)
-    except (OSError, TimeoutError, asyncio.TimeoutError) as e:
+    except (OSError, TimeoutError) as e:
         raise ConnectionError(
             f"Could not reach a dask scheduler at {address!r}{origin} within {timeout:g} s ({type(e).__name__}: "
             f"{e}). Check that `dask scheduler` is running, that the address and port are the ones it printed "
@@ -267,7 +267,7 @@ def connect(address: str | None = None, *, scheduler_file: str | Path | None = N
 
 
 def failure_message(records: Sequence[dict]) -> str:
-    """The failed slides of a report, one a line, and what to do next."""
+    """List the failed slides of a report, one a line, and what to do next."""
     failed = [r for r in records if r["status"] == "failed"]
     ok = sum(r["status"] != "failed" for r in records)
     lines = [f"{len(failed)} of {len(records)} slide(s) failed (the other {ok} are complete):"]

@@ -15,10 +15,10 @@ from torch import nn
 from squall_sd.models._config import SquallConfig
 from squall_sd.models._genes import GeneVocabulary
 from squall_sd.models._layers import (
+    ConvStem,
     DecoderStack,
     LinearShuffle,
     MultiWayEncoder,
-    ConvStem,
     PatchEmbed,
     PositionEmbeddingMLP,
     Route,

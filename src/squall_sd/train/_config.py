@@ -312,7 +312,9 @@ def _validate(cfg: Mapping[str, Any]) -> None:
             )
         unknown = sorted(set(es) - {"monitor", "patience", "min_delta", "mode"})
         if unknown:
-            raise KeyError(f"Unknown trainer.early_stopping key(s) {unknown}; valid: monitor, patience, min_delta, mode.")
+            raise KeyError(
+                f"Unknown trainer.early_stopping key(s) {unknown}; valid: monitor, patience, min_delta, mode."
+            )
     monitored = [m for m in ((es or {}).get("monitor"), cfg["checkpoint"].get("best")) if m]
     if any(str(m).startswith("val/") for m in monitored) and data["val"] is None:
         raise ValueError(

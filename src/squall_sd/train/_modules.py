@@ -358,8 +358,11 @@ class ExpressionFinetuneModule(_FinetuneBase):
         self._val_outputs: list[tuple[torch.Tensor, ...]] = []
 
     def on_validation_epoch_end(self) -> None:
-        """Log ``val/pearson``: per-gene Pearson r over the spots of each validation section,
-        averaged over genes and then over sections (the metric of the her2st benchmark)."""
+        """Log ``val/pearson``, the mean per-gene Pearson r within the validation sections.
+
+        Per section, r over its spots for each gene, averaged over genes, then over sections: the
+        metric of the her2st benchmark, on validation data.
+        """
         outs = getattr(self, "_val_outputs", [])
         if not outs:
             return
