@@ -450,3 +450,21 @@ def test_trim_heap_is_safe_to_call():
     blocks = [np.ones(2_000_000) for _ in range(8)]  # ~128 MB, then freed
     del blocks
     assert trim_heap() is None
+
+
+def test_genes_with_an_existing_table_restrict_or_raise(small, genes):
+    """`genes=` is never ignored: it restricts the layer to those genes, or says why it cannot."""
+    model = tiny(genes)
+    full = squall.tl.predict_expression(small, model, progress=False, inplace=False)
+    out = squall.tl.predict_expression(small, model, genes=genes[2:5], progress=False, inplace=False)
+    pred = out.var["squall_predicted"].to_numpy()
+    assert list(out.var_names[pred]) == genes[2:5]
+    # the same values as predicting every gene (up to float32 summation order)
+    np.testing.assert_allclose(out.layers["squall"][:, pred], full.layers["squall"][:, pred], rtol=1e-5, atol=1e-5)
+    assert np.isnan(out.layers["squall"][:, ~pred]).all()
+    with pytest.raises(KeyError, match="not in the model vocabulary"):
+        squall.tl.predict_expression(small, model, genes=["NOSUCHGENE"], progress=False, inplace=False)
+    # in the model's vocabulary but not a column of the table: a clear error, not a silent skip
+    with pytest.raises(ValueError, match=r"NOTINDATA0.*table_key=None"):
+        squall.tl.predict_expression(small, model, genes=[genes[0], "NOTINDATA0"], progress=False, inplace=False)
+    assert "squall" not in small.tables["table"].layers  # nothing written by the failed calls

@@ -635,6 +635,29 @@ def match_table_genes(model: Squall, table: AnnData, table_key: str) -> tuple[np
     return channels.astype(np.int64), columns.astype(np.int64)
 
 
+def restrict_to_genes(
+    model: Squall, channels: np.ndarray, columns: np.ndarray, genes: Sequence[str] | str, table_key: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the (channel, column) pairs of ``genes``; every requested gene must be in the model and the table."""
+    genes = [genes] if isinstance(genes, str) else list(genes)
+    try:
+        wanted = model.gene_index(genes)
+    except KeyError as e:
+        raise KeyError(
+            f"{e.args[0] if e.args else e} `genes` must name genes the model predicts "
+            f"(see `model.genes`, {model.n_genes} genes)."
+        ) from None
+    keep = np.isin(channels, np.asarray(wanted, dtype=np.int64))
+    missing = sorted({genes[i] for i, c in enumerate(wanted) if c not in set(channels[keep].tolist())}, key=str)
+    if missing:
+        raise ValueError(
+            f"`genes` {missing[:10]} are predicted by the model but not columns of table {table_key!r}; a table "
+            "that already annotates the shapes gets predictions only for its own genes. Drop them from `genes`, "
+            "or pass `table_key=None` to write a new table with any of the model's genes."
+        )
+    return channels[keep], columns[keep]
+
+
 def resolve_image_mpp(
     sdata: SpatialData, model: Squall, *, image_key: str | None, mpp: float | None, max_upsample: float
 ) -> tuple[str, float]:
@@ -756,8 +779,10 @@ def predict_expression(
     spot_size_um
         Virtual spot diameter / bin or tile edge in µm (defaults of :func:`squall_sd.pp.make_spots`).
     genes
-        For a new table: restrict to these model genes (default all). Ignored for an existing table,
-        whose genes are matched to the model's by symbol / Ensembl id.
+        Restrict the prediction to these model genes (default: all). For an existing table, whose genes
+        are matched to the model's by symbol / Ensembl id, only these columns are predicted (the others
+        stay NaN) and each must be a column of the table; a gene the model does not predict raises
+        :class:`KeyError`.
     mpp
         µm per pixel of the tiles fed to the model; default ``model.config.mpp``.
     layout
@@ -859,6 +884,8 @@ def predict_expression(
                 "or another `key_added`."
             )
         channels, columns = match_table_genes(model, table, tkey)
+        if genes is not None:
+            channels, columns = restrict_to_genes(model, channels, columns, genes, tkey)
         rows, pos = instance_positions(table, region.key, shapes.index)
         if len(rows) == 0:
             raise ValueError(f"No row of table {tkey!r} matches an instance of {region.key!r}.")
