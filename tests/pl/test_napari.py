@@ -3,7 +3,9 @@
 The overlay test renders the bundled example with a real prediction layer
 (:func:`squall_sd.tl.predict_expression` with a tiny, seeded, randomly initialised model), takes
 canvas screenshots with the overlay hidden and shown, and checks that the pixels that change are
-exactly those inside the spot discs projected to the screen with the viewer's camera.
+exactly those inside the spot discs projected to the screen with the viewer's camera. The layers
+are added through napari-spatialdata (its widgets are docked, the layers carry its metadata and
+are coloured by table columns with its View widget).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import pytest
 import squall_sd as squall
 
 needs_napari = pytest.mark.skipif(
-    importlib.util.find_spec("napari") is None,
-    reason='napari is not installed (pip install "squall-sd[napari]")',
+    importlib.util.find_spec("napari") is None
+    or importlib.util.find_spec("napari_spatialdata") is None,
+    reason='napari or napari-spatialdata is not installed (pip install "squall-sd[napari]")',
 )
 
 #: A pixel "changed" when a channel differs by more than this (0-255).
@@ -77,6 +80,20 @@ def predicted():
     return sdata
 
 
+def _assert_napari_spatialdata(viewer, sdata, layer_names) -> None:
+    """The viewer has napari-spatialdata's widgets and the layers its metadata, in microns."""
+    from squall_sd.pl._napari import VIEW_WIDGET
+
+    docks = viewer.window.dock_widgets
+    assert "SpatialData" in docks and VIEW_WIDGET in docks
+    assert docks["SpatialData"].coordinate_system_widget._system == "microns"
+    for name in layer_names:
+        meta = viewer.layers[name].metadata
+        assert meta["sdata"] is sdata, name
+        assert meta["_current_cs"] == "microns", name
+        assert meta["name"] in sdata, name
+
+
 def _disc_distance(viewer, shape_hw, spots) -> np.ndarray:
     """Signed distance (screen px) of each canvas pixel to the nearest projected disc."""
     h, w = shape_hw
@@ -109,6 +126,9 @@ def test_napari_overlay_lines_up_with_spots(qt_display, predicted):
         assert viewer.layers["he"].multiscale
         overlay = viewer.layers["ERBB2 predicted"]
         assert overlay.visible and not viewer.layers["ERBB2 measured"].visible
+        _assert_napari_spatialdata(viewer, predicted, names)
+        assert overlay.metadata["name"] == "spots"
+        assert overlay.metadata["table_names"] == ["table"]
         table = predicted.tables["table"]
         np.testing.assert_allclose(
             overlay.features["ERBB2"].to_numpy(),
@@ -140,8 +160,21 @@ def test_napari_overlay_lines_up_with_spots(qt_display, predicted):
 
 
 @needs_napari
-def test_napari_layers_and_niches(qt_display, sdata):
+def test_napari_layers_and_niches(qt_display, sdata, monkeypatch):
     """Default genes, measured + niche layers, all in microns (stand-in outputs, see conftest)."""
+    from matplotlib.colors import to_rgba
+    from napari_spatialdata._widgets import AListWidget
+
+    from squall_sd.pl._spatial import _palette
+
+    colored = []  # (layer, table attribute, column, adata layer) that napari-spatialdata coloured
+    real_action = AListWidget._onAction
+
+    def spy(self, items):
+        colored.append((self.model.layer.name, self._attr, tuple(items), self.model.adata_layer))
+        return real_action(self, items)
+
+    monkeypatch.setattr(AListWidget, "_onAction", spy)
     viewer = squall.pl.napari(sdata, show=False)
     try:
         names = [layer.name for layer in viewer.layers]
@@ -156,9 +189,38 @@ def test_napari_layers_and_niches(qt_display, sdata):
             np.diag(viewer.layers["he"].affine.affine_matrix)[:2], 1.99998, rtol=1e-4
         )
         niche = viewer.layers["squall_niche"]
+        obs = sdata.tables["table"].obs
         assert list(niche.features["squall_niche"].cat.categories) == list(
-            sdata.tables["table"].obs["squall_niche"].cat.categories
+            obs["squall_niche"].cat.categories
         )
+        _assert_napari_spatialdata(viewer, sdata, names)
+
+        # every overlay was coloured by its table column through napari-spatialdata's View widget
+        genes = [n.removesuffix(" predicted") for n in names if n.endswith(" predicted")]
+        for gene in genes:
+            assert (f"{gene} predicted", "var", (gene,), "squall") in colored
+            assert (f"{gene} measured", "var", (gene,), None) in colored
+        assert ("squall_niche", "obs", ("squall_niche",), None) in colored
+
+        # a predicted gene: coloured by its values in `layers["squall"]` (same value, same colour;
+        # higher value, brighter viridis), unpredicted (NaN) spots grey
+        gene = genes[0]
+        pred = viewer.layers[f"{gene} predicted"]
+        values = sdata.tables["table"][:, gene].layers["squall"].ravel()
+        np.testing.assert_allclose(pred.features[gene].to_numpy(), values, rtol=1e-6)
+        face = np.asarray(pred.face_color)
+        lum = face[:, :3] @ np.array([0.2126, 0.7152, 0.0722])
+        finite = np.isfinite(values)
+        order = np.argsort(values[finite])
+        assert np.all(np.diff(lum[finite][order]) >= -1e-6)
+        assert np.ptp(lum) > 0.3
+
+        # the niches: coloured by `obs["squall_niche"]` with the palette of `squall.pl.niches`
+        palette = _palette(sdata.tables["table"], "squall_niche", None)
+        labels = obs["squall_niche"].to_numpy()
+        grey = (0.6, 0.6, 0.6, 0.5)
+        expected = np.array([to_rgba(palette[v]) if isinstance(v, str) else grey for v in labels])
+        np.testing.assert_allclose(np.asarray(niche.face_color), expected, atol=1e-6)
     finally:
         viewer.close()
 
@@ -189,3 +251,20 @@ def test_require_napari_message(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r'pip install "squall-sd\[napari\]"'):
         require_napari()
+
+
+def test_require_napari_spatialdata_message(monkeypatch):
+    import builtins
+
+    from squall_sd.pl._napari import require_napari_spatialdata
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "napari_spatialdata":
+            raise ImportError("No module named 'napari_spatialdata'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match=r'napari-spatialdata: pip install "squall-sd\[napari\]"'):
+        require_napari_spatialdata()

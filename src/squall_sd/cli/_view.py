@@ -11,6 +11,9 @@ from squall_sd._logging import logger
 
 __all__ = ["add_view_parser", "run_view"]
 
+#: Window size (width, height) of ``--screenshot``, with napari-spatialdata's widgets docked.
+SCREENSHOT_WINDOW = (1400, 900)
+
 
 def add_view_parser(sub: Any) -> argparse.ArgumentParser:
     """Register the ``view`` subcommand on the ``squall`` sub-parsers ``sub``.
@@ -79,15 +82,26 @@ def run_view(args: argparse.Namespace) -> int:
 
     from squall_sd.io._common import check_path
     from squall_sd.pl._napari import napari as open_napari
-    from squall_sd.pl._napari import require_napari
+    from squall_sd.pl._napari import require_napari, require_napari_spatialdata
 
     store = check_path(args.store, "SpatialData zarr store", kind="dir")
     try:
         napari_module = require_napari()
+        require_napari_spatialdata()
     except ImportError as e:
         sys.stderr.write(f"squall view: error: {e}\n")
         return 2
     sdata = read_zarr(store)
+    title = f"squall: {store.name}"
+    viewer = None
+    if args.screenshot is not None:
+        # napari-spatialdata docks its widgets beside the canvas: give the window a fixed size
+        # before the layers are added, so that the view is fitted to a canvas of that size
+        from qtpy.QtWidgets import QApplication
+
+        viewer = napari_module.Viewer(title=title, show=True)
+        viewer.window.resize(*SCREENSHOT_WINDOW)
+        QApplication.processEvents()
     viewer = open_napari(
         sdata,
         genes=args.genes,
@@ -95,8 +109,9 @@ def run_view(args: argparse.Namespace) -> int:
         table_key=args.table_key,
         layer=args.layer,
         measured=not args.no_measured,
+        viewer=viewer,
         show=True,
-        title=f"squall: {store.name}",
+        title=title,
     )
     if args.screenshot is not None:
         from qtpy.QtWidgets import QApplication

@@ -1,4 +1,4 @@
-"""Interactive viewing in napari: H&E, predicted / measured expression and niches in microns."""
+"""Interactive viewing in napari (napari-spatialdata): H&E, expression and niches in microns."""
 
 from __future__ import annotations
 
@@ -15,16 +15,21 @@ from squall_sd.pl._utils import Spots, resolve_spots, robust_norm, table_values
 if TYPE_CHECKING:
     import napari as _napari
     from matplotlib.colors import Colormap
+    from napari_spatialdata import Interactive
     from spatialdata import SpatialData
 
-__all__ = ["napari", "require_napari"]
+__all__ = ["napari", "require_napari", "require_napari_spatialdata"]
 
 #: Install hint for the optional napari dependency.
 NAPARI_HINT = 'pip install "squall-sd[napari]"'
 #: Genes shown when ``genes=None``: this many predicted genes with the most variable predictions.
 DEFAULT_N_GENES = 3
+#: Name of napari-spatialdata's table widget in ``viewer.window.dock_widgets``.
+VIEW_WIDGET = "View (napari-spatialdata)"
 #: Units of the layers' world coordinates (the ``microns`` coordinate system).
 UNITS = ("um", "um")
+#: Colour of spots without a value (no prediction, no table row, no niche label).
+MISSING_RGBA = (0.6, 0.6, 0.6, 0.5)
 
 
 def require_napari() -> Any:
@@ -39,10 +44,16 @@ def require_napari() -> Any:
     return napari_module
 
 
-def _swap_xy(m: np.ndarray) -> np.ndarray:
-    """Turn an (x, y) homogeneous 3×3 matrix into napari's (row, col) = (y, x) order."""
-    p = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    return p @ m @ p
+def require_napari_spatialdata() -> type[Interactive]:
+    """Return :class:`napari_spatialdata.Interactive`, or raise an :class:`ImportError` (hint)."""
+    try:
+        from napari_spatialdata import Interactive
+    except ImportError as e:
+        raise ImportError(
+            f"squall.pl.napari opens the SpatialData with napari-spatialdata: {NAPARI_HINT} (or "
+            f'`pip install "napari-spatialdata>=0.5"`). Import failed with: {e}'
+        ) from e
+    return Interactive
 
 
 def _rgba(values: np.ndarray, cmap: Colormap | str, norm: Any) -> np.ndarray:
@@ -50,7 +61,7 @@ def _rgba(values: np.ndarray, cmap: Colormap | str, norm: Any) -> np.ndarray:
 
     cm = colormaps[cmap] if isinstance(cmap, str) else cmap
     colors = np.asarray(cm(norm(np.nan_to_num(values, nan=norm.vmin))), dtype=float)
-    colors[~np.isfinite(values)] = (0.6, 0.6, 0.6, 0.5)
+    colors[~np.isfinite(values)] = MISSING_RGBA
     return colors
 
 
@@ -70,47 +81,80 @@ def _default_genes(sdata: SpatialData, table_key: str, layer: str | None) -> lis
     return [str(t.var_names[i]) for i in order if np.isfinite(var[i])]
 
 
-def _add_image(viewer: _napari.Viewer, sdata: SpatialData, image_key: str) -> Any:
-    import dask.array as da
+def _open_interactive(
+    interactive_cls: type[Interactive], sdata: SpatialData, viewer: _napari.Viewer
+) -> Interactive:
+    """Open ``sdata`` in ``viewer`` with napari-spatialdata's ``Interactive``.
 
-    from squall_sd.pp._utils import image_levels
+    ``Interactive`` docks its widgets into :func:`napari.current_viewer` (or a new viewer); it has
+    no ``viewer=`` argument, so it is made to see ``viewer`` as the current one while it is built.
+    """
+    from unittest import mock
 
-    levels = image_levels(sdata, image_key)
-    data = [da.moveaxis(lv.data, 0, -1) for lv in levels]  # (c, y, x) -> (y, x, c)
-    rgb = data[0].shape[-1] in (3, 4)
-    return viewer.add_image(
-        data if len(data) > 1 else data[0],
-        multiscale=len(data) > 1,
-        rgb=rgb,
-        affine=_swap_xy(levels[0].affine),
-        name=image_key,
-        units=UNITS,
-        metadata={"coordinate_system": MICRONS},
-    )
+    import napari as napari_module
+
+    with mock.patch.object(napari_module, "current_viewer", lambda: viewer):
+        interactive = interactive_cls(sdata, headless=True)
+    # Select `microns` in the widget before adding layers: selecting a coordinate system hides the
+    # layers whose name is not an element name, and ours are named after the gene / niche column.
+    interactive.switch_coordinate_system(MICRONS)
+    return interactive
 
 
-def _add_spots(
-    viewer: _napari.Viewer,
-    spots: Spots,
+def _add_element(interactive: Interactive, sdata: SpatialData, key: str, name: str) -> Any:
+    """Add element ``key`` as a layer ``name`` in ``microns`` through napari-spatialdata.
+
+    :meth:`~napari_spatialdata.Interactive.add_element` loads the layer in a worker thread and names
+    it after the element; one shapes element is shown once per gene and kind here, so the layer
+    is built synchronously with the same loader (``SpatialDataViewer.get_sdata_*``, which sets the
+    transformation to ``microns``, the spot radii and the ``sdata`` / ``adata`` / ``indices``
+    metadata the widgets use) and renamed before it is added.
+    """
+    import shapely
+
+    model = interactive._sdata_widget.viewer_model
+    if key in sdata.images:
+        layer = model.get_sdata_image(sdata, key, MICRONS, False)
+    elif isinstance(sdata.shapes[key].geometry.iloc[0], shapely.Point):
+        layer = model.get_sdata_circles(sdata, key, MICRONS, False)
+    else:
+        layer = model.get_sdata_shapes(sdata, key, MICRONS, False)
+    layer.name = name
+    layer.units = UNITS
+    model.add_layer(layer)
+    return layer
+
+
+def _color_by(
+    interactive: Interactive,
+    layer: Any,
     *,
-    name: str,
-    face: np.ndarray,
-    features: pd.DataFrame,
-    opacity: float,
-    visible: bool,
-) -> Any:
-    return viewer.add_points(
-        spots.centers_um[:, ::-1],
-        size=2.0 * spots.radius_um,
-        face_color=face,
-        border_width=0.0,
-        features=features,
-        opacity=opacity,
-        name=name,
-        visible=visible,
-        units=UNITS,
-        metadata={"coordinate_system": MICRONS, "shapes_key": spots.shapes_key},
-    )
+    table_key: str,
+    var: str | None = None,
+    adata_layer: str | None = None,
+    obs: str | None = None,
+) -> None:
+    """Colour ``layer`` by a table column with napari-spatialdata's View widget.
+
+    Does what a click does: select the layer, the table and ``adata_layer`` (for ``var``) in the
+    widget, then colour by the ``var`` gene or the ``obs`` column (``face_color`` and the
+    widget's "Colored by").
+    """
+    viewer = interactive._viewer
+    view = viewer.window.dock_widgets[VIEW_WIDGET]
+    viewer.layers.selection.active = layer
+    if table_key not in (layer.metadata.get("table_names") or []):
+        raise KeyError(
+            f"Table {table_key!r} does not annotate {layer.metadata.get('name')!r}; "
+            "napari-spatialdata cannot colour it by that table."
+        )
+    view.table_name_widget.setCurrentText(table_key)
+    if var is not None:
+        view.adata_layer_widget.setCurrentText(adata_layer if adata_layer is not None else "X")
+        view.var_widget.setAdataLayer(adata_layer)
+        view.var_widget._onAction((var,))
+    else:
+        view.obs_widget._onAction((obs,))
 
 
 def napari(
@@ -133,12 +177,16 @@ def napari(
 ) -> _napari.Viewer:
     """Open the H&E with predicted expression, measured expression and niches in napari.
 
-    Every layer is placed in the ``"microns"`` coordinate system, so they line up: the H&E as a
-    multiscale image (all pyramid levels, read lazily) with its pixel → micron affine, and the spots
-    as points layers with their true diameter in microns, one layer per gene and kind
-    (``"ERBB2 predicted"``, ``"ERBB2 measured"``), coloured by value (the values are also the
-    layer's ``features``, shown in the status bar), and the niches as a layer coloured by label.
-    Only the first overlay is visible at first; toggle the others in the layer list.
+    The SpatialData is opened with napari-spatialdata (:class:`napari_spatialdata.Interactive`):
+    its SpatialData widget lists the elements by coordinate system, with ``"microns"`` selected,
+    and its View widget colours a layer by any table column or gene. The H&E is added as a
+    multiscale image (all pyramid levels, read lazily) and the spots once per gene and kind
+    (``"ERBB2 predicted"``, ``"ERBB2 measured"``), each coloured by that gene through the View
+    widget (the values are also the layer's ``features``, shown in the status bar), and once
+    coloured by the niche column, all in ``"microns"``, so they line up. Expression colours are
+    clipped at ``vmax`` (a percentile by default) and niches use the same palette as
+    :func:`squall_sd.pl.niches`. Only the first overlay is visible at first; toggle the others in
+    the layer list.
 
     Works in a notebook (``show=True`` opens a window beside it) and from a shell as
     ``squall view result.zarr --genes ERBB2 CD74``.
@@ -172,7 +220,8 @@ def napari(
     opacity
         Opacity of the overlays.
     viewer
-        Add the layers to this viewer instead of opening a new one.
+        Add the layers (and napari-spatialdata's widgets) to this viewer instead of opening a
+        new one.
     show
         Show the viewer window (ignored with ``viewer=``).
     title
@@ -185,7 +234,7 @@ def napari(
     Raises
     ------
     ImportError
-        napari is not installed (``pip install "squall-sd[napari]"``).
+        napari or napari-spatialdata is not installed (``pip install "squall-sd[napari]"``).
     KeyError
         Genes were asked for but there are no predictions, or an unknown gene.
 
@@ -199,6 +248,7 @@ def napari(
     from squall_sd.tl._keys import resolve_image_key
 
     napari_module = require_napari()
+    interactive_cls = require_napari_spatialdata()
     gene_list = _as_list(genes)
     try:
         pred = find_prediction(sdata, table_key=table_key, layer=layer, shapes_key=shapes_key)
@@ -227,11 +277,12 @@ def napari(
 
     if viewer is None:
         viewer = napari_module.Viewer(title=title, show=show)
+    interactive = _open_interactive(interactive_cls, sdata, viewer)
     ikey = resolve_image_key(sdata, image_key) if (image_key is not None or sdata.images) else None
     if ikey is not None:
-        _add_image(viewer, sdata, ikey)
+        _add_element(interactive, sdata, ikey, ikey)
 
-    first = True
+    overlays = []
     for gene in gene_list:
         for kind, src in (("predicted", pred), ("measured", meas)):
             if src is None:
@@ -244,17 +295,15 @@ def napari(
                 raise ValueError(
                     f"Gene {gene!r} has no predicted values (the model does not predict it)."
                 )
-            norm = robust_norm(values, vmin=None, vmax=vmax)
-            _add_spots(
-                viewer,
-                spots,
-                name=f"{gene} {kind}",
-                face=_rgba(values, cmap, norm),
-                features=pd.DataFrame({gene: values}),
-                opacity=opacity,
-                visible=first,
-            )
-            first = False
+            lay = _add_element(interactive, sdata, spots.shapes_key, f"{gene} {kind}")
+            _color_by(interactive, lay, table_key=src.table_key, var=gene, adata_layer=src.layer)
+            # napari-spatialdata scales the colours from the minimum to the maximum (one bright
+            # spot washes out the rest) and gives missing values (unpredicted genes) the colour
+            # map's "bad" colour; recolour with `vmax` and grey for missing values. It also sets
+            # the features in table row order; set them in the order of the layer's spots.
+            lay.face_color = _rgba(values, cmap, robust_norm(values, vmin=None, vmax=vmax))
+            lay.features = pd.DataFrame({gene: values, "index": lay.metadata["indices"]})
+            overlays.append(lay)
 
     if niches is not None:
         tkey = spots.table_key
@@ -265,25 +314,33 @@ def napari(
             series = _as_categorical(tab, niches)
             colors = _palette(_with_categorical(tab, niches, series), niches, None)
             labels = _spot_order(sdata, spots, tkey, series.astype(object).to_numpy(), fill=None)
-            face = np.array(
+            lay = _add_element(interactive, sdata, spots.shapes_key, niches)
+            _color_by(interactive, lay, table_key=tkey, obs=niches)
+            # napari-spatialdata colours categories with `uns[f"{niches}_colors"]` when that holds
+            # one colour per category (and then fails on spots without a label), else with its
+            # own tab20; recolour with the palette of `squall.pl.niches` (the same colours as the
+            # static plots, also when `uns` has none) and grey for spots without a label.
+            lay.face_color = np.array(
                 [
-                    _to_rgba(colors.get(str(v), "#bbbbbb")) if pd.notna(v) else _to_rgba("#bbbbbb")
+                    _to_rgba(colors.get(str(v), "#bbbbbb")) if pd.notna(v) else MISSING_RGBA
                     for v in labels
                 ]
             )
-            _add_spots(
-                viewer,
-                spots,
-                name=niches,
-                face=face,
-                features=pd.DataFrame({niches: pd.Categorical(labels, categories=list(colors))}),
-                opacity=opacity,
-                visible=first,
+            lay.features = pd.DataFrame(
+                {
+                    niches: pd.Categorical(labels, categories=list(colors)),
+                    "index": lay.metadata["indices"],
+                }
             )
-            first = False
+            overlays.append(lay)
         else:
             logger.info("no `obs[%r]` in the table; not adding a niche layer", niches)
 
+    for i, lay in enumerate(overlays):
+        lay.opacity = opacity
+        lay.visible = i == 0
+    if overlays:
+        viewer.layers.selection.active = overlays[0]
     viewer.scale_bar.visible = True
     viewer.reset_view()
     _focus(viewer, spots)
