@@ -253,7 +253,10 @@ def workers(args: argparse.Namespace) -> int:
 
 def describe(workload: str, args: argparse.Namespace) -> str:
     if workload == "bundled":
-        return f"`{BUNDLED}` (bundled weights, 848 genes, 224 px tiles at its native 2.0 µm/px)"
+        from squall_sd.models import load
+
+        c = load(BUNDLED).config
+        return f"`{BUNDLED}` (bundled weights, {c.n_genes} genes, {c.img_size} px tiles at its native {c.mpp:g} µm/px)"
     if workload == "large":
         return "squall-555m (random weights, 848 genes, 224 px tiles at 2.0 µm/px)"
     return f"squall-tiny (random weights, 256 genes, 224 px tiles at {args.mpp:g} µm/px)"
