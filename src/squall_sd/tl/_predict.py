@@ -647,8 +647,9 @@ def restrict_to_genes(
             f"{e.args[0] if e.args else e} `genes` must name genes the model predicts "
             f"(see `model.genes`, {model.n_genes} genes)."
         ) from None
+    in_table = set(channels.tolist())
     keep = np.isin(channels, np.asarray(wanted, dtype=np.int64))
-    missing = sorted({genes[i] for i, c in enumerate(wanted) if c not in set(channels[keep].tolist())}, key=str)
+    missing = sorted({g for g, c in zip(genes, wanted, strict=True) if c not in in_table}, key=str)
     if missing:
         raise ValueError(
             f"`genes` {missing[:10]} are predicted by the model but not columns of table {table_key!r}; a table "

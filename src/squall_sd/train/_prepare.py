@@ -1015,6 +1015,7 @@ def _tile_slide(
     y0 = float(np.floor((lo[1] - margin) / cell_um) * cell_um)
     if spot_mode:
         tile_cells = _spot_tile_cells(regions.center, x0, y0, tile_um, cell_um, jitter_um, tiles_per_spot, seed + si)
+        origins = np.column_stack([x0 + tile_cells[:, 0] * cell_um, y0 + tile_cells[:, 1] * cell_um])
         nx = int(tile_cells[:, 0].max()) + g if len(tile_cells) else g
         ny = int(tile_cells[:, 1].max()) + g if len(tile_cells) else g
     else:
@@ -1025,8 +1026,6 @@ def _tile_slide(
         tile_cells = tile_ij * step  # tile origins in lattice cells (column, row)
         origins = np.column_stack([x0 + tile_ij[:, 0] * stride, y0 + tile_ij[:, 1] * stride])
         nx, ny = (nx - 1) * step + g, (ny - 1) * step + g
-    if spot_mode:
-        origins = np.column_stack([x0 + tile_cells[:, 0] * cell_um, y0 + tile_cells[:, 1] * cell_um])
     meta: dict[str, Any] = {"regions": None, "fill": None}
     filler = None
     if has_expr:
