@@ -145,3 +145,28 @@ def test_conv_stem_roundtrip(tmp_path):
     assert back.config.stem == "conv"
     x = torch.rand(2, 3, 112, 112)
     torch.testing.assert_close(back.forward_rgb(x, res=2.0), m.forward_rgb(x, res=2.0))
+
+
+def test_early_stopping_and_best_checkpoint_share_the_metric_direction(spot_shards, tmp_path):
+    """Without `mode`, early stopping follows the metric like `checkpoint.best`: r is maximised."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from squall_sd.train._config import load_config
+    from squall_sd.train._run import _build_trainer
+
+    cfg = load_config(
+        base_config(
+            spot_shards,
+            tmp_path / "run",
+            data={"val": str(spot_shards)},
+            trainer={"early_stopping": {"monitor": "val/pearson", "patience": 2}},
+            checkpoint={"best": "val/pearson"},
+        )
+    )
+    trainer, _, _ = _build_trainer(cfg, tmp_path / "run", [])
+    es = [c for c in trainer.callbacks if isinstance(c, EarlyStopping)]
+    best = [c for c in trainer.callbacks if getattr(c, "monitor", None) == "val/pearson" and c not in es]
+    assert es[0].mode == "max" and best[0].mode == "max"
+    cfg["trainer"]["early_stopping"] = {"monitor": "val/loss", "patience": 2}
+    trainer, _, _ = _build_trainer(cfg, tmp_path / "run", [])
+    assert [c for c in trainer.callbacks if isinstance(c, EarlyStopping)][0].mode == "min"

@@ -49,7 +49,8 @@ writes beside its checkpoints.
       val_check_interval: null
       early_stopping: null            # stop when a validation metric stops improving, e.g.
                                       # {monitor: val/loss, patience: 5, min_delta: 0.0}
-                                      # (patience counts validation runs; needs data.val)
+                                      # (patience counts validation runs; needs data.val; mode
+                                      # defaults to max for val/pearson and accuracy, else min)
       deterministic: auto             # auto: true on CPU, "warn" on GPU
     checkpoint:
       every_n_steps: 50

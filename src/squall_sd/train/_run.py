@@ -247,6 +247,11 @@ def _build_model(cfg: Mapping[str, Any], genes: list[str] | None) -> Any:
     return model
 
 
+def monitor_mode(metric: str) -> str:
+    """``"max"`` for metrics where higher is better (accuracy, Pearson r), else ``"min"`` (losses)."""
+    return "max" if any(k in metric for k in ("acc", "pearson")) else "min"
+
+
 def _build_trainer(
     cfg: Mapping[str, Any], run_dir: Path, extra: list[Callback]
 ) -> tuple[pl.Trainer, ExportCheckpoint, _History]:
@@ -274,7 +279,7 @@ def _build_trainer(
                 filename="best",
                 auto_insert_metric_name=False,
                 monitor=str(ck["best"]),
-                mode="max" if any(k in str(ck["best"]) for k in ("acc", "pearson")) else "min",
+                mode=monitor_mode(str(ck["best"])),
                 save_top_k=1,
                 save_last=False,
                 enable_version_counter=False,
@@ -289,7 +294,7 @@ def _build_trainer(
                 monitor=str(es["monitor"]),
                 patience=int(es.get("patience", 3)),
                 min_delta=float(es.get("min_delta", 0.0)),
-                mode=str(es.get("mode", "min")),
+                mode=str(es.get("mode") or monitor_mode(str(es["monitor"]))),
                 check_on_train_epoch_end=False,
                 verbose=False,
             )
