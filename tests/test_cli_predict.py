@@ -7,35 +7,15 @@ import shutil
 import numpy as np
 import pytest
 import spatialdata as sd
-import torch
 
-import squall_sd as squall
 from squall_sd.cli import main
 from squall_sd.cli._predict import SlidesFailedError, is_complete, run_predict
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    """Two tiny slides (first 6 spots of the bundled example, one shifted crop each) and a saved model."""
-    root = tmp_path_factory.mktemp("cohort")
-    ex = squall.datasets.example()
-    slides = root / "slides"
-    slides.mkdir()
-    for name, sl in (("s1", slice(0, 6)), ("s2", slice(6, 12))):
-        sub = sd.SpatialData(
-            images={"he": ex.images["he"]},
-            shapes={"spots": ex.shapes["spots"].iloc[sl]},
-            tables={"table": ex.tables["table"][sl].copy()},
-        )
-        from spatialdata.transformations import get_transformation, set_transformation
-
-        set_transformation(sub.shapes["spots"], get_transformation(ex.shapes["spots"], get_all=True), set_all=True)
-        sub.write(slides / f"{name}.zarr")
-    torch.manual_seed(0)
-    genes = list(ex.tables["table"].var_names[:8])
-    model = squall.models.create("squall-tiny", img_size=64, expr_size=16, genes=genes, mpp=4.0)
-    model.save_pretrained(root / "model")
-    return slides, root / "model"
+def cohort(tmp_path_factory, write_tiny_cohort):
+    """Two tiny slides (6 spots each of the bundled example) and a saved model."""
+    return write_tiny_cohort(tmp_path_factory.mktemp("cohort"), {"s1": slice(0, 6), "s2": slice(6, 12)})
 
 
 def test_cli_predict_sync_and_resume(cohort, tmp_path):

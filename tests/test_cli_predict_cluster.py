@@ -23,10 +23,7 @@ if importlib.util.find_spec("distributed") is None or importlib.util.find_spec("
     pytest.skip("dask.distributed and its CLI (`dask scheduler`, `dask worker`) are not installed: "
                 "pip install 'dask[distributed]'", allow_module_level=True)
 
-import spatialdata as sd  # noqa: E402
-import torch  # noqa: E402
 
-import squall_sd as squall  # noqa: E402
 from squall_sd.cli import main  # noqa: E402
 from squall_sd.cli._predict import DONE_KEY, is_complete, predict_slides  # noqa: E402
 
@@ -35,31 +32,14 @@ STARTUP_TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
+def cohort(tmp_path_factory, write_tiny_cohort):
     """Four tiny slides (4 spots each of the bundled example), one unreadable slide and a saved tiny model."""
-    from spatialdata.transformations import get_transformation, set_transformation
-
-    root = tmp_path_factory.mktemp("cluster_cohort")
-    ex = squall.datasets.example()
-    slides = root / "slides"
-    slides.mkdir()
-    for i, name in enumerate(GOOD):
-        sl = slice(4 * i, 4 * i + 4)
-        sub = sd.SpatialData(
-            images={"he": ex.images["he"]},
-            shapes={"spots": ex.shapes["spots"].iloc[sl]},
-            tables={"table": ex.tables["table"][sl].copy()},
-        )
-        set_transformation(sub.shapes["spots"], get_transformation(ex.shapes["spots"], get_all=True), set_all=True)
-        sub.write(slides / f"{name}.zarr")
+    parts = {name: slice(4 * i, 4 * i + 4) for i, name in enumerate(GOOD)}
+    slides, model = write_tiny_cohort(tmp_path_factory.mktemp("cluster_cohort"), parts)
     bad = slides / "bad.zarr"  # a store that is not SpatialData
     bad.mkdir()
     (bad / "zarr.json").write_text("this is not zarr metadata")
-    torch.manual_seed(0)
-    genes = list(ex.tables["table"].var_names[:8])
-    model = squall.models.create("squall-tiny", img_size=64, expr_size=16, genes=genes, mpp=4.0)
-    model.save_pretrained(root / "model")
-    return slides, root / "model"
+    return slides, model
 
 
 def _tail(path: Path, n: int = 3000) -> str:

@@ -236,35 +236,25 @@ def test_view_cli_screenshot(qt_display, predicted, tmp_path):
     assert png.stat().st_size > 1000
 
 
-def test_require_napari_message(monkeypatch):
+@pytest.mark.parametrize(
+    ("module", "require", "match"),
+    [
+        ("napari", "require_napari", r'pip install "squall-sd\[napari\]"'),
+        ("napari_spatialdata", "require_napari_spatialdata", r'napari-spatialdata: pip install "squall-sd\[napari\]"'),
+    ],
+)
+def test_require_napari_message(monkeypatch, module, require, match):
     import builtins
 
-    from squall_sd.pl._napari import require_napari
+    import squall_sd.pl._napari as pl_napari
 
     real_import = builtins.__import__
 
     def fake_import(name, *args, **kwargs):
-        if name == "napari":
-            raise ImportError("No module named 'napari'")
+        if name == module:
+            raise ImportError(f"No module named {module!r}")
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(ImportError, match=r'pip install "squall-sd\[napari\]"'):
-        require_napari()
-
-
-def test_require_napari_spatialdata_message(monkeypatch):
-    import builtins
-
-    from squall_sd.pl._napari import require_napari_spatialdata
-
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name == "napari_spatialdata":
-            raise ImportError("No module named 'napari_spatialdata'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(ImportError, match=r'napari-spatialdata: pip install "squall-sd\[napari\]"'):
-        require_napari_spatialdata()
+    with pytest.raises(ImportError, match=match):
+        getattr(pl_napari, require)()

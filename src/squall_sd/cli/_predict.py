@@ -447,22 +447,10 @@ def _write_report(records: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def run_predict(
-    slides: str | Path,
-    out_dir: str | Path,
-    *,
-    model: Any,
-    scheduler: str = "sync",
-    scheduler_file: str | Path | None = None,
-    n_workers: int = 2,
-    mpp: float | None = None,
-    overwrite: bool = False,
-    client: Any = None,
-    **kwargs: Any,
-) -> list[str]:
+def run_predict(slides: str | Path, out_dir: str | Path, *, model: Any, **kwargs: Any) -> list[str]:
     """Predict every slide into ``out_dir``; slides whose output is complete are skipped (resumable).
 
-    :func:`predict_slides` returning the written paths: the parameters are the same.
+    :func:`predict_slides` returning the written paths: ``**kwargs`` are its options.
 
     Returns
     -------
@@ -473,8 +461,7 @@ def run_predict(
     SlidesFailedError
         When slides failed, after the others were written (its ``records`` is the full report).
     """
-    records = predict_slides(slides, out_dir, model=model, scheduler=scheduler, scheduler_file=scheduler_file,
-                             n_workers=n_workers, mpp=mpp, overwrite=overwrite, client=client, **kwargs)
+    records = predict_slides(slides, out_dir, model=model, **kwargs)
     if any(r["status"] == "failed" for r in records):
         raise SlidesFailedError(records)
     return [r["output"] for r in records if r["status"] == "done"]
