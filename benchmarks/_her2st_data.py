@@ -264,3 +264,16 @@ def normalised(sec: Section, genes: list[str]) -> np.ndarray:
     if np.any(idx < 0):
         raise KeyError("some genes are missing from section " + sec.name)
     return full[:, idx]
+
+
+def run_sections(model_dir: Path) -> dict[str, list[str]] | None:
+    """Training and validation sections of a model exported by ``squall train``, from its run's
+    ``config.yaml`` (beside the model, or in the run's ``finetune/`` folder); ``None`` if there is none."""
+    import yaml
+
+    for cfg in (model_dir / "config.yaml", model_dir.parent / "finetune" / "config.yaml"):
+        if cfg.is_file():
+            d = yaml.safe_load(cfg.read_text()).get("data", {})
+            as_list = lambda v: [] if v is None else [v] if isinstance(v, str) else list(v)  # noqa: E731
+            return {k: [Path(t).name for t in as_list(d.get(k))] for k in ("train", "val")}
+    return None

@@ -19,7 +19,6 @@ from functools import reduce
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -34,11 +33,13 @@ SECTIONS = ["A1", "A2", "C2", "C3", "C4", "C5", "C6"]
 
 def roles(model_dir: Path) -> dict[str, str]:
     """Section -> "train" / "validation" / "held out", from the run's config.yaml beside the model."""
-    cfg = yaml.safe_load((model_dir / "config.yaml").read_text())["data"]
-    as_list = lambda v: [] if v is None else [v] if isinstance(v, str) else v  # noqa: E731
-    tr = {Path(p).name for p in as_list(cfg["train"])}
-    va = {Path(p).name for p in as_list(cfg["val"])}
-    return {s: "train" if s in tr else "validation" if s in va else "held out" for s in SECTIONS}
+    sections = data.run_sections(model_dir)
+    if sections is None:
+        raise SystemExit(f"{model_dir} has no config.yaml of its training run: its training sections are unknown.")
+    return {
+        s: "train" if s in sections["train"] else "validation" if s in sections["val"] else "held out"
+        for s in SECTIONS
+    }
 
 
 def main(argv=None) -> None:  # noqa: D103
@@ -75,12 +76,15 @@ def main(argv=None) -> None:  # noqa: D103
                   "| section | role | spots | r (785) | partial r (785) | r (top 50) | partial r (top 50) |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for s in SECTIONS:
+            # one forward pass per section for both gene sets
+            pred, known, _ = SA.predict_spots(model, secs[s].patches, c.mpp, list(dict.fromkeys(hvg + top50)))
+            col = {g: i for i, g in enumerate(known)}
+            depth = np.log1p(secs[s].total_umi)
             row = []
             for genes in (hvg, top50):
-                pred, known, _ = SA.predict_spots(model, secs[s].patches, c.mpp, genes)
-                y = data.normalised(secs[s], known)
-                depth = np.log1p(secs[s].total_umi)
-                row += [np.nanmean(pearson_per_gene(y, pred)), np.nanmean(partial_pearson_per_gene(y, pred, depth))]
+                sel = [g for g in genes if g in col]
+                y, p_ = data.normalised(secs[s], sel), pred[:, [col[g] for g in sel]]
+                row += [np.nanmean(pearson_per_gene(y, p_)), np.nanmean(partial_pearson_per_gene(y, p_, depth))]
             lines.append(f"| {s} | {role[s]} | {len(secs[s].counts)} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
         lines.append("")
     text = "\n".join(lines)

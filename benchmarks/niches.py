@@ -346,14 +346,12 @@ def hand_tile_features(sdata, model) -> np.ndarray:
 
 def _trained_on(model_dir: Path) -> str:
     """The training sections of a model exported by ``squall train`` (its run's ``config.yaml``), if known."""
-    import yaml
+    from _her2st_data import run_sections
 
-    for cfg in (model_dir / "config.yaml", model_dir.parent / "finetune" / "config.yaml"):
-        if cfg.is_file():
-            train = yaml.safe_load(cfg.read_text()).get("data", {}).get("train", [])
-            train = [train] if isinstance(train, str) else train
-            return ", ".join(Path(t).name for t in train) or "unknown"
-    return "unknown (no config.yaml beside the model)"
+    sections = run_sections(model_dir)
+    if sections is None:
+        return "unknown (no config.yaml beside the model)"
+    return ", ".join(sections["train"]) or "unknown"
 
 
 def run_he(model_dir: str, seeds: list[int], cc_seeds: list[int], skip_cc: bool) -> pd.DataFrame:
