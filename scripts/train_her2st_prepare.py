@@ -57,6 +57,20 @@ def gene_panel(root: Path) -> tuple[list[str], dict]:
     return panel, info
 
 
+def tiny_config(panel, mpp: float, img_size: int, overrides: str = ""):
+    """Return squall-tiny for ``panel`` with ``img_size``-px tiles at ``mpp`` µm/px.
+
+    The tiny model's 4 px per expression cell is kept; ``overrides`` ("key=value,...") sets further
+    fields.
+    """
+    import squall_sd as squall
+
+    over = dict(kv.split("=", 1) for kv in overrides.split(",") if kv)
+    return squall.models.get_config("squall-tiny").replace(
+        genes=tuple(panel), mpp=mpp, img_size=img_size, expr_size=img_size // 4, **over
+    )
+
+
 def white_background(sdata, thresh: int = 16) -> None:
     """Set near-black pixels (max channel < thresh) of every scale of the H&E to white, lazily."""
     im = sdata.images["he"]
@@ -99,11 +113,7 @@ def main(argv=None) -> None:
     (args.out / "panel.txt").write_text("\n".join(panel) + "\n")
     (args.out / "panel.json").write_text(json.dumps(info, indent=1))
     print(f"panel: {len(panel)} genes ({info['n_hvg785']} hvg785 + top-50 extras)")
-    over = dict(kv.split("=", 1) for kv in args.model_overrides.split(",") if kv)
-    # a tile of img-size px keeps the tiny model's 4 px per expression cell
-    cfg = squall.models.get_config("squall-tiny").replace(
-        genes=tuple(panel), mpp=args.mpp, img_size=args.img_size, expr_size=args.img_size // 4, **over
-    )
+    cfg = tiny_config(panel, args.mpp, args.img_size, args.model_overrides)
     spot = {"tile_centers": "spots", "tiles_per_spot": args.spot_tiles, "jitter_um": args.jitter_um}
     for sec in args.sections.split(","):
         t = time.time()

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from spatialdata import SpatialData
-from train_her2st_prepare import white_background
+from train_her2st_prepare import tiny_config, white_background
 
 import squall_sd as squall
 from squall_sd import train
@@ -67,13 +67,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     panel = tuple(args.panel.read_text().split())
-    over = dict(kv.split("=", 1) for kv in args.model_overrides.split(",") if kv)
     for name, sd, scales in images(args.shared):
         for mpp in scales:
             t = time.time()
-            cfg = squall.models.get_config("squall-tiny").replace(
-                genes=panel, mpp=mpp, img_size=args.img_size, expr_size=args.img_size // 4, **over
-            )
+            cfg = tiny_config(panel, mpp, args.img_size, args.model_overrides)
             target = args.out / f"{name}_{mpp:g}um"
             if (target / "manifest.json").is_file() and not args.overwrite:
                 print(f"{name} at {mpp:g} um/px: exists, kept")
