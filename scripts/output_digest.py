@@ -68,11 +68,16 @@ def _frame(df: Any) -> dict[str, str]:
     out = {"index": _h(repr(list(df.index)).encode())}
     for c in df.columns:
         col = df[c]
-        out[str(c)] = _h(repr(col.astype(str).tolist()).encode()) if col.dtype == object or str(col.dtype) == "category" else _arr(col.to_numpy())
+        out[str(c)] = (
+            _h(repr(col.astype(str).tolist()).encode())
+            if col.dtype == object or str(col.dtype) == "category"
+            else _arr(col.to_numpy())
+        )
     return out
 
 
 def digest_adata(adata: Any) -> dict[str, Any]:
+    """Digest X, layers, obs, var, obsm and uns of an AnnData."""
     return {
         "shape": list(adata.shape),
         "X": None if adata.X is None else _arr(adata.X),
@@ -85,13 +90,22 @@ def digest_adata(adata: Any) -> dict[str, Any]:
 
 
 def digest_sdata(sdata: Any, keys: list[str]) -> dict[str, Any]:
+    """Digest the named tables, shapes and images of a SpatialData."""
     out: dict[str, Any] = {}
     for k in keys:
         if k in sdata.tables:
             out[k] = digest_adata(sdata.tables[k])
         elif k in sdata.shapes:
             g = sdata.shapes[k]
-            out[k] = {"geometry": _h(g.geometry.to_wkb().tobytes() if hasattr(g.geometry.to_wkb(), "tobytes") else repr(list(g.geometry.to_wkb())).encode()), "index": _h(repr(list(g.index)).encode()), "cols": _frame(g.drop(columns="geometry"))}
+            out[k] = {
+                "geometry": _h(
+                    g.geometry.to_wkb().tobytes()
+                    if hasattr(g.geometry.to_wkb(), "tobytes")
+                    else repr(list(g.geometry.to_wkb())).encode()
+                ),
+                "index": _h(repr(list(g.index)).encode()),
+                "cols": _frame(g.drop(columns="geometry")),
+            }
         elif k in sdata.images:
             from squall_sd.pp._utils import image_levels  # noqa: F401 - only to read the level
 
@@ -104,6 +118,7 @@ def digest_sdata(sdata: Any, keys: list[str]) -> dict[str, Any]:
 
 
 def digest_dir(root: Path) -> dict[str, str]:
+    """Digest every file under a folder."""
     out = {}
     for p in sorted(root.rglob("*")):
         if p.is_file():
@@ -123,7 +138,8 @@ def _new_keys(before: set[str], sdata: Any) -> list[str]:
     return sorted(now - before | {"table"} & now)
 
 
-def run_cases(name: str, make: Any, tmp: Path, *, model: str) -> dict[str, Any]:
+def run_cases(name: str, make: Any, tmp: Path, *, model: str, only: str = "") -> dict[str, Any]:
+    """Run every case on the data ``make()`` returns and digest its outputs."""
     import squall_sd as sq
 
     out: dict[str, Any] = {}
@@ -133,7 +149,9 @@ def run_cases(name: str, make: Any, tmp: Path, *, model: str) -> dict[str, Any]:
 
     cases = {
         "predict_default": lambda sd: sq.tl.predict_expression(sd, model, progress=False, num_workers=0),
-        "predict_shapes": lambda sd: sq.tl.predict_expression(sd, model, layout="shapes", progress=False, num_workers=0),
+        "predict_shapes": lambda sd: sq.tl.predict_expression(
+            sd, model, layout="shapes", progress=False, num_workers=0
+        ),
         "predict_tiles_dense": lambda sd: sq.tl.predict_expression(
             sd, model, layout="tiles", dense_genes=["ERBB2"], progress=False, num_workers=0
         ),
@@ -143,9 +161,13 @@ def run_cases(name: str, make: Any, tmp: Path, *, model: str) -> dict[str, Any]:
         "predict_copy": lambda sd: sq.tl.predict_expression(sd, model, inplace=False, progress=False, num_workers=0),
         "embed_region": lambda sd: sq.tl.embed(sd, model, progress=False, num_workers=0),
         "embed_tile": lambda sd: sq.tl.embed(sd, model, pool="tile", progress=False, num_workers=0),
-        "embed_token_map": lambda sd: sq.tl.embed(sd, model, token_map=True, token_stride=2, progress=False, num_workers=0),
+        "embed_token_map": lambda sd: sq.tl.embed(
+            sd, model, token_map=True, token_stride=2, progress=False, num_workers=0
+        ),
     }
     for case, fn in cases.items():
+        if only not in case:
+            continue
         sd = make()
         before = keys(sd)
         try:
@@ -163,6 +185,8 @@ def run_cases(name: str, make: Any, tmp: Path, *, model: str) -> dict[str, Any]:
         "prepare_spots": {"tile_centers": "spots", "tiles_per_spot": 2, "jitter_um": 20.0, "seed": 3},
         "prepare_dense": {"expr_format": "dense"},
     }.items():
+        if only not in case:
+            continue
         target = tmp / f"{name}-{case}"
         try:
             sq.train.prepare([make()], target, model_config_or_name="squall-tiny", **kw)
@@ -175,6 +199,7 @@ def run_cases(name: str, make: Any, tmp: Path, *, model: str) -> dict[str, Any]:
 
 
 def compare(a: Any, b: Any, path: str = "") -> list[str]:
+    """List the paths where two digests differ."""
     if isinstance(a, dict) and isinstance(b, dict):
         diffs = []
         for k in sorted(set(a) | set(b)):
@@ -187,14 +212,20 @@ def compare(a: Any, b: Any, path: str = "") -> list[str]:
 
 
 def main() -> None:
+    """Command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path)
     p.add_argument("--her2st", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/her2st")
     p.add_argument("--section", default="C2")
+    p.add_argument("--only", default="", help="run only the cases whose name contains this (predict, embed, prepare)")
+    p.add_argument("--skip-her2st", action="store_true", help="only the bundled example")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
     args = p.parse_args()
     if args.compare:
-        diffs = compare(*(json.loads(f.read_text()) for f in args.compare))
+        before, after = (json.loads(f.read_text()) for f in args.compare)
+        # compare only the cases both files ran (a run with --only / --skip-her2st covers fewer)
+        before = {s: {c: v for c, v in cs.items() if c in after.get(s, {})} for s, cs in before.items() if s in after}
+        diffs = compare(before, after)
         print("\n".join(diffs) if diffs else "identical")
         sys.exit(1 if diffs else 0)
 
@@ -206,10 +237,14 @@ def main() -> None:
     model = "squall-tiny-her2st"
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        result["example"] = run_cases("example", sq.datasets.example, Path(tmp), model=model)
-        if args.her2st.exists():
+        result["example"] = run_cases("example", sq.datasets.example, Path(tmp), model=model, only=args.only)
+        if args.her2st.exists() and not args.skip_her2st:
             result[args.section] = run_cases(
-                args.section, lambda: sq.datasets.her2st(args.section, args.her2st), Path(tmp), model=model
+                args.section,
+                lambda: sq.datasets.her2st(args.section, args.her2st),
+                Path(tmp),
+                model=model,
+                only=args.only,
             )
     text = json.dumps(result, indent=1, sort_keys=True)
     if args.out:
