@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import squall_sd.models as sm
-from squall_sd.models import _io
+from squall_sd.models import _registry
 
 from .conftest import GENES, micro_config, randomize_
 
@@ -47,14 +47,25 @@ def test_save_load_round_trip_bit_exact(model, tmp_path):
     assert loaded.weights_sha256 == meta["weights_sha256"] == model.weights_sha256
     assert not loaded.training
     x = torch.rand(1, 3, 224, 224)
-    assert torch.equal(
-        model.predict(x, 0.5, aggregate="tile"), loaded.predict(x, 0.5, aggregate="tile")
-    )
+    assert torch.equal(model.predict(x, 0.5, aggregate="tile"), loaded.predict(x, 0.5, aggregate="tile"))
     # loading the safetensors file itself works too; saving again needs overwrite=True
     _assert_same(model, sm.load(out / "model.safetensors"))
     with pytest.raises(FileExistsError, match="overwrite"):
         model.save_pretrained(out)
     model.save_pretrained(out, overwrite=True)
+
+
+def test_read_config_of_a_folder(model, tmp_path):
+    out = model.save_pretrained(tmp_path / "m")
+    cfg = sm.read_config(out)
+    assert cfg == model.config and cfg.genes == tuple(GENES)
+    assert sm.read_config(out) == sm.load(out).config
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text(json.dumps(model.config.to_dict(include_genes=False)))
+    assert sm.read_config(bare) == model.config.replace(genes=None)
+    with pytest.raises(FileNotFoundError, match="is not a model folder: it has no config.json"):
+        sm.read_config(tmp_path)
 
 
 def test_corrupt_directory(model, tmp_path):
@@ -71,9 +82,7 @@ def test_corrupt_directory(model, tmp_path):
         sm.load(out)
 
 
-@pytest.mark.parametrize(
-    "layout", ["bare", "base_model", "state_dict", "model", "module_prefix", "fp16"]
-)
+@pytest.mark.parametrize("layout", ["bare", "base_model", "state_dict", "model", "module_prefix", "fp16"])
 def test_official_layouts_load_strictly(model, official_state, tmp_path, layout):
     state = dict(official_state)
     if layout == "module_prefix":
@@ -125,9 +134,7 @@ def test_official_555m_layout_inferred(manifest):
     state = {k: torch.empty(s, device="meta") for k, s in manifest}
     cfg = sm.config_from_state_dict(state)
     assert cfg.name == "squall-555m"
-    assert cfg == sm.get_config("squall-555m").replace(
-        name=cfg.name, description=cfg.description, licence=cfg.licence
-    )
+    assert cfg == sm.get_config("squall-555m").replace(name=cfg.name, description=cfg.description, licence=cfg.licence)
 
 
 def test_mismatched_checkpoints_fail_clearly(official_state, tmp_path):
@@ -138,9 +145,7 @@ def test_mismatched_checkpoints_fail_clearly(official_state, tmp_path):
 
     missing = dict(official_state)
     del missing["decoder.increase_dim_expr.bias"]
-    with pytest.raises(
-        sm.CheckpointError, match=r"1 missing key\(s\):\n    decoder.increase_dim_expr.bias"
-    ):
+    with pytest.raises(sm.CheckpointError, match=r"1 missing key\(s\):\n    decoder.increase_dim_expr.bias"):
         sm.load(_save(missing))
 
     extra = dict(official_state)
@@ -157,9 +162,7 @@ def test_mismatched_checkpoints_fail_clearly(official_state, tmp_path):
     ):
         sm.load(_save(wrong))
 
-    backbone = {
-        k[len("encoder.") :]: v for k, v in official_state.items() if k.startswith("encoder.")
-    }
+    backbone = {k[len("encoder.") :]: v for k, v in official_state.items() if k.startswith("encoder.")}
     with pytest.raises(sm.CheckpointError, match="backbone-only"):
         sm.load(_save(backbone))
 
@@ -216,7 +219,7 @@ def test_registered_name_without_weights_and_unknown_name():
 
 
 def test_bundled_lookup_is_generic(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(_io, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(_registry, "WEIGHTS_DIR", tmp_path)
     assert sm.list_models(pretrained=True) == []
     model.save_pretrained(tmp_path / "squall-micro-demo")
     assert sm.list_models(pretrained=True) == ["squall-micro-demo"]
@@ -224,9 +227,7 @@ def test_bundled_lookup_is_generic(model, tmp_path, monkeypatch):
     loaded = sm.load("squall-micro-demo")
     _assert_same(model, loaded)
     assert loaded.weights_source == "squall-micro-demo"
-    assert (
-        sm.create("squall-micro-demo").n_genes == model.n_genes
-    )  # same architecture, fresh weights
+    assert sm.create("squall-micro-demo").n_genes == model.n_genes  # same architecture, fresh weights
 
 
 def test_huggingface_paths(model, official_state, tmp_path, monkeypatch):

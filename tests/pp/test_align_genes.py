@@ -68,9 +68,20 @@ def test_no_overlap(mob_adata):
 
 
 def test_normalize_gene_name():
+    # one function for pp and models: the published rule, case kept (pp upper-cased before)
+    assert squall.pp.normalize_gene_name is squall.models.normalize_gene_name
     assert squall.pp.normalize_gene_name("GRCh38_ACTB") == "ACTB"
-    assert squall.pp.normalize_gene_name("mm10__Actb") == "ACTB"
+    assert squall.pp.normalize_gene_name("mm10__Actb") == "Actb"
     assert squall.pp.normalize_gene_name("ENSG00000075624.17") == "ENSG00000075624"
+
+
+def test_gene_index_fallback_is_case_insensitive_and_keeps_non_ensembl_versions():
+    adata = ad.AnnData(
+        X=np.zeros((1, 4), np.float32),
+        var=pd.DataFrame(index=["mm10__Actb", "ensg00000075624.17", "RP11-34P13.7", "RP11-34P13.8"]),
+    )
+    idx = squall.pp.gene_index(adata, ["ACTB", "ENSG00000075624", "rp11-34p13.8", "RP11-34P13"])
+    np.testing.assert_array_equal(idx, [0, 1, 3, -1])
 
 
 def test_normalize_expression(mob_adata):

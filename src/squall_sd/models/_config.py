@@ -131,10 +131,7 @@ class SquallConfig:
             if int(getattr(self, key)) <= 0:
                 raise ValueError(f"Expected `{key}` to be positive, found `{getattr(self, key)}`.")
         if self.img_size % self.patch_size:
-            raise ValueError(
-                f"`img_size` ({self.img_size}) must be a multiple of `patch_size` "
-                f"({self.patch_size})."
-            )
+            raise ValueError(f"`img_size` ({self.img_size}) must be a multiple of `patch_size` ({self.patch_size}).")
         if (self.expr_size * self.patch_size) % self.img_size:
             raise ValueError(
                 f"`expr_size` ({self.expr_size}) must give a whole number of expression cells per "
@@ -142,19 +139,12 @@ class SquallConfig:
                 f"{self.expr_size * self.patch_size / self.img_size}."
             )
         if self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"`embed_dim` ({self.embed_dim}) must be divisible by `num_heads` "
-                f"({self.num_heads})."
-            )
+            raise ValueError(f"`embed_dim` ({self.embed_dim}) must be divisible by `num_heads` ({self.num_heads}).")
         if self.embed_dim % self.expr_patch:
-            raise ValueError(
-                f"`embed_dim` ({self.embed_dim}) must be divisible by `expr_patch` "
-                f"({self.expr_patch})."
-            )
+            raise ValueError(f"`embed_dim` ({self.embed_dim}) must be divisible by `expr_patch` ({self.expr_patch}).")
         if not 0 <= self.merge_layer_depth <= self.depth:
             raise ValueError(
-                f"`merge_layer_depth` must lie in [0, depth={self.depth}], found "
-                f"{self.merge_layer_depth}."
+                f"`merge_layer_depth` must lie in [0, depth={self.depth}], found {self.merge_layer_depth}."
             )
         if self.input_range != "0-1":
             raise ValueError(f"Only input_range='0-1' is supported, found {self.input_range!r}.")
@@ -215,15 +205,11 @@ class SquallConfig:
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise TypeError(
-                f"Unknown SquallConfig field(s) {unknown}; valid fields are {sorted(names)}."
-            )
+            raise TypeError(f"Unknown SquallConfig field(s) {unknown}; valid fields are {sorted(names)}.")
         genes = overrides.get("genes")
         if genes is not None:
             if "n_genes" in overrides and int(overrides["n_genes"]) != len(genes):
-                raise ValueError(
-                    f"`n_genes`={overrides['n_genes']} disagrees with len(genes)={len(genes)}."
-                )
+                raise ValueError(f"`n_genes`={overrides['n_genes']} disagrees with len(genes)={len(genes)}.")
             overrides["n_genes"] = len(genes)
         elif "n_genes" in overrides and "genes" not in overrides and self.genes is not None:
             if int(overrides["n_genes"]) != len(self.genes):
@@ -290,9 +276,7 @@ def register_config(config: SquallConfig, *, overwrite: bool = False) -> SquallC
 
     """
     if config.name in _REGISTRY and not overwrite:
-        raise ValueError(
-            f"A model named {config.name!r} is already registered; pass overwrite=True."
-        )
+        raise ValueError(f"A model named {config.name!r} is already registered; pass overwrite=True.")
     _REGISTRY[config.name] = config
     return config
 
@@ -339,8 +323,7 @@ register_config(
         merge_layer_depth=8,
         num_heads=12,
         decoder_depth=2,
-        description="ViT-B-sized MultiWay encoder (12 blocks, merge at 8), 2-block decoders, "
-        "full vocabulary.",
+        description="ViT-B-sized MultiWay encoder (12 blocks, merge at 8), 2-block decoders, full vocabulary.",
     )
 )
 register_config(
@@ -351,8 +334,7 @@ register_config(
         merge_layer_depth=8,
         num_heads=6,
         decoder_depth=2,
-        description="ViT-S-sized MultiWay encoder (12 blocks, merge at 8), 2-block decoders, "
-        "full vocabulary.",
+        description="ViT-S-sized MultiWay encoder (12 blocks, merge at 8), 2-block decoders, full vocabulary.",
     )
 )
 register_config(

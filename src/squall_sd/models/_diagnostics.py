@@ -53,9 +53,7 @@ def gene_order_diagnostics(model: Squall, genes_file: str | os.PathLike[str]) ->
     for order in ("first_column", "row"):
         vocab = GeneVocabulary.from_file(genes_file, order=order)  # type: ignore[arg-type]
         if len(vocab) != len(bias):
-            raise ValueError(
-                f"{genes_file} lists {len(vocab)} genes, the model has {len(bias)} channels."
-            )
+            raise ValueError(f"{genes_file} lists {len(vocab)} genes, the model has {len(bias)} channels.")
         sym = np.array(vocab.symbols)
         ribo = np.array([bool(_RIBO.match(s)) for s in sym])
         olf = np.array([bool(_OLFACTORY.match(s)) for s in sym])
@@ -65,9 +63,7 @@ def gene_order_diagnostics(model: Squall, genes_file: str | os.PathLike[str]) ->
                 "order": order,
                 "ribosomal_mean_bias": float(bias[ribo].mean()) if ribo.any() else np.nan,
                 "olfactory_mean_bias": float(bias[olf].mean()) if olf.any() else np.nan,
-                "bias_gap": float(bias[ribo].mean() - bias[olf].mean())
-                if ribo.any() and olf.any()
-                else np.nan,
+                "bias_gap": float(bias[ribo].mean() - bias[olf].mean()) if ribo.any() and olf.any() else np.nan,
                 "housekeeping_bias_percentile": float(pct[hk].mean()) if hk.any() else np.nan,
                 "n_ribosomal": int(ribo.sum()),
                 "n_olfactory": int(olf.sum()),

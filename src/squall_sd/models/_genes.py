@@ -3,46 +3,21 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from squall_sd._gene_names import normalize_gene_name
 from squall_sd._logging import logger
 
 __all__ = ["GeneVocabulary", "normalize_gene_name", "read_gene_order"]
 
-_VERSION_RE = re.compile(r"\.\d+$")
 _HOMOLOG_COLUMNS = ("ENSG_ID", "HGNC_symbol", "ENSMUSG_ID", "MGI_symbol")
 #: If the minority species of a sample still matches more than this many genes, the sample is
 #: treated as mixed species (the published preprocessing sums both species into shared channels).
 MIXED_SPECIES_MIN_MATCHES = 10_000
-
-
-def normalize_gene_name(name: str) -> str:
-    """Normalise a gene name the way the published preprocessing does.
-
-    ``"__"`` is collapsed to ``"_"``, the text after the last ``"_"`` is kept (``GRCh38_ACTB`` →
-    ``ACTB``) and a numeric ``.version`` suffix is dropped (``ENSG00000075624.17`` →
-    ``ENSG00000075624``).
-
-    Parameters
-    ----------
-    name
-        Gene symbol or Ensembl id as found in the data.
-
-    Returns
-    -------
-    The normalised name.
-
-    """
-    name = str(name).strip()
-    while "__" in name:
-        name = name.replace("__", "_")
-    name = name.rsplit("_", 1)[-1]
-    return _VERSION_RE.sub("", name)
 
 
 def _clean(values: Iterable[object] | None, n: int) -> list[str] | None:
@@ -218,8 +193,7 @@ class GeneVocabulary:
         nh, nm = int((h >= 0).sum()), int((m >= 0).sum())
         if min(nh, nm) > MIXED_SPECIES_MIN_MATCHES:
             logger.warning(
-                "Both human (%d) and mouse (%d) genes match; the data look mixed-species. "
-                "Returning the %s mapping.",
+                "Both human (%d) and mouse (%d) genes match; the data look mixed-species. Returning the %s mapping.",
                 nh,
                 nm,
                 "human" if nh >= nm else "mouse",
@@ -259,17 +233,14 @@ class GeneVocabulary:
         missing = [c for c in _HOMOLOG_COLUMNS if c not in df.columns]
         if missing:
             raise ValueError(
-                f"{path} is not a SQUALL gene-order file: missing column(s) {missing}; found "
-                f"{list(df.columns)}."
+                f"{path} is not a SQUALL gene-order file: missing column(s) {missing}; found {list(df.columns)}."
             )
         if order == "first_column":
             first = df.iloc[:, 0]
             try:
                 channels = first.to_numpy().astype(np.int64)
             except (TypeError, ValueError) as err:
-                raise ValueError(
-                    f"The first column of {path} is not an integer channel index."
-                ) from err
+                raise ValueError(f"The first column of {path} is not an integer channel index.") from err
             if not np.array_equal(np.sort(channels), np.arange(len(df))):
                 raise ValueError(
                     f"The first column of {path} is not a permutation of 0..{len(df) - 1}; "

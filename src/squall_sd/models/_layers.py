@@ -218,9 +218,7 @@ class RelativePositionBias(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with the MLP relative position bias, via SDPA."""
 
-    def __init__(
-        self, dim: int, num_heads: int, *, qkv_bias: bool = False, rpb_hidden: int = 64
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = False, rpb_hidden: int = 64) -> None:
         super().__init__()
         self.num_heads = int(num_heads)
         self.head_dim = dim // num_heads
@@ -282,17 +280,12 @@ class MultiWayMLP(nn.Module):
                 return self._rgb(x)
             if route == "expr":
                 return self._expr(x)
-            raise ValueError(
-                f"Unknown route {route!r}; expected 'rgb', 'expr', an int or a bool mask."
-            )
+            raise ValueError(f"Unknown route {route!r}; expected 'rgb', 'expr', an int or a bool mask.")
         if isinstance(route, int):
             return torch.cat([self._rgb(x[:, :route]), self._expr(x[:, route:])], dim=1)
         mask = route.to(device=x.device, dtype=torch.bool)
         if mask.shape != x.shape[:2]:
-            raise ValueError(
-                f"Routing mask of shape {tuple(mask.shape)} does not match tokens "
-                f"{tuple(x.shape[:2])}."
-            )
+            raise ValueError(f"Routing mask of shape {tuple(mask.shape)} does not match tokens {tuple(x.shape[:2])}.")
         y_rgb = self._rgb(x[mask])
         y_expr = self._expr(x[~mask])
         out = x.new_empty(x.shape, dtype=torch.promote_types(y_rgb.dtype, y_expr.dtype))

@@ -7,7 +7,8 @@ system that every :mod:`squall_sd.io` reader registers.
 
 from __future__ import annotations
 
-from squall_sd.pp._genes import align_genes, gene_index, normalize_expression, normalize_gene_name
+from squall_sd._gene_names import normalize_gene_name
+from squall_sd.pp._genes import align_genes, gene_index, normalize_expression
 from squall_sd.pp._patches import PatchDataset, extract_patches
 from squall_sd.pp._rasterize import (
     ExpressionRasterizer,

@@ -30,11 +30,12 @@ GENE_ID_COLUMNS = (
 _VERSION = re.compile(r"^(ENS[A-Z]*G\d+)\.\d+$", re.IGNORECASE)
 
 
-def normalize_gene_name(name: str) -> str:
-    """Normalise a gene name for fuzzy matching (the SQUALL preprocessing rules, upper-cased).
+def _match_key(name: str) -> str:
+    """Case-insensitive key of the fallback round of :func:`gene_index`.
 
-    ``"__"`` is collapsed to ``"_"``, the text after the last ``"_"`` is kept (``"GRCh38_ACTB"`` →
-    ``"ACTB"``), an Ensembl ``.version`` suffix is dropped and the result is upper-cased.
+    :func:`~squall_sd.models.normalize_gene_name` upper-cased, except that only an Ensembl id's
+    ``.version`` is dropped (``"RP11-34P13.7"`` stays as it is) and a name ending in ``"_"`` is
+    kept whole, as this matching always did.
     """
     s = str(name).strip()
     while "__" in s:
@@ -79,10 +80,9 @@ def gene_index(adata: AnnData, genes: Sequence[str] | pd.Index | pd.DataFrame) -
 
     Matching goes in two rounds: exact identifiers first (``var_names``, then the ``var`` columns
     listed in :data:`GENE_ID_COLUMNS`, e.g. ``gene_ids`` / ``gene_symbols``), then the same after
-    :func:`normalize_gene_name` (case-insensitive, without Ensembl versions or ``GRCh38_``-style
-    prefixes). ``genes`` may be a DataFrame whose columns are alternative identifiers of each
-    channel (e.g. human and mouse symbols and Ensembl ids), so mouse data reach the ortholog's
-    channel.
+    normalisation (case-insensitive, without Ensembl versions or ``GRCh38_``-style prefixes).
+    ``genes`` may be a DataFrame whose columns are alternative identifiers of each channel (e.g.
+    human and mouse symbols and Ensembl ids), so mouse data reach the ortholog's channel.
     """
     alts, _ = _vocab_names(genes)
     exact: dict[str, int] = {}
@@ -96,7 +96,7 @@ def gene_index(adata: AnnData, genes: Sequence[str] | pd.Index | pd.DataFrame) -
         for j, n in enumerate(names):
             if not n:
                 continue
-            fuzzy.setdefault(normalize_gene_name(n), j)
+            fuzzy.setdefault(_match_key(n), j)
     idx = np.full(len(alts), -1, dtype=np.int64)
     for k, names in enumerate(alts):
         for n in names:
@@ -106,7 +106,7 @@ def gene_index(adata: AnnData, genes: Sequence[str] | pd.Index | pd.DataFrame) -
                 break
         else:
             for n in names:
-                j = fuzzy.get(normalize_gene_name(n))
+                j = fuzzy.get(_match_key(n))
                 if j is not None:
                     idx[k] = j
                     break
