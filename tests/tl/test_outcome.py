@@ -14,7 +14,7 @@ import torch
 from sklearn.cluster import KMeans
 
 import squall_sd as squall
-from squall_sd.tl._outcome import _cox_loss, concordance_index
+from squall_sd.tl._outcome_net import _cox_loss, concordance_index
 
 
 def _c_index_reference(time, event, risk):
