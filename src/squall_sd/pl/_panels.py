@@ -210,63 +210,33 @@ def _obs_panels(
                 unknown = [g for g in groups if g not in colors]
                 if unknown:
                     raise ValueError(f"`groups` {unknown} are not categories of `obs[{key!r}]` ({list(colors)}).")
-            if spots is None:
-                _scatter_obs(
-                    adata,
-                    target,
-                    categories=series,
-                    colors=colors,
-                    title=title,
-                    legend_title=key,
-                    groups=groups,
-                    fill_alpha=fill_alpha,
-                )
-            else:
-                render_panel(
-                    _with_table(data, spots.table_key, plot_table),
-                    image_key=ikey,
-                    image=image,
-                    spots=spots,
-                    ax=target,
-                    color=key,
-                    table_key=spots.table_key,
-                    palette=colors,
-                    groups=groups,
-                    title=title,
-                    fill_alpha=fill_alpha,
-                    pad_um=pad_um,
-                )
+            scatter: dict[str, Any] = {"categories": series, "colors": colors, "groups": groups}
+            render: dict[str, Any] = {"palette": colors, "groups": groups}
+            plot_data = _with_table(data, spots.table_key, plot_table) if spots is not None else None
         else:
             values = pd.to_numeric(obs_values(adata, key), errors="coerce").to_numpy(dtype=float)
             if not np.isfinite(values).any():
                 raise ValueError(f"`obs[{key!r}]` has no finite values to plot.")
             norm = robust_norm(values, vmin=vmin, vmax=vmax)
-            if spots is None:
-                _scatter_obs(
-                    adata,
-                    target,
-                    values=values,
-                    cmap=cmap,
-                    norm=norm,
-                    title=title,
-                    legend_title=key,
-                    fill_alpha=fill_alpha,
-                )
-            else:
-                render_panel(
-                    data,
-                    image_key=ikey,
-                    image=image,
-                    spots=spots,
-                    ax=target,
-                    color=key,
-                    table_key=spots.table_key,
-                    cmap=cmap,
-                    norm=norm,
-                    title=title,
-                    fill_alpha=fill_alpha,
-                    pad_um=pad_um,
-                )
+            scatter = {"values": values, "cmap": cmap, "norm": norm}
+            render = {"cmap": cmap, "norm": norm}
+            plot_data = data
+        if spots is None:
+            _scatter_obs(adata, target, title=title, legend_title=key, fill_alpha=fill_alpha, **scatter)
+        else:
+            render_panel(
+                plot_data,
+                image_key=ikey,
+                image=image,
+                spots=spots,
+                ax=target,
+                color=key,
+                table_key=spots.table_key,
+                title=title,
+                fill_alpha=fill_alpha,
+                pad_um=pad_um,
+                **render,
+            )
     save_figure(fig, save)
     return axes
 

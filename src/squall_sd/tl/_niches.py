@@ -32,6 +32,31 @@ if TYPE_CHECKING:
 __all__ = ["niche_enrichment", "niches"]
 
 
+def _representation(
+    adata: AnnData, use_rep: str, *, batch_key: str | None, n_pcs: int | None, random_state: int
+) -> tuple[np.ndarray, str]:
+    """Return the representation to aggregate and its description, aligned per ``batch_key``."""
+    if batch_key is None:
+        rep, rep_desc = get_representation(adata, use_rep, n_pcs=n_pcs, random_state=random_state)
+    else:
+        if batch_key not in adata.obs:
+            raise KeyError(f"`batch_key={batch_key!r}` not found in `adata.obs`; available: {list(adata.obs.columns)}.")
+        # align all columns, then keep the n_pcs leading principal components of the aligned
+        # representation: the leading columns of a joint PCA mostly separate the batches
+        rep, rep_desc = get_representation(
+            adata, use_rep, n_pcs=None if n_pcs is None else max(n_pcs, 50), random_state=random_state
+        )
+        rep = _align_batches(rep, adata.obs[batch_key].to_numpy())
+        if n_pcs is not None and n_pcs < min(rep.shape):
+            from sklearn.decomposition import PCA
+
+            rep = PCA(n_pcs, random_state=random_state).fit_transform(rep).astype(np.float32)
+            rep_desc = f"PCA({n_pcs}) of {rep_desc} aligned per {batch_key!r}"
+        else:
+            rep_desc = f"{rep_desc} aligned per {batch_key!r}"
+    return rep, rep_desc
+
+
 def _align_batches(rep: np.ndarray, batch: np.ndarray) -> np.ndarray:
     """Centre and scale every column within each batch, then restore the pooled within-batch scale."""
     rep = np.array(rep, dtype=np.float32, copy=True)
@@ -178,24 +203,7 @@ def niches(  # noqa: D417 - parameters from squall_sd._docs
         raise ValueError(f"Need at least 3 observations to find niches, found {adata.n_obs}.")
 
     # 1. representation (fail early, before building anything)
-    if batch_key is None:
-        rep, rep_desc = get_representation(adata, use_rep, n_pcs=n_pcs, random_state=random_state)
-    else:
-        if batch_key not in adata.obs:
-            raise KeyError(f"`batch_key={batch_key!r}` not found in `adata.obs`; available: {list(adata.obs.columns)}.")
-        # align all columns, then keep the n_pcs leading principal components of the aligned
-        # representation: the leading columns of a joint PCA mostly separate the batches
-        rep, rep_desc = get_representation(
-            adata, use_rep, n_pcs=None if n_pcs is None else max(n_pcs, 50), random_state=random_state
-        )
-        rep = _align_batches(rep, adata.obs[batch_key].to_numpy())
-        if n_pcs is not None and n_pcs < min(rep.shape):
-            from sklearn.decomposition import PCA
-
-            rep = PCA(n_pcs, random_state=random_state).fit_transform(rep).astype(np.float32)
-            rep_desc = f"PCA({n_pcs}) of {rep_desc} aligned per {batch_key!r}"
-        else:
-            rep_desc = f"{rep_desc} aligned per {batch_key!r}"
+    rep, rep_desc = _representation(adata, use_rep, batch_key=batch_key, n_pcs=n_pcs, random_state=random_state)
 
     # 2. graph
     adj, conn_key, graph_params = spatial_connectivities(
