@@ -1,4 +1,9 @@
-"""Agreement of predictions with measurements: per-gene correlation summary and scatter plots."""
+"""Agreement of predictions with measurements: per-gene correlation summary and scatter plots.
+
+matplotlib, spatialdata, napari, :mod:`squall_sd.pp` and :mod:`squall_sd.tl` (whose packages load
+spatialdata and anndata on import) are imported inside functions, so that
+``import squall_sd.pl`` stays light.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from squall_sd._docs import d
 from squall_sd._logging import logger
@@ -43,8 +49,6 @@ def _correlations(adata: AnnData, *, layer: str, measured_layer: str | None, key
     col = f"{key}_pearson"
     if col in adata.var:
         return pd.to_numeric(adata.var[col], errors="coerce").astype(float)
-    from scipy import sparse
-
     from squall_sd.tl._evaluate import pearson_per_gene
 
     if layer not in adata.layers:

@@ -1,4 +1,9 @@
-"""Interactive viewing in napari (napari-spatialdata): H&E, expression and niches in microns."""
+"""Interactive viewing in napari (napari-spatialdata): H&E, expression and niches in microns.
+
+matplotlib, spatialdata, napari, :mod:`squall_sd.pp` and :mod:`squall_sd.tl` (whose packages load
+spatialdata and anndata on import) are imported inside functions, so that
+``import squall_sd.pl`` stays light.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from unittest import mock
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from squall_sd._constants import MICRONS
 from squall_sd._docs import d
@@ -70,8 +76,6 @@ def _rgba(values: np.ndarray, cmap: Colormap | str, norm: Any) -> np.ndarray:
 
 
 def _default_genes(sdata: SpatialData, table_key: str, layer: str | None) -> list[str]:
-    from scipy import sparse
-
     t = sdata.tables[table_key]
     mat = t.X if layer is None else t.layers[layer]
     mat = mat.toarray() if sparse.issparse(mat) else np.asarray(mat, dtype=float)

@@ -1,4 +1,9 @@
-"""Shared machinery of :mod:`squall_sd.pl`: element resolution, the cropped H&E, panels, saving."""
+"""Shared machinery of :mod:`squall_sd.pl`: element resolution, the cropped H&E, panels, saving.
+
+matplotlib, spatialdata, napari, :mod:`squall_sd.pp` and :mod:`squall_sd.tl` (whose packages load
+spatialdata and anndata on import) are imported inside functions, so that
+``import squall_sd.pl`` stays light.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from squall_sd._constants import ATTRS_KEY, MICRONS
 from squall_sd._logging import logger
@@ -235,8 +241,6 @@ def cropped_image(
 
 def table_values(adata: AnnData, gene: str, layer: str | None) -> np.ndarray:
     """Return the values of ``gene`` in ``layer`` (``None``: ``X``) as a dense float vector."""
-    from scipy import sparse
-
     if gene not in adata.var_names:
         raise KeyError(f"Gene {gene!r} not found in the table's `var_names` ({adata.n_vars} genes).")
     j = int(adata.var_names.get_loc(gene))
