@@ -165,7 +165,7 @@ def test_napari_layers_and_niches(qt_display, sdata, monkeypatch):
     from matplotlib.colors import to_rgba
     from napari_spatialdata._widgets import AListWidget
 
-    from squall_sd.pl._spatial import _palette
+    from squall_sd.pl._panels import _palette
 
     colored = []  # (layer, table attribute, column, adata layer) that napari-spatialdata coloured
     real_action = AListWidget._onAction

@@ -191,6 +191,16 @@ def test_evaluate_expression_on_anndata(her2st_c2):
     assert "mean_partial_pearson" not in s2
 
 
+def test_evaluate_expression_copy_writes_nothing(her2st_c2):
+    y_true, y_pred, tot, genes = her2st_c2
+    adata = AnnData(X=y_true, var=pd.DataFrame(index=list(genes)))
+    adata.layers["squall"] = y_pred
+    summary = evaluate_expression(adata, key_added="ev", copy=True)
+    assert list(adata.var.columns) == [] and "ev" not in adata.uns
+    assert summary == evaluate_expression(adata, key_added="ev")
+    assert "ev_pearson" in adata.var and adata.uns["ev"] == summary
+
+
 def test_evaluate_expression_errors(her2st_c2):
     y_true, y_pred, _, genes = her2st_c2
     adata = AnnData(X=y_true, var=pd.DataFrame(index=list(genes)))

@@ -11,7 +11,8 @@ from scipy import sparse
 from sklearn.metrics import adjusted_rand_score
 
 import squall_sd as squall
-from squall_sd.tl._niches import _align_batches, _pick_k
+from squall_sd.tl._niche_clustering import _pick_k
+from squall_sd.tl._niches import _align_batches
 from squall_sd.tl._utils import aggregate_neighbors
 
 

@@ -14,7 +14,7 @@ import torch
 from sklearn.cluster import KMeans
 
 import squall_sd as squall
-from squall_sd.tl._outcome import _cox_loss, concordance_index
+from squall_sd.tl._outcome_net import _cox_loss, concordance_index
 
 
 def _c_index_reference(time, event, risk):
@@ -118,6 +118,19 @@ def test_fit_predict_cox_simulated(tiles):
     assert list(pred.index) == sorted(out.index) and (pred["n_tiles"] > 0).all()
     assert concordance_index(out.loc[pred.index, "time"], out.loc[pred.index, "event"], pred["risk"]) > 0.7
     np.testing.assert_allclose(adata.obs["pred_attention"].groupby(adata.obs["slide"]).sum(), 1.0, rtol=1e-5)
+
+
+def test_fit_outcome_copy_writes_nothing(tiles):
+    adata, out = tiles
+    adata = adata.copy()
+    adata.obs["responder"] = out["responder"].reindex(adata.obs["slide"]).to_numpy()
+    kw = {"embeddings": "X_emb", "response": "responder", "task": "binary", "cv": 3, "epochs": 5}
+    obs, uns = list(adata.obs.columns), set(adata.uns)
+    model = squall.tl.fit_outcome(adata, copy=True, **kw)
+    assert list(adata.obs.columns) == obs and set(adata.uns) == uns
+    again = squall.tl.fit_outcome(adata, **kw)
+    assert "squall_outcome_attention" in adata.obs and "squall_outcome" in adata.uns
+    assert all(torch.equal(model.state_dict[k], again.state_dict[k]) for k in model.state_dict)
 
 
 def test_binary_grouped_and_outcomes_from_obs(tiles):

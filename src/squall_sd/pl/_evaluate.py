@@ -1,4 +1,9 @@
-"""Agreement of predictions with measurements: per-gene correlation summary and scatter plots."""
+"""Agreement of predictions with measurements: per-gene correlation summary and scatter plots.
+
+matplotlib, spatialdata, napari, :mod:`squall_sd.pp` and :mod:`squall_sd.tl` (whose packages load
+spatialdata and anndata on import) are imported inside functions, so that
+``import squall_sd.pl`` stays light.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,11 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
+from squall_sd._docs import d
 from squall_sd._logging import logger
+from squall_sd.pl._spatial import find_prediction
 from squall_sd.pl._utils import get_axes, save_figure, table_values
 
 if TYPE_CHECKING:
@@ -25,8 +33,6 @@ def _resolve_table(data: AnnData | SpatialData, table_key: str | None, layer: st
 
     if not isinstance(data, SpatialData):
         return data
-    from squall_sd.pl._spatial import find_prediction
-
     src = find_prediction(data, table_key=table_key, layer=layer)
     if src.layer is None:
         raise ValueError(
@@ -43,8 +49,6 @@ def _correlations(adata: AnnData, *, layer: str, measured_layer: str | None, key
     col = f"{key}_pearson"
     if col in adata.var:
         return pd.to_numeric(adata.var[col], errors="coerce").astype(float)
-    from scipy import sparse
-
     from squall_sd.tl._evaluate import pearson_per_gene
 
     if layer not in adata.layers:
@@ -52,11 +56,7 @@ def _correlations(adata: AnnData, *, layer: str, measured_layer: str | None, key
             f"`layers[{layer!r}]` not found (layers: {list(adata.layers)}). Run "
             "`squall.tl.predict_expression(sdata, model)` first, or pass `layer=`."
         )
-    pred = np.asarray(
-        adata.layers[layer].toarray()
-        if sparse.issparse(adata.layers[layer])
-        else adata.layers[layer]
-    )
+    pred = np.asarray(adata.layers[layer].toarray() if sparse.issparse(adata.layers[layer]) else adata.layers[layer])
     keep = np.isfinite(pred).all(axis=0)
     if "squall_predicted" in adata.var:
         keep &= adata.var["squall_predicted"].to_numpy(dtype=bool)
@@ -76,7 +76,8 @@ def _correlations(adata: AnnData, *, layer: str, measured_layer: str | None, key
     return out
 
 
-def predicted_vs_measured(
+@d.dedent
+def predicted_vs_measured(  # noqa: D417 - parameters from squall_sd._docs
     data: AnnData | SpatialData,
     *,
     genes: str | Sequence[str] | None = None,
@@ -132,8 +133,7 @@ def predicted_vs_measured(
         Size of a new figure, in inches (default 3.5 × 3.5 per panel).
     ax
         Axes to draw into: ``1 + len(genes)`` of them.
-    save
-        Save the figure to this path.
+    %(save)s
 
     Returns
     -------
@@ -151,9 +151,7 @@ def predicted_vs_measured(
         raise ValueError(f"`summary` must be 'hist' or 'bar', got {summary!r}.")
     adata = _resolve_table(data, table_key, layer)
     if measured_layer is not None and measured_layer not in adata.layers:
-        raise KeyError(
-            f"`measured_layer={measured_layer!r}` not found (layers: {list(adata.layers)})."
-        )
+        raise KeyError(f"`measured_layer={measured_layer!r}` not found (layers: {list(adata.layers)}).")
     r = _correlations(adata, layer=layer, measured_layer=measured_layer, key=key)
     finite = r[np.isfinite(r.to_numpy())].sort_values(ascending=False, kind="mergesort")
     if finite.empty:
@@ -166,17 +164,13 @@ def predicted_vs_measured(
         if missing:
             raise KeyError(f"Genes {missing} not found in `var_names` ({adata.n_vars} genes).")
     if layer not in adata.layers and gene_list:
-        raise KeyError(
-            f"`layers[{layer!r}]` not found (layers: {list(adata.layers)}); pass `layer=`."
-        )
+        raise KeyError(f"`layers[{layer!r}]` not found (layers: {list(adata.layers)}); pass `layer=`.")
     n = 1 + len(gene_list)
     fig, axes = get_axes(ax, n, ncols=ncols, panel_size=(3.5, 3.5), figsize=figsize)
 
     ax0 = axes[0]
     if summary == "hist":
-        ax0.hist(
-            finite.to_numpy(), bins=bins, range=(-1.0, 1.0), color="#4c72b0", edgecolor="white"
-        )
+        ax0.hist(finite.to_numpy(), bins=bins, range=(-1.0, 1.0), color="#4c72b0", edgecolor="white")
         med = float(finite.median())
         ax0.axvline(med, color="#c44e52", linestyle="--", linewidth=1.5)
         ax0.set_xlim(-1.0, 1.0)

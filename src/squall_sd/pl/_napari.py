@@ -1,15 +1,25 @@
-"""Interactive viewing in napari (napari-spatialdata): H&E, expression and niches in microns."""
+"""Interactive viewing in napari (napari-spatialdata): H&E, expression and niches in microns.
+
+matplotlib, spatialdata, napari, :mod:`squall_sd.pp` and :mod:`squall_sd.tl` (whose packages load
+spatialdata and anndata on import) are imported inside functions, so that
+``import squall_sd.pl`` stays light.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from squall_sd._constants import MICRONS
+from squall_sd._docs import d
 from squall_sd._logging import logger
+from squall_sd.pl._panels import _as_categorical, _as_list, _palette, _with_categorical
+from squall_sd.pl._spatial import _measured_source, find_prediction
 from squall_sd.pl._utils import Spots, resolve_spots, robust_norm, table_values
 
 if TYPE_CHECKING:
@@ -66,8 +76,6 @@ def _rgba(values: np.ndarray, cmap: Colormap | str, norm: Any) -> np.ndarray:
 
 
 def _default_genes(sdata: SpatialData, table_key: str, layer: str | None) -> list[str]:
-    from scipy import sparse
-
     t = sdata.tables[table_key]
     mat = t.X if layer is None else t.layers[layer]
     mat = mat.toarray() if sparse.issparse(mat) else np.asarray(mat, dtype=float)
@@ -81,16 +89,12 @@ def _default_genes(sdata: SpatialData, table_key: str, layer: str | None) -> lis
     return [str(t.var_names[i]) for i in order if np.isfinite(var[i])]
 
 
-def _open_interactive(
-    interactive_cls: type[Interactive], sdata: SpatialData, viewer: _napari.Viewer
-) -> Interactive:
+def _open_interactive(interactive_cls: type[Interactive], sdata: SpatialData, viewer: _napari.Viewer) -> Interactive:
     """Open ``sdata`` in ``viewer`` with napari-spatialdata's ``Interactive``.
 
     ``Interactive`` docks its widgets into :func:`napari.current_viewer` (or a new viewer); it has
     no ``viewer=`` argument, so it is made to see ``viewer`` as the current one while it is built.
     """
-    from unittest import mock
-
     import napari as napari_module
 
     with mock.patch.object(napari_module, "current_viewer", lambda: viewer):
@@ -157,7 +161,8 @@ def _color_by(
         view.obs_widget._onAction((obs,))
 
 
-def napari(
+@d.dedent
+def napari(  # noqa: D417 - parameters from squall_sd._docs
     sdata: SpatialData,
     *,
     genes: str | Sequence[str] | None = None,
@@ -211,8 +216,7 @@ def napari(
         Layer of measured expression (default ``X``).
     shapes_key
         Spots to show; default the element the table annotates.
-    image_key
-        The H&E; default the only image.
+    %(image_key_he)s
     cmap
         Colour map of expression.
     vmax
@@ -239,12 +243,6 @@ def napari(
         Genes were asked for but there are no predictions, or an unknown gene.
 
     """
-    from squall_sd.pl._spatial import (
-        _as_list,
-        _measured_source,
-        _palette,
-        find_prediction,
-    )
     from squall_sd.tl._keys import resolve_image_key
 
     napari_module = require_napari()
@@ -256,24 +254,16 @@ def napari(
         if gene_list:
             raise
         pred = None
-    spots = resolve_spots(
-        sdata, shapes_key=shapes_key, table_key=pred.table_key if pred is not None else table_key
-    )
+    spots = resolve_spots(sdata, shapes_key=shapes_key, table_key=pred.table_key if pred is not None else table_key)
     if pred is not None and gene_list is None:
         gene_list = _default_genes(sdata, pred.table_key, pred.layer)
     gene_list = gene_list or []
-    meas = (
-        _measured_source(sdata, pred, spots.shapes_key, measured_layer)
-        if (pred and measured)
-        else None
-    )
+    meas = _measured_source(sdata, pred, spots.shapes_key, measured_layer) if (pred and measured) else None
     if pred is not None:
         ptab = sdata.tables[pred.table_key]
         missing = [g for g in gene_list if g not in ptab.var_names]
         if missing:
-            raise KeyError(
-                f"Genes {missing} not in table {pred.table_key!r} ({ptab.n_vars} genes)."
-            )
+            raise KeyError(f"Genes {missing} not in table {pred.table_key!r} ({ptab.n_vars} genes).")
 
     if viewer is None:
         viewer = napari_module.Viewer(title=title, show=show)
@@ -292,9 +282,7 @@ def napari(
                 continue
             values = _spot_order(sdata, spots, src.table_key, table_values(tab, gene, src.layer))
             if kind == "predicted" and not np.isfinite(values).any():
-                raise ValueError(
-                    f"Gene {gene!r} has no predicted values (the model does not predict it)."
-                )
+                raise ValueError(f"Gene {gene!r} has no predicted values (the model does not predict it).")
             lay = _add_element(interactive, sdata, spots.shapes_key, f"{gene} {kind}")
             _color_by(interactive, lay, table_key=src.table_key, var=gene, adata_layer=src.layer)
             # napari-spatialdata scales the colours from the minimum to the maximum (one bright
@@ -308,8 +296,6 @@ def napari(
     if niches is not None:
         tkey = spots.table_key
         if tkey is not None and niches in sdata.tables[tkey].obs:
-            from squall_sd.pl._spatial import _as_categorical, _with_categorical
-
             tab = sdata.tables[tkey]
             series = _as_categorical(tab, niches)
             colors = _palette(_with_categorical(tab, niches, series), niches, None)
@@ -321,10 +307,7 @@ def napari(
             # own tab20; recolour with the palette of `squall.pl.niches` (the same colours as the
             # static plots, also when `uns` has none) and grey for spots without a label.
             lay.face_color = np.array(
-                [
-                    _to_rgba(colors.get(str(v), "#bbbbbb")) if pd.notna(v) else MISSING_RGBA
-                    for v in labels
-                ]
+                [_to_rgba(colors.get(str(v), "#bbbbbb")) if pd.notna(v) else MISSING_RGBA for v in labels]
             )
             lay.features = pd.DataFrame(
                 {
@@ -374,9 +357,7 @@ def _spot_order(
     """Reorder per-table-row ``values`` into the shapes element's order (missing rows: ``fill``)."""
     from squall_sd.tl._keys import instance_positions
 
-    rows, pos = instance_positions(
-        sdata.tables[table_key], spots.shapes_key, sdata.shapes[spots.shapes_key].index
-    )
+    rows, pos = instance_positions(sdata.tables[table_key], spots.shapes_key, sdata.shapes[spots.shapes_key].index)
     out = np.full(
         len(spots.centers_um),
         fill,

@@ -1,4 +1,9 @@
-"""Shared machinery of :mod:`squall_sd.pl`: element resolution, the cropped H&E, panels, saving."""
+"""Shared machinery of :mod:`squall_sd.pl`: element resolution, the cropped H&E, panels, saving.
+
+matplotlib, spatialdata, napari, :mod:`squall_sd.pp` and :mod:`squall_sd.tl` (whose packages load
+spatialdata and anndata on import) are imported inside functions, so that
+``import squall_sd.pl`` stays light.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from squall_sd._constants import ATTRS_KEY, MICRONS
 from squall_sd._logging import logger
@@ -93,19 +99,14 @@ def shapes_in_microns(
     else:
         cent = geom.centroid
         xy = np.c_[cent.x.to_numpy(float), cent.y.to_numpy(float)]
-        radius = np.sqrt(geom.area.to_numpy(float) / np.pi) * affine_mpp(
-            m
-        )  # equivalent-area radius
+        radius = np.sqrt(geom.area.to_numpy(float) / np.pi) * affine_mpp(m)  # equivalent-area radius
         polygons = True
     centers = xy @ m[:2, :2].T + m[:2, 2]
     if len(centers) == 0:
         raise ValueError("The shapes element is empty: nothing to plot.")
     if polygons:
         b = np.asarray(geom.total_bounds, dtype=float)  # intrinsic xmin, ymin, xmax, ymax
-        corners = (
-            np.array([[b[0], b[1]], [b[2], b[1]], [b[0], b[3]], [b[2], b[3]]]) @ m[:2, :2].T
-            + m[:2, 2]
-        )
+        corners = np.array([[b[0], b[1]], [b[2], b[1]], [b[0], b[3]], [b[2], b[3]]]) @ m[:2, :2].T + m[:2, 2]
         lo, hi = corners.min(0), corners.max(0)
     else:
         lo = (centers - radius[:, None]).min(0)
@@ -113,9 +114,7 @@ def shapes_in_microns(
     return centers, radius, (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
 
 
-def resolve_spots(
-    sdata: SpatialData, *, shapes_key: str | None = None, table_key: str | None = None
-) -> Spots:
+def resolve_spots(sdata: SpatialData, *, shapes_key: str | None = None, table_key: str | None = None) -> Spots:
     """Find the shapes to colour and the table annotating them.
 
     With ``table_key`` given, its annotated shapes element is used (unless ``shapes_key`` says
@@ -160,14 +159,12 @@ def annotated_shapes(sdata: SpatialData, table_key: str) -> str:
         regions = table_regions(sdata.tables[table_key])
     except Exception as e:  # noqa: BLE001
         raise ValueError(
-            f"Table {table_key!r} does not annotate any element "
-            "(no spatialdata region / instance keys)."
+            f"Table {table_key!r} does not annotate any element (no spatialdata region / instance keys)."
         ) from e
     shapes = [r for r in regions if r in sdata.shapes]
     if len(shapes) != 1:
         raise ValueError(
-            f"Table {table_key!r} annotates {regions}; expected exactly one shapes element. "
-            "Pass `shapes_key=`."
+            f"Table {table_key!r} annotates {regions}; expected exactly one shapes element. Pass `shapes_key=`."
         )
     return str(shapes[0])
 
@@ -228,37 +225,24 @@ def cropped_image(
         h, w = level.shape_yx
         px = (max(lo[0], 0), max(lo[1], 0), min(hi[0], w), min(hi[1], h))
     if px[2] <= px[0] or px[3] <= px[1]:
-        raise ValueError(
-            f"The spots lie outside image {image_key!r} in {MICRONS!r}; "
-            "check their transformations."
-        )
+        raise ValueError(f"The spots lie outside image {image_key!r} in {MICRONS!r}; check their transformations.")
     data = level.data[:, px[1] : px[3], px[0] : px[2]].compute()
     shift = np.array([[1.0, 0.0, px[0]], [0.0, 1.0, px[1]], [0.0, 0.0, 1.0]])
     affine = Affine(m @ shift, input_axes=("x", "y"), output_axes=("x", "y"))
     c_coords = None
     element = sdata.images[image_key]
     try:
-        first = (
-            element
-            if not hasattr(element, "children")
-            else next(iter(element["scale0"].data_vars.values()))
-        )
+        first = element if not hasattr(element, "children") else next(iter(element["scale0"].data_vars.values()))
         c_coords = [str(c) for c in first.coords["c"].values]
     except Exception:  # noqa: BLE001 - channel names are cosmetic
         c_coords = None
-    return Image2DModel.parse(
-        data, dims=("c", "y", "x"), c_coords=c_coords, transformations={MICRONS: affine}
-    )
+    return Image2DModel.parse(data, dims=("c", "y", "x"), c_coords=c_coords, transformations={MICRONS: affine})
 
 
 def table_values(adata: AnnData, gene: str, layer: str | None) -> np.ndarray:
     """Return the values of ``gene`` in ``layer`` (``None``: ``X``) as a dense float vector."""
-    from scipy import sparse
-
     if gene not in adata.var_names:
-        raise KeyError(
-            f"Gene {gene!r} not found in the table's `var_names` ({adata.n_vars} genes)."
-        )
+        raise KeyError(f"Gene {gene!r} not found in the table's `var_names` ({adata.n_vars} genes).")
     j = int(adata.var_names.get_loc(gene))
     mat = adata.X if layer is None else adata.layers[layer]
     col = mat[:, j]
@@ -271,9 +255,7 @@ def obs_values(adata: AnnData, key: str) -> pd.Series:
     """Return ``adata.obs[key]``, or raise a :class:`KeyError` listing similar columns."""
     if key not in adata.obs:
         prefix = key.split("_")[0]
-        near = [c for c in adata.obs.columns if str(c).startswith(prefix)][:10] or list(
-            adata.obs.columns
-        )[:10]
+        near = [c for c in adata.obs.columns if str(c).startswith(prefix)][:10] or list(adata.obs.columns)[:10]
         raise KeyError(f"`obs[{key!r}]` not found in the table. Columns like it: {near}.")
     return adata.obs[key]
 
@@ -407,9 +389,7 @@ def render_panel(
         from matplotlib.cm import ScalarMappable
 
         cm = colormaps[cmap] if isinstance(cmap, str) or cmap is None else cmap
-        ax.figure.colorbar(
-            ScalarMappable(norm=norm, cmap=cm), ax=ax, shrink=0.8, label=colorbar_label
-        )
+        ax.figure.colorbar(ScalarMappable(norm=norm, cmap=cm), ax=ax, shrink=0.8, label=colorbar_label)
     x0, y0, x1, y1 = spots.bounds_um
     ax.set_xlim(x0 - pad_um, x1 + pad_um)
     ax.set_ylim(y1 + pad_um, y0 - pad_um)
@@ -453,9 +433,7 @@ def get_axes(
     if ax is not None:
         axes = [ax] if isinstance(ax, Axes) else list(np.asarray(ax, dtype=object).ravel())
         if len(axes) != n:
-            raise ValueError(
-                f"This plot needs {n} axes, got {len(axes)} in `ax=`; pass {n} axes or `ax=None`."
-            )
+            raise ValueError(f"This plot needs {n} axes, got {len(axes)} in `ax=`; pass {n} axes or `ax=None`.")
         return axes[0].figure, axes
     ncols = max(1, min(ncols, n))
     nrows = int(np.ceil(n / ncols))

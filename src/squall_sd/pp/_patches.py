@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 from spatialdata import SpatialData
 
+from squall_sd._docs import d
 from squall_sd._logging import logger
 from squall_sd.pp._utils import (
     Level,
@@ -410,7 +411,8 @@ def _linear_taps(pos: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return i0, i1, t
 
 
-def extract_patches(
+@d.dedent
+def extract_patches(  # noqa: D417 - parameters from squall_sd._docs
     sdata: SpatialData,
     centers_um: np.ndarray | str | Any,
     *,
@@ -442,8 +444,7 @@ def extract_patches(
     centers_um
         Patch centres in microns: an (n, 2) array of x, y; or the key of a shapes element (or a
         GeoDataFrame) whose centroids, transformed to ``microns``, are used.
-    image_key
-        Key of the image in ``sdata.images``; it needs a transformation to ``microns``.
+    %(image_key_pp)s
     patch_px
         Edge of each patch in pixels (224 for SQUALL).
     mpp

@@ -15,6 +15,7 @@ from scipy import sparse
 from spatialdata import SpatialData
 from spatialdata.models import get_table_keys
 
+from squall_sd._docs import d
 from squall_sd._logging import logger
 from squall_sd.pp._genes import align_genes, normalize_expression
 from squall_sd.pp._utils import (
@@ -57,6 +58,7 @@ class TileRegions:
         return int(self.index.shape[0])
 
 
+@d.dedent
 class RegionGrid:
     """Assign the model-grid cells of tiles to the regions of a shapes element.
 
@@ -76,8 +78,7 @@ class RegionGrid:
         Shapes element (GeoDataFrame with a transformation to ``microns``).
     patch_px
         Tile edge in pixels.
-    mpp
-        µm per pixel of the tile.
+    %(mpp_tile)s
     grid
         Number of grid cells per tile edge (56 for SQUALL: 4 × 4 px cells of a 224 px tile).
 
@@ -286,12 +287,34 @@ class RegionGrid:
         return TileRegions(index, names, weights.reshape(b, r_max, g, g), n_cells)
 
 
+@d.get_sections(base="ExpressionRasterizer", sections=["Parameters"])
+@d.dedent
 class ExpressionRasterizer:
     """Rasterise the expression of a table's spots / bins / cells onto tiles' model grids.
 
     Build once, then call :meth:`tile` per tile (e.g. inside a training dataset) or
-    :meth:`rasterize` for many. See :func:`rasterize_expression` for the parameters and
-    semantics.
+    :meth:`rasterize` for many. See :func:`rasterize_expression` for the semantics.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with the shapes and the table annotating them.
+    shapes_key
+        Shapes element of the spots / bins / cells.
+    table_key
+        Table annotating ``shapes_key`` (via its region / instance keys).
+    genes
+        Model vocabulary in channel order (see :func:`align_genes`); ``None`` keeps the table's
+        genes.
+    layer
+        Layer of the table holding counts (default ``X``).
+    patch_px
+        Tile edge in pixels.
+    %(mpp_tile)s
+    grid
+        Grid cells per tile edge.
+    method
+        Normalisation (see :func:`normalize_expression`); ``"binary"`` is the SQUALL target.
     """
 
     def __init__(
@@ -423,7 +446,13 @@ def _table_rows_for(table: AnnData, shapes_key: str, table_key: str) -> AnnData:
     return sub
 
 
-def rasterize_expression(
+# the entries have no ``: type`` part, which docrep's keep_types / delete_types expect
+d.keep_types("ExpressionRasterizer.parameters", "sdata", "sdata")
+d.delete_types("ExpressionRasterizer.parameters", "no_sdata", "sdata")
+
+
+@d.dedent
+def rasterize_expression(  # noqa: D417 - parameters from squall_sd._docs
     sdata: SpatialData,
     centers_um: np.ndarray | str | Any,
     *,
@@ -451,27 +480,10 @@ def rasterize_expression(
 
     Parameters
     ----------
-    sdata
-        SpatialData with the shapes and the table annotating them.
+    %(ExpressionRasterizer.parameters.sdata)s
     centers_um
         Tile centres in microns: (n, 2) array of x, y, or a shapes key / GeoDataFrame (centroids).
-    shapes_key
-        Shapes element of the spots / bins / cells.
-    table_key
-        Table annotating ``shapes_key`` (via its region / instance keys).
-    genes
-        Model vocabulary in channel order (see :func:`align_genes`); ``None`` keeps the table's
-        genes.
-    layer
-        Layer of the table holding counts (default ``X``).
-    patch_px
-        Tile edge in pixels.
-    mpp
-        µm per pixel of the tile.
-    grid
-        Grid cells per tile edge.
-    method
-        Normalisation (see :func:`normalize_expression`); ``"binary"`` is the SQUALL target.
+    %(ExpressionRasterizer.parameters.no_sdata)s
     as_sparse
         Return one CSR matrix (grid * grid, G) per tile, rows y-major x-minor (the SQUALL
         pretraining layout) instead of a dense array. Use it for large vocabularies: one dense tile
@@ -497,7 +509,8 @@ def rasterize_expression(
     return r.rasterize(centers, as_sparse=as_sparse)
 
 
-def region_weights(
+@d.dedent
+def region_weights(  # noqa: D417 - parameters from squall_sd._docs
     sdata: SpatialData,
     centers_um: np.ndarray | str | Any,
     *,
@@ -522,8 +535,7 @@ def region_weights(
         Shapes element of the regions.
     patch_px
         Tile edge in pixels.
-    mpp
-        µm per pixel of the tile.
+    %(mpp_tile)s
     grid
         Grid cells per tile edge.
 

@@ -12,6 +12,7 @@ from scipy import ndimage
 from spatialdata import SpatialData
 from spatialdata.models import ShapesModel
 
+from squall_sd._docs import d
 from squall_sd._logging import logger
 from squall_sd.pp._utils import (
     affine_to_microns,
@@ -27,7 +28,8 @@ DEFAULT_SIZE_UM = {"visium": 55.0, "bins": 16.0, "tiles": 112.0}
 VISIUM_PITCH_RATIO = 100.0 / 55.0
 
 
-def make_spots(
+@d.dedent
+def make_spots(  # noqa: D417 - parameters from squall_sd._docs
     sdata: SpatialData,
     *,
     kind: Literal["visium", "bins", "tiles"] = "visium",
@@ -76,8 +78,7 @@ def make_spots(
         Name of the new shapes element.
     min_tissue_fraction
         Keep a spot when at least this fraction of its area lies on tissue (0–1).
-    overwrite
-        Replace an existing element ``key_added``.
+    %(overwrite_element)s
     inplace
         Write into ``sdata`` and return ``None``; otherwise return the element only.
 

@@ -15,6 +15,7 @@ from skimage import filters, measure, morphology
 from spatialdata import SpatialData
 from spatialdata.models import ShapesModel
 
+from squall_sd._docs import d
 from squall_sd._logging import logger
 from squall_sd.pp._utils import (
     Level,
@@ -239,7 +240,8 @@ def _threshold(feat: np.ndarray, valid: np.ndarray, method: str) -> np.ndarray:
     return mask & valid
 
 
-def detect_tissue(
+@d.dedent
+def detect_tissue(  # noqa: D417 - parameters from squall_sd._docs
     sdata: SpatialData,
     *,
     image_key: str = "he",
@@ -264,8 +266,7 @@ def detect_tissue(
     ----------
     sdata
         SpatialData holding the image.
-    image_key
-        Key of the H&E image in ``sdata.images``; it needs a transformation to ``microns``.
+    %(image_key_pp)s
     scale
         Pyramid level to work on (name such as ``"scale3"`` or index); by default chosen
         automatically as described above.
@@ -278,8 +279,7 @@ def detect_tissue(
         Holes up to this area (µm²) are filled; ``None`` fills all holes.
     key_added
         Name of the shapes element to write; default ``f"{image_key}_tissue"``.
-    overwrite
-        Replace an existing element ``key_added``.
+    %(overwrite_element)s
     inplace
         Write the element into ``sdata`` (and return ``None``); otherwise return it and leave
         ``sdata`` unchanged.

@@ -35,9 +35,7 @@ def _as_2d_float(x: Any, name: str) -> np.ndarray:
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2:
-        raise ValueError(
-            f"`{name}` must be a 1-D or 2-D array (observations × genes), got shape {arr.shape}."
-        )
+        raise ValueError(f"`{name}` must be a 1-D or 2-D array (observations × genes), got shape {arr.shape}.")
     return arr
 
 
@@ -46,8 +44,7 @@ def _check_pair(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
     b = _as_2d_float(y_pred, "y_pred")
     if a.shape != b.shape:
         raise ValueError(
-            "`y_true` and `y_pred` must have the same shape (observations × genes), "
-            f"got {a.shape} and {b.shape}."
+            f"`y_true` and `y_pred` must have the same shape (observations × genes), got {a.shape} and {b.shape}."
         )
     return a, b
 
@@ -198,9 +195,7 @@ def partial_pearson_per_gene(
     a, b = _check_pair(y_true, y_pred)
     z = _as_2d_float(covariate, "covariate")
     if z.shape[0] != a.shape[0]:
-        raise ValueError(
-            f"`covariate` must have one row per observation ({a.shape[0]}), got shape {z.shape}."
-        )
+        raise ValueError(f"`covariate` must have one row per observation ({a.shape[0]}), got shape {z.shape}.")
     if not np.all(np.isfinite(z)):
         raise ValueError("`covariate` contains non-finite values.")
     design = np.column_stack([np.ones(a.shape[0]), z])
@@ -280,9 +275,7 @@ def _get_matrix(adata: AnnData, source: str | np.ndarray | None, what: str) -> A
         return adata.layers[source]
     mat = source
     if getattr(mat, "shape", None) != adata.shape:
-        raise ValueError(
-            f"The {what} array must have shape {adata.shape}, got {getattr(mat, 'shape', None)}."
-        )
+        raise ValueError(f"The {what} array must have shape {adata.shape}, got {getattr(mat, 'shape', None)}.")
     return mat
 
 
@@ -295,6 +288,7 @@ def evaluate_expression(
     depth_key: str | None = None,
     key_added: str = "squall_eval",
     alpha: float = 0.05,
+    copy: bool = False,
 ) -> dict[str, Any]:
     """Score predicted against measured expression, gene by gene, across the observations.
 
@@ -327,19 +321,21 @@ def evaluate_expression(
         Prefix of the ``var`` columns and key of the summary in ``adata.uns``.
     alpha
         False-discovery rate for counting significant genes.
+    copy
+        Only return the summary; do not write into ``adata``.
 
     Returns
     -------
     dict
-        The summary also stored in ``adata.uns[key_added]``: ``n_obs``, ``n_genes`` (genes with a
-        finite r), ``mean_pearson``, ``median_pearson``, ``mean_spearman``, ``median_spearman``,
-        ``n_significant`` (genes with r > 0 and BH q < ``alpha``), ``alpha`` and, with
-        ``depth_key``, ``mean_partial_pearson``, ``median_partial_pearson``,
-        ``n_significant_partial`` and ``depth_key``.
+        The summary (unless ``copy=True`` also stored in ``adata.uns[key_added]``): ``n_obs``,
+        ``n_genes`` (genes with a finite r), ``mean_pearson``, ``median_pearson``,
+        ``mean_spearman``, ``median_spearman``, ``n_significant`` (genes with r > 0 and BH
+        q < ``alpha``), ``alpha`` and, with ``depth_key``, ``mean_partial_pearson``,
+        ``median_partial_pearson``, ``n_significant_partial`` and ``depth_key``.
 
-        ``adata.var`` gains ``{key_added}_pearson``, ``_pearson_pval``, ``_pearson_padj``,
-        ``_spearman``, ``_spearman_padj`` and, with ``depth_key``, ``_partial_pearson`` and
-        ``_partial_pearson_padj``.
+        Unless ``copy=True``, ``adata.var`` gains ``{key_added}_pearson``, ``_pearson_pval``,
+        ``_pearson_padj``, ``_spearman``, ``_spearman_padj`` and, with ``depth_key``,
+        ``_partial_pearson`` and ``_partial_pearson_padj``.
 
     Raises
     ------
@@ -357,9 +353,7 @@ def evaluate_expression(
         genes = list(genes)
         missing = [g for g in genes if g not in adata.var_names]
         if missing:
-            raise KeyError(
-                f"{len(missing)} genes are not in `adata.var_names`, e.g. {missing[:5]}."
-            )
+            raise KeyError(f"{len(missing)} genes are not in `adata.var_names`, e.g. {missing[:5]}.")
         idx = adata.var_names.get_indexer(genes)
     y_true = _get_matrix(adata, measured, "measured")
     y_pred = _get_matrix(adata, predicted, "predicted")
@@ -376,11 +370,15 @@ def evaluate_expression(
         col[idx] = values
         return col
 
-    adata.var[f"{key_added}_pearson"] = _full(r)
-    adata.var[f"{key_added}_pearson_pval"] = _full(p)
-    adata.var[f"{key_added}_pearson_padj"] = _full(q)
-    adata.var[f"{key_added}_spearman"] = _full(rho)
-    adata.var[f"{key_added}_spearman_padj"] = _full(q_rho)
+    def _put(column: str, values: np.ndarray) -> None:
+        if not copy:
+            adata.var[f"{key_added}_{column}"] = _full(values)
+
+    _put("pearson", r)
+    _put("pearson_pval", p)
+    _put("pearson_padj", q)
+    _put("spearman", rho)
+    _put("spearman_padj", q_rho)
 
     s_r, s_rho = _summary(r), _summary(rho)
     summary: dict[str, Any] = {
@@ -404,8 +402,8 @@ def evaluate_expression(
         depth = pd.to_numeric(adata.obs[depth_key], errors="raise").to_numpy(dtype=np.float64)
         pr, pp_ = partial_pearson_per_gene(y_true, y_pred, depth, return_pvalue=True)
         pq = bh_adjust(pp_)
-        adata.var[f"{key_added}_partial_pearson"] = _full(pr)
-        adata.var[f"{key_added}_partial_pearson_padj"] = _full(pq)
+        _put("partial_pearson", pr)
+        _put("partial_pearson_padj", pq)
         s_pr = _summary(pr)
         summary.update(
             mean_partial_pearson=s_pr["mean"],
@@ -420,5 +418,6 @@ def evaluate_expression(
             n_nan,
             len(idx),
         )
-    adata.uns[key_added] = summary
+    if not copy:
+        adata.uns[key_added] = summary
     return summary

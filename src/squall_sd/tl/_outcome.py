@@ -1,11 +1,13 @@
-"""Slide-level outcome prediction: gated-attention MIL over tile embeddings (Cox or binary)."""
+"""Slide-level outcome prediction: gated-attention MIL over tile embeddings (Cox or binary).
+
+The network, its loss and metrics are in :mod:`squall_sd.tl._outcome_net`; reading embeddings,
+slides and outcomes and splitting folds in :mod:`squall_sd.tl._outcome_data`.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -14,122 +16,33 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from squall_sd._docs import d
 from squall_sd._logging import logger
+from squall_sd.tl._outcome_data import (
+    _check_outcomes,
+    _embeddings,
+    _jsonable,
+    _outcome_columns,
+    _outcome_table,
+    _slide_codes,
+    _splits,
+)
+from squall_sd.tl._outcome_net import (
+    _build_net,
+    _cv_metrics,
+    _metric,
+    _predict_net,
+    _score,
+    _SlideBags,
+    _torch_threads,
+    concordance_index,
+)
 from squall_sd.tl._utils import provenance, resolve_adata
 
 if TYPE_CHECKING:
-    import torch
     from spatialdata import SpatialData
 
 __all__ = ["OutcomeModel", "concordance_index", "fit_outcome", "predict_outcome"]
-
-
-# --------------------------------------------------------------------------------------------
-# metrics and losses
-# --------------------------------------------------------------------------------------------
-def concordance_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
-    """Harrell's concordance index of a risk score (higher risk = earlier event).
-
-    A pair is comparable when the observation with the shorter time had an event (or both share
-    a time and only that one had an event); it is concordant when that observation has the higher
-    risk. Ties in risk count one half.
-
-    Parameters
-    ----------
-    time
-        Follow-up times.
-    event
-        1 (or ``True``) when the event was observed, 0 when censored.
-    risk
-        Predicted risk (e.g. a log hazard ratio).
-
-    Returns
-    -------
-    The C-index in [0, 1] (0.5: random; NaN if no pair is comparable).
-
-    """
-    time = np.asarray(time, dtype=float)
-    event = np.asarray(event).astype(bool)
-    risk = np.asarray(risk, dtype=float)
-    if not (time.shape == event.shape == risk.shape) or time.ndim != 1:
-        raise ValueError("`time`, `event` and `risk` must be 1-D arrays of the same length.")
-    num = 0.0
-    den = 0
-    for i in np.flatnonzero(event):  # O(n^2) overall: fine up to ~10^4 slides
-        later = (time > time[i]) | ((time == time[i]) & ~event)
-        n = int(later.sum())
-        if n == 0:
-            continue
-        den += n
-        num += float(np.sum(risk[i] > risk[later]) + 0.5 * np.sum(risk[i] == risk[later]))
-    return num / den if den else float("nan")
-
-
-def _cox_loss(risk: torch.Tensor, time: np.ndarray, event: np.ndarray) -> torch.Tensor:
-    """Negative Cox partial log-likelihood (Breslow ties), averaged over events."""
-    import torch
-
-    order = np.argsort(-time, kind="stable")  # descending time: risk set = prefix
-    t_sorted = time[order]
-    # index of the last observation whose time >= t_i (all ties included: Breslow)
-    last = np.searchsorted(-t_sorted, -t_sorted, side="right") - 1
-    r = risk[torch.as_tensor(order)]
-    lse = torch.logcumsumexp(r, dim=0)[torch.as_tensor(last)]
-    ev = torch.as_tensor(event[order].astype(bool))
-    if not bool(ev.any()):
-        return r.sum() * 0.0
-    return -(r[ev] - lse[ev]).sum() / ev.sum()
-
-
-# --------------------------------------------------------------------------------------------
-# model
-# --------------------------------------------------------------------------------------------
-def _build_net(in_dim: int, hidden_dim: int, attention_dim: int, dropout: float, pooling: str) -> Any:
-    import torch
-    from torch import nn
-
-    class GatedAttentionMIL(nn.Module):
-        """Gated attention MIL (Ilse, Tomczak & Welling 2018) with a scalar slide output."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
-            self.att_v = nn.Linear(hidden_dim, attention_dim)
-            self.att_u = nn.Linear(hidden_dim, attention_dim)
-            self.att_w = nn.Linear(attention_dim, 1)
-            self.head = nn.Linear(hidden_dim, 1)
-            self.pooling = pooling
-
-        def forward(self, x: torch.Tensor, seg: torch.Tensor, n_seg: int) -> tuple[torch.Tensor, torch.Tensor]:
-            h = self.encoder(x)
-            if self.pooling == "mean":
-                s = torch.zeros(x.shape[0], device=x.device)
-            else:
-                s = self.att_w(torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h))).squeeze(-1)
-            # softmax within each slide (segment softmax)
-            smax = torch.full((n_seg,), -torch.inf, device=x.device).scatter_reduce(
-                0, seg, s, reduce="amax", include_self=True
-            )
-            e = torch.exp(s - smax[seg])
-            denom = torch.zeros(n_seg, device=x.device).index_add(0, seg, e)
-            a = e / denom[seg]
-            z = torch.zeros(n_seg, h.shape[1], device=x.device).index_add(0, seg, a[:, None] * h)
-            return self.head(z).squeeze(-1), a
-
-    return GatedAttentionMIL()
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    import torch
-
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @dataclass
@@ -280,158 +193,8 @@ class OutcomeModel:
 _OUTCOME_FORMAT = "squall-sd-outcome-model"
 
 
-def _jsonable(obj: Any) -> Any:
-    """Convert numpy scalars / arrays and tuples inside ``obj`` to plain JSON types."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None if np.isnan(obj) else obj
-    return obj
-
-
-def _slide_codes(adata: AnnData, slide_key: str) -> tuple[np.ndarray, pd.Index]:
-    if slide_key not in adata.obs:
-        raise KeyError(
-            f"`slide_key={slide_key!r}` not found in `adata.obs`; available: "
-            f"{list(adata.obs.columns)}. "
-            "The tiles of all slides go into one AnnData with a column naming each tile's slide."
-        )
-    cat = pd.Categorical(adata.obs[slide_key].astype(str))
-    return cat.codes.astype(np.int64), pd.Index(cat.categories, name=slide_key)
-
-
-def _embeddings(adata: AnnData, key: str) -> np.ndarray:
-    if key not in adata.obsm:
-        raise KeyError(
-            f"Embeddings `adata.obsm[{key!r}]` not found; available: {list(adata.obsm.keys())}. "
-            f"Compute them with `squall.tl.embed(sdata, model, key_added={key!r})` (or pass "
-            "`embeddings=`)."
-        )
-    X = adata.obsm[key]
-    X = X.to_numpy() if isinstance(X, pd.DataFrame) else np.asarray(X)
-    if not np.isfinite(X).all():
-        raise ValueError(f"`adata.obsm[{key!r}]` contains NaN or infinite values.")
-    return X.astype(np.float32)
-
-
-def _outcome_table(
-    adata: AnnData,
-    outcomes: pd.DataFrame | None,
-    slides: pd.Index,
-    slide_key: str,
-    cols: list[str],
-) -> pd.DataFrame:
-    if outcomes is None:
-        missing = [c for c in cols if c not in adata.obs]
-        if missing:
-            raise KeyError(
-                f"Outcome columns {missing} not found in `adata.obs`; pass `outcomes=` a "
-                "DataFrame indexed "
-                f"by slide id with columns {cols}."
-            )
-        grp = adata.obs[[slide_key, *cols]].astype({slide_key: str}).groupby(slide_key, observed=True)
-        if (grp.nunique(dropna=False) > 1).any().any():
-            raise ValueError(f"Outcome columns {cols} must be constant within each slide.")
-        table = grp.first()
-    else:
-        missing = [c for c in cols if c not in outcomes.columns]
-        if missing:
-            raise KeyError(f"Outcome columns {missing} not found in `outcomes`; available: {list(outcomes.columns)}.")
-        table = outcomes.copy()
-        if slide_key in table.columns:
-            table = table.set_index(slide_key)
-        table.index = table.index.astype(str)
-        if table.index.duplicated().any():
-            raise ValueError("`outcomes` has duplicated slide ids.")
-    absent = slides.difference(table.index)
-    if len(absent) == len(slides):
-        raise KeyError(
-            f"No slide of `obs[{slide_key!r}]` (e.g. {list(slides[:3])}) is in the outcome "
-            "table index "
-            f"(e.g. {list(table.index[:3])})."
-        )
-    if len(absent):
-        logger.warning(
-            "%d slides have no outcome and are left out of training: %s",
-            len(absent),
-            list(absent[:5]),
-        )
-    table = table.reindex(slides)[cols]
-    bad = table.isna().any(axis=1)
-    return table[~bad]
-
-
-def _train(
-    X: np.ndarray,
-    seg: np.ndarray,
-    y: dict[str, np.ndarray],
-    *,
-    task: str,
-    cfg: dict[str, Any],
-    seed: int,
-) -> Any:
-    """Fit one network on the slides indexed ``0..n-1`` by ``seg``."""
-    import torch
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    n_seg = int(seg.max()) + 1
-    net = _build_net(X.shape[1], cfg["hidden_dim"], cfg["attention_dim"], cfg["dropout"], cfg["pooling"])
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    Xt = torch.as_tensor(X)
-    segt = torch.as_tensor(seg)
-    order = np.argsort(seg, kind="stable")
-    bounds = np.searchsorted(seg[order], np.arange(n_seg + 1))
-    max_tiles = cfg["max_tiles"]
-    target = torch.as_tensor(y["response"], dtype=torch.float32) if task == "binary" else None
-    net.train()
-    for _ in range(cfg["epochs"]):
-        if max_tiles is not None and np.diff(bounds).max() > max_tiles:
-            idx = np.concatenate(
-                [
-                    order[lo:hi] if hi - lo <= max_tiles else rng.choice(order[lo:hi], max_tiles, replace=False)
-                    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
-                ]
-            )
-            xb, sb = Xt[idx], segt[idx]
-        else:
-            xb, sb = Xt, segt
-        out, _ = net(xb, sb, n_seg)
-        if task == "cox":
-            loss = _cox_loss(out, y["time"], y["event"])
-        else:
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(out, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    return net
-
-
-def _predict_net(net: Any, X: np.ndarray, seg: np.ndarray, n_seg: int) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
-    with torch.no_grad():
-        out, att = net(torch.as_tensor(X), torch.as_tensor(seg), n_seg)
-    return out.numpy().astype(float), att.numpy().astype(float)
-
-
-def _score(task: str, y: pd.DataFrame, risk: np.ndarray, cols: list[str]) -> float:
-    if task == "cox":
-        return concordance_index(y[cols[0]].to_numpy(), y[cols[1]].to_numpy(), risk)
-    from sklearn.metrics import roc_auc_score
-
-    resp = y[cols[0]].to_numpy().astype(int)
-    return float(roc_auc_score(resp, risk)) if len(np.unique(resp)) == 2 else float("nan")
-
-
-def fit_outcome(
+@d.dedent
+def fit_outcome(  # noqa: D417 - parameters from squall_sd._docs
     slides: AnnData | SpatialData,
     *,
     embeddings: str = "X_squall",
@@ -455,6 +218,7 @@ def fit_outcome(
     key_added: str = "squall_outcome",
     random_state: int = 0,
     n_jobs: int | None = 1,
+    copy: bool = False,
 ) -> OutcomeModel:
     """Fit a slide-level outcome model on tile embeddings, with cross-validation.
 
@@ -507,18 +271,19 @@ def fit_outcome(
     max_tiles
         During training, at most this many randomly drawn tiles per slide and epoch (all tiles at
         prediction). ``None``: all tiles.
-    table_key
-        Table of a SpatialData input (default ``"table"``).
-    key_added
-        Name of the outputs.
+    %(table_key_data)s
+    %(key_added)s
     random_state
         Seed of the folds and the networks.
     n_jobs
         Torch threads while training (``None``: leave torch's setting).
+    copy
+        Do not write into ``slides``; only return the model.
 
     Returns
     -------
-    The fitted :class:`OutcomeModel` (use :func:`predict_outcome` on new slides). Also writes
+    The fitted :class:`OutcomeModel` (use :func:`predict_outcome` on new slides). Unless
+    ``copy=True`` also writes
 
     - :attr:`anndata.AnnData.obs` ``[f"{key_added}_attention"]`` - out-of-fold attention of each
       tile (sums to one within a slide; NaN without ``cv`` or for slides without outcome),
@@ -534,42 +299,18 @@ def fit_outcome(
 
     """
     adata = resolve_adata(slides, table_key)
-    if task == "cox":
-        if time is None or event is None:
-            raise ValueError("`task='cox'` needs `time=` and `event=` (column names of the outcome table).")
-        cols = [time, event]
-    elif task == "binary":
-        if response is None:
-            raise ValueError("`task='binary'` needs `response=` (a column of the outcome table).")
-        cols = [response]
-    else:
-        raise ValueError(f"Expected `task` to be 'cox' or 'binary', found {task!r}.")
-    if pooling not in ("attention", "mean"):
-        raise ValueError(f"Expected `pooling` to be 'attention' or 'mean', found {pooling!r}.")
+    cols = _outcome_columns(task, time=time, event=event, response=response, pooling=pooling)
     X = _embeddings(adata, embeddings)
     codes, slide_ids = _slide_codes(adata, slide_key)
     want = cols + ([groups] if groups is not None else [])
     table = _outcome_table(adata, outcomes, slide_ids, slide_key, want)
-    if task == "binary":
-        vals = set(np.unique(table[response].astype(float)))
-        if not vals <= {0.0, 1.0}:
-            raise ValueError(f"`response` must be 0/1 (or boolean), found values {sorted(vals)[:5]}.")
-    else:
-        if (table[time].astype(float) < 0).any():
-            raise ValueError("Survival times must be non-negative.")
-        if table[event].astype(float).sum() == 0:
-            raise ValueError("No event in the outcome table: the Cox model cannot be fitted.")
-    if len(table) < 4:
-        raise ValueError(f"Need at least 4 slides with outcomes, found {len(table)}.")
+    _check_outcomes(table, task, cols)
 
     # keep tiles of slides with outcomes; re-index slides 0..n-1 in table order
     slide_pos = pd.Series(np.arange(len(table)), index=table.index)
     tile_slide = slide_ids[codes]
     keep = np.asarray(tile_slide.isin(table.index))
     tile_idx = np.flatnonzero(keep)
-    seg_all = slide_pos.reindex(tile_slide[keep]).to_numpy().astype(np.int64)
-    Xk = X[keep]
-
     cfg = {
         "hidden_dim": int(hidden_dim),
         "attention_dim": int(attention_dim),
@@ -580,28 +321,14 @@ def fit_outcome(
         "weight_decay": float(weight_decay),
         "max_tiles": None if max_tiles is None else int(max_tiles),
     }
-
-    def targets(rows: np.ndarray) -> dict[str, np.ndarray]:
-        sub = table.iloc[rows]
-        if task == "cox":
-            return {
-                "time": sub[time].to_numpy(float),
-                "event": sub[event].to_numpy(float).astype(bool),
-            }
-        return {"response": sub[response].to_numpy(float)}
-
-    def subset(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        remap = -np.ones(len(table), dtype=np.int64)
-        remap[rows] = np.arange(len(rows))
-        m = remap[seg_all] >= 0
-        return Xk[m], remap[seg_all][m], np.flatnonzero(m)
-
-    def fit_rows(rows: np.ndarray, seed: int) -> tuple[Any, np.ndarray, np.ndarray]:
-        Xtr, segtr, _ = subset(rows)
-        mean, std = Xtr.mean(0), Xtr.std(0)
-        std = np.where(std > 0, std, 1.0).astype(np.float32)
-        net = _train((Xtr - mean) / std, segtr, targets(rows), task=task, cfg=cfg, seed=seed)
-        return net, mean, std
+    bags = _SlideBags(
+        X=X[keep],
+        seg=slide_pos.reindex(tile_slide[keep]).to_numpy().astype(np.int64),
+        table=table,
+        task=task,
+        cols=cols,
+        cfg=cfg,
+    )
 
     oof = np.full(len(table), np.nan)
     fold_of = np.full(len(table), -1)
@@ -611,40 +338,23 @@ def fit_outcome(
         if cv:
             splits = _splits(table, task, cols, groups, int(cv), random_state)
             for f, (tr, te) in enumerate(splits):
-                net, mean, std = fit_rows(tr, random_state + f)
-                Xte, segte, pos = subset(te)
+                net, mean, std = bags.fit(tr, random_state + f)
+                Xte, segte, pos = bags.subset(te)
                 risk, att = _predict_net(net, (Xte - mean) / std, segte, len(te))
                 oof[te] = risk
                 fold_of[te] = f
                 att_all[tile_idx[pos]] = att
                 fold_scores.append(_score(task, table.iloc[te], risk, cols))
                 logger.info("Fold %d/%d: %s = %.3f", f + 1, len(splits), _metric(task), fold_scores[-1])
-        net, mean, std = fit_rows(np.arange(len(table)), random_state)
+        net, mean, std = bags.fit(np.arange(len(table)), random_state)
 
-    metric = _metric(task)
     metrics: dict[str, Any] = {}
     cv_table = None
     if cv:
-        pooled = _score(task, table, oof, cols)
-        metrics = {
-            metric: {
-                "per_fold": np.asarray(fold_scores),
-                "mean": float(np.nanmean(fold_scores)),
-                "sd": float(np.nanstd(fold_scores)),
-                "pooled": float(pooled),
-            }
-        }
+        metrics = _cv_metrics(task, table, oof, fold_scores, cols)
         cv_table = table.copy()
         cv_table["risk"] = oof
         cv_table["fold"] = fold_of
-        logger.info(
-            "Cross-validated %s: %.3f ± %.3f over %d folds (pooled out-of-fold %.3f)",
-            metric,
-            metrics[metric]["mean"],
-            metrics[metric]["sd"],
-            len(fold_scores),
-            pooled,
-        )
     model = OutcomeModel(
         task=task,
         embeddings=embeddings,
@@ -656,6 +366,8 @@ def fit_outcome(
         cv_results=cv_table,
         metrics=metrics,
     )
+    if copy:
+        return model
     adata.obs[f"{key_added}_attention"] = att_all
     adata.uns[key_added] = provenance(
         task=task,
@@ -672,38 +384,8 @@ def fit_outcome(
     return model
 
 
-def _metric(task: str) -> str:
-    return "c_index" if task == "cox" else "auc"
-
-
-def _splits(
-    table: pd.DataFrame, task: str, cols: list[str], groups: str | None, cv: int, seed: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
-
-    n = len(table)
-    strata = table[cols[1] if task == "cox" else cols[0]].astype(float).astype(int).to_numpy()
-    if cv < 2:
-        raise ValueError(f"Expected `cv` >= 2 (or None), found {cv}.")
-    if groups is not None:
-        g = table[groups].astype(str).to_numpy()
-        if len(np.unique(g)) < cv:
-            raise ValueError(
-                f"`cv={cv}` folds need at least {cv} distinct `{groups}` values, found {len(np.unique(g))}."
-            )
-        if np.bincount(strata).min() >= cv:
-            splitter = StratifiedGroupKFold(cv, shuffle=True, random_state=seed)
-        else:
-            splitter = GroupKFold(cv)
-        return list(splitter.split(np.zeros(n), strata, g))
-    if n < cv:
-        raise ValueError(f"`cv={cv}` folds need at least {cv} slides, found {n}.")
-    if np.bincount(strata).min() >= cv:
-        return list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(n), strata))
-    return list(KFold(cv, shuffle=True, random_state=seed).split(np.zeros(n)))
-
-
-def predict_outcome(
+@d.dedent
+def predict_outcome(  # noqa: D417 - parameters from squall_sd._docs
     data: AnnData | SpatialData,
     model: OutcomeModel,
     *,
@@ -721,14 +403,12 @@ def predict_outcome(
         AnnData of tiles (or SpatialData with such a table).
     model
         Model from :func:`fit_outcome`.
-    table_key
-        Table of a SpatialData input (default ``"table"``).
+    %(table_key_data)s
     slide_key
         Column of ``obs`` naming each tile's slide (default: the model's).
     embeddings
         Key of ``obsm`` with tile embeddings (default: the model's).
-    key_added
-        Name of the outputs.
+    %(key_added)s
     copy
         Do not write into ``data``; only return the table.
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from anndata import AnnData
 
+from squall_sd._docs import d
 from squall_sd._logging import logger
 from squall_sd.tl._utils import _looks_like_counts, provenance, resolve_adata
 
@@ -69,8 +70,7 @@ SIGNATURES: dict[str, Signature] = {
                 "CXCL13",
             ),
             "12-chemokine signature of tertiary lymphoid structures",
-            "Coppola D. et al. (2011) Am J Pathol 179(1):37-45; "
-            "Messina J.L. et al. (2012) Sci Rep 2:765",
+            "Coppola D. et al. (2011) Am J Pathol 179(1):37-45; Messina J.L. et al. (2012) Sci Rep 2:765",
         ),
         Signature(
             "t_cell",
@@ -141,10 +141,7 @@ def _resolve_signatures(
         out = {}
         for name, genes in signatures.items():
             if isinstance(genes, str):
-                raise TypeError(
-                    f"Signature {name!r} must be a list of gene symbols, found the string "
-                    f"{genes!r}."
-                )
+                raise TypeError(f"Signature {name!r} must be a list of gene symbols, found the string {genes!r}.")
             out[str(name)] = (list(genes), "user")
         return out
     out = {}
@@ -175,7 +172,8 @@ def _match_genes(genes: list[str], var_names: pd.Index) -> tuple[list[str], list
     return list(dict.fromkeys(found)), missing
 
 
-def score_signatures(
+@d.dedent
+def score_signatures(  # noqa: D417 - parameters from squall_sd._docs
     data: AnnData | SpatialData,
     signatures: str | Sequence[str] | Mapping[str, Sequence[str]] | None = None,
     *,
@@ -205,14 +203,12 @@ def score_signatures(
 
     Parameters
     ----------
-    data
-        AnnData, or SpatialData whose table ``table_key`` is used.
+    %(data_table)s
     signatures
         ``None`` / ``"builtin"`` (all built-in signatures), names of built-in signatures, or a
         mapping ``{name: [gene symbols]}`` of your own. Symbols are matched exactly, else
         case-insensitively.
-    table_key
-        Table of a SpatialData input (default ``"table"``).
+    %(table_key_data)s
     layer
         Layer with the expression to score (``None``: ``adata.X``). Normalised, log-transformed
         values are expected.
@@ -224,8 +220,7 @@ def score_signatures(
         Number of control genes per expression bin.
     random_state
         Seed of the control-gene draw.
-    copy
-        Return a modified copy of the table instead of writing in place.
+    %(copy)s
 
     Returns
     -------

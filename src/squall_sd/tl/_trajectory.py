@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from squall_sd._docs import d
 from squall_sd._logging import logger
 from squall_sd.tl._utils import (
     aggregate_neighbors,
@@ -34,16 +35,11 @@ def _root_mask(adata: AnnData, root: Root) -> tuple[np.ndarray | None, int | Non
             raise ValueError(f"Expected `root=(obs_key, category)`, found {root!r}.")
         key, cat = root
         if key not in adata.obs:
-            raise KeyError(
-                f"`root` column {key!r} not found in `adata.obs`; available: "
-                f"{list(adata.obs.columns)}."
-            )
+            raise KeyError(f"`root` column {key!r} not found in `adata.obs`; available: {list(adata.obs.columns)}.")
         mask = (adata.obs[key] == cat).to_numpy()
         if not mask.any():
             values = list(pd.unique(adata.obs[key].dropna()))[:20]
-            raise ValueError(
-                f"No observation has `obs[{key!r}] == {cat!r}`; values present: {values}."
-            )
+            raise ValueError(f"No observation has `obs[{key!r}] == {cat!r}`; values present: {values}.")
         return mask, None, f"obs[{key!r}] == {cat!r}"
     if isinstance(root, str):
         if root not in adata.obs_names:
@@ -65,7 +61,8 @@ def _root_mask(adata: AnnData, root: Root) -> tuple[np.ndarray | None, int | Non
     return mask, None, f"mask of {int(mask.sum())} observations"
 
 
-def trajectory(
+@d.dedent
+def trajectory(  # noqa: D417 - parameters from squall_sd._docs
     data: AnnData | SpatialData,
     *,
     root: int | str | tuple[str, Any] | Sequence[bool] | np.ndarray,
@@ -96,49 +93,30 @@ def trajectory(
 
     Parameters
     ----------
-    data
-        AnnData, or SpatialData whose table ``table_key`` is used.
+    %(data_table)s
     root
         Where pseudotime starts: an observation name, an integer position, a boolean mask, or
         ``(obs_key, category)`` such as ``("pathologist_label", "cancer in situ")``. For a mask
         or a group, the root is the member lying furthest out along diffusion component 1 on the
         side where the group lies.
-    use_rep
-        Key of ``obsm``, ``"X"`` or a layer (see :func:`squall_sd.tl.niches`).
-    table_key
-        Table of a SpatialData input (default ``"table"``).
+    %(use_rep)s
+    %(table_key_data)s
     niche_aware
-        Aggregate the spatial neighbourhood into the representation.
-    library_key
-        Column of ``obs`` with sections; the spatial graph is built per section.
-    spatial_key
-        Key of the coordinates in ``obsm``.
-    connectivity_key
-        Existing spatial graph in ``obsp``; ``None`` builds one (``graph``, ``radius``,
-        ``n_neighs`` as in :func:`squall_sd.tl.niches`) into
-        ``obsp[f"{key_added}_connectivities"]``.
-    graph
-        Graph type when building: ``"radius"``, ``"knn"`` or ``"delaunay"``.
-    radius
-        Radius in the units of ``obsm[spatial_key]``; ``None``: 1.5 × median nearest-neighbour
-        distance.
-    n_neighs
-        Neighbours of the ``"knn"`` graph.
+        Aggregate the spatial neighbourhood into the representation; ``library_key`` and the
+        spatial graph parameters below are used only then.
+    %(library_key)s
+    %(spatial_graph)s
     n_hops
         Hops aggregated when ``niche_aware``.
-    n_pcs
-        Leading components of the representation used (or principal components computed for a
-        gene matrix).
+    %(n_pcs)s
     n_neighbors
         Neighbours of the kNN graph in representation space.
     n_dcs
         Diffusion components used by DPT.
-    key_added
-        Name of the outputs.
+    %(key_added)s
     random_state
         Seed of the PCA (gene-matrix input).
-    copy
-        Return a modified copy of the table instead of writing in place.
+    %(copy)s
 
     Returns
     -------
@@ -197,8 +175,7 @@ def trajectory(
     n_bad = int(np.count_nonzero(~np.isfinite(pt)))
     if n_bad:
         logger.warning(
-            "%d observations are not connected to the root in the kNN graph; their "
-            "pseudotime is NaN.",
+            "%d observations are not connected to the root in the kNN graph; their pseudotime is NaN.",
             n_bad,
         )
         pt = np.where(np.isfinite(pt), pt, np.nan)
