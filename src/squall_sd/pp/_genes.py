@@ -80,9 +80,9 @@ def gene_index(adata: AnnData, genes: Sequence[str] | pd.Index | pd.DataFrame) -
 
     Matching goes in two rounds: exact identifiers first (``var_names``, then the ``var`` columns
     listed in :data:`GENE_ID_COLUMNS`, e.g. ``gene_ids`` / ``gene_symbols``), then the same after
-    normalisation (case-insensitive, without Ensembl versions or ``GRCh38_``-style prefixes). ``genes`` may be a DataFrame whose columns are alternative identifiers of each
-    channel (e.g. human and mouse symbols and Ensembl ids), so mouse data reach the ortholog's
-    channel.
+    normalisation (case-insensitive, without Ensembl versions or ``GRCh38_``-style prefixes).
+    ``genes`` may be a DataFrame whose columns are alternative identifiers of each channel (e.g.
+    human and mouse symbols and Ensembl ids), so mouse data reach the ortholog's channel.
 
     Parameters
     ----------
