@@ -10,6 +10,7 @@ import pandas as pd
 
 from squall_sd._constants import MICRONS
 from squall_sd._logging import logger
+from squall_sd._sdata import instance_positions, resolve_image_key
 from squall_sd.pl._utils import Spots, resolve_spots, robust_norm, table_values
 
 if TYPE_CHECKING:
@@ -245,7 +246,6 @@ def napari(
         _palette,
         find_prediction,
     )
-    from squall_sd.tl._keys import resolve_image_key
 
     napari_module = require_napari()
     interactive_cls = require_napari_spatialdata()
@@ -372,8 +372,6 @@ def _spot_order(
     sdata: SpatialData, spots: Spots, table_key: str, values: np.ndarray, *, fill: Any = np.nan
 ) -> np.ndarray:
     """Reorder per-table-row ``values`` into the shapes element's order (missing rows: ``fill``)."""
-    from squall_sd.tl._keys import instance_positions
-
     rows, pos = instance_positions(
         sdata.tables[table_key], spots.shapes_key, sdata.shapes[spots.shapes_key].index
     )

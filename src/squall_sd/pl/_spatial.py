@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from squall_sd._logging import logger
+from squall_sd._sdata import check_table_key, resolve_adata, resolve_image_key, tables_annotating
 from squall_sd.pl._utils import (
     PAD_UM,
     Spots,
@@ -55,7 +56,6 @@ def _is_sdata(data: Any) -> bool:
 def _annotates(sdata: SpatialData, table_key: str, shapes_key: str | None) -> bool:
     if shapes_key is None:
         return True
-    from squall_sd.tl._keys import tables_annotating
 
     return table_key in tables_annotating(sdata, shapes_key)
 
@@ -86,8 +86,6 @@ def find_prediction(
 
     """
     if table_key is not None:
-        from squall_sd.tl._keys import check_table_key
-
         check_table_key(sdata, table_key)
         t = sdata.tables[table_key]
         if layer in t.layers:
@@ -122,8 +120,6 @@ def _measured_source(
     sdata: SpatialData, pred: _Source, shapes_key: str, measured_layer: str | None
 ) -> _Source | None:
     """Return the measured expression of the predicted spots, or ``None`` when there is none."""
-    from squall_sd.tl._keys import tables_annotating
-
     if pred.layer is not None:
         key = pred.table_key
     else:
@@ -159,7 +155,6 @@ def _as_list(x: str | Sequence[str] | None) -> list[str] | None:
 def _image_key(sdata: SpatialData, image_key: str | None, show_image: bool) -> str | None:
     if not show_image or (image_key is None and not sdata.images):
         return None
-    from squall_sd.tl._keys import resolve_image_key
 
     return resolve_image_key(sdata, image_key)
 
@@ -451,8 +446,6 @@ def _obs_panels(
     save: str | os.PathLike | None,
 ) -> list[Axes]:
     """One panel per ``obs`` column, continuous (``kind="continuous"``) or categorical."""
-    from squall_sd.tl._utils import resolve_adata
-
     spots: Spots | None = None
     if _is_sdata(data):
         spots = resolve_spots(data, shapes_key=shapes_key, table_key=table_key)
@@ -691,7 +684,6 @@ def _table_of(
         if spots.table_key is None:
             raise KeyError(f"No table annotates shapes {spots.shapes_key!r}; pass `table_key=`.")
         return data.tables[spots.table_key]
-    from squall_sd.tl._utils import resolve_adata
 
     return resolve_adata(data, table_key)
 

@@ -12,6 +12,16 @@ import pandas as pd
 
 from squall_sd._constants import ATTRS_KEY, MICRONS
 from squall_sd._logging import logger
+from squall_sd._sdata import (
+    affine_mpp,
+    affine_to_microns,
+    check_table_key,
+    image_levels,
+    is_axis_aligned,
+    resolve_region,
+    resolve_table_key,
+    table_regions,
+)
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -82,8 +92,6 @@ def shapes_in_microns(
     ``(centers, radius, bounds)``.
 
     """
-    from squall_sd.pp._utils import affine_mpp, affine_to_microns
-
     m = affine_to_microns(shapes)
     geom = shapes.geometry
     if "radius" in shapes.columns and (geom.geom_type == "Point").all():
@@ -136,8 +144,6 @@ def resolve_spots(
     The resolved :class:`Spots`.
 
     """
-    from squall_sd.tl._keys import check_table_key, resolve_region, resolve_table_key
-
     if shapes_key is None and table_key is not None:
         check_table_key(sdata, table_key)
         shapes_key = annotated_shapes(sdata, table_key)
@@ -154,8 +160,6 @@ def resolve_spots(
 
 def annotated_shapes(sdata: SpatialData, table_key: str) -> str:
     """Return the shapes element annotated by table ``table_key`` (it must annotate exactly one)."""
-    from squall_sd.tl._keys import table_regions
-
     try:
         regions = table_regions(sdata.tables[table_key])
     except Exception as e:  # noqa: BLE001
@@ -205,8 +209,6 @@ def cropped_image(
     """
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Affine
-
-    from squall_sd.pp._utils import image_levels, is_axis_aligned
 
     levels = image_levels(sdata, image_key)
     x0, y0, x1, y1 = bounds_um

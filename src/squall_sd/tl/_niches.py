@@ -11,12 +11,12 @@ from anndata import AnnData
 from threadpoolctl import threadpool_limits
 
 from squall_sd._logging import logger
+from squall_sd._sdata import resolve_adata
 from squall_sd.tl._utils import (
     aggregate_neighbors,
     get_connectivities,
     get_representation,
     provenance,
-    resolve_adata,
     spatial_connectivities,
 )
 

@@ -9,13 +9,8 @@ import pandas as pd
 from anndata import AnnData
 
 from squall_sd._logging import logger
-from squall_sd.tl._utils import (
-    aggregate_neighbors,
-    get_representation,
-    provenance,
-    resolve_adata,
-    spatial_connectivities,
-)
+from squall_sd._sdata import resolve_adata
+from squall_sd.tl._utils import aggregate_neighbors, get_representation, provenance, spatial_connectivities
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
