@@ -128,7 +128,7 @@ def resolve_spots(
 
     With ``table_key`` given, its annotated shapes element is used (unless ``shapes_key`` says
     otherwise); without, the only shapes element annotated by a table (see
-    :func:`squall_sd.tl._keys.resolve_region`).
+    :func:`squall_sd._sdata.resolve_region`).
 
     Parameters
     ----------
