@@ -297,12 +297,7 @@ def resolve_adata(data: AnnData | SpatialData, table_key: str | None = None) -> 
         elif len(available) == 1:
             table_key = available[0]
         else:
-            raise KeyError(
-                f"SpatialData has {len(available)} tables {available}; pass `table_key=` to "
-                "choose one."
-            )
+            raise KeyError(f"SpatialData has {len(available)} tables {available}; pass `table_key=` to choose one.")
     if table_key not in tables:
-        raise KeyError(
-            f"Table {table_key!r} not found in SpatialData. Available tables: {available}."
-        )
+        raise KeyError(f"Table {table_key!r} not found in SpatialData. Available tables: {available}.")
     return tables[table_key]

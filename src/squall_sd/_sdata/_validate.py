@@ -53,8 +53,7 @@ def check_key(sdata: SpatialData, key: str, kind: str, *, hint: str | None = Non
                 img = str(key)[: -len("_tissue")]
                 hint = f" Run `squall.pp.detect_tissue(sdata, image_key={img!r})` first."
         raise KeyError(
-            f"{_NOUN.get(kind, kind)} {key!r} not found in `sdata.{kind}`. "
-            f"Available: {sorted(container)}.{hint}"
+            f"{_NOUN.get(kind, kind)} {key!r} not found in `sdata.{kind}`. Available: {sorted(container)}.{hint}"
         )
     return container[key]
 
