@@ -52,7 +52,8 @@ def test_geometry_mark_on_cuda(example):
     """A black square at one spot changes that spot only, on the GPU too (tiles independent)."""
     import spatialdata as sd
 
-    from squall_sd.io._common import image_element, microns_scale
+    from squall_sd._sdata import microns_scale
+    from squall_sd.io._common import image_element
 
     torch.manual_seed(0)
     genes = list(example.tables["table"].var_names[:16])

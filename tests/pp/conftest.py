@@ -11,14 +11,8 @@ import pytest
 from PIL import Image
 from scipy import sparse
 
-from squall_sd.io._common import (
-    circles_element,
-    image_element,
-    make_sdata,
-    microns_scale,
-    set_attrs,
-    table_element,
-)
+from squall_sd._sdata import microns_scale
+from squall_sd.io._common import circles_element, image_element, make_sdata, set_attrs, table_element
 
 #: µm/px of the full-resolution her2st C images (sections.csv) and of the MOB JPGs (data README).
 C2_MPP = 0.69

@@ -8,7 +8,8 @@ from spatialdata.models import Image2DModel
 from spatialdata.transformations import Affine, Sequence
 
 import squall_sd as squall
-from squall_sd.io._common import circles_element, image_element, make_sdata, microns_scale
+from squall_sd._sdata import microns_scale
+from squall_sd.io._common import circles_element, image_element, make_sdata
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import pytest
 from scipy import sparse
 
 import squall_sd as squall
-from squall_sd.io._common import circles_element, identity, make_sdata, table_element
+from squall_sd._sdata import identity
+from squall_sd.io._common import circles_element, make_sdata, table_element
 
 MOB_MPP = 3.0
 MOB_SPOT_DIAMETER_UM = 55.0

@@ -5,7 +5,8 @@ import pytest
 from skimage import color
 
 import squall_sd as squall
-from squall_sd.io._common import image_element, make_sdata, microns_scale
+from squall_sd._sdata import microns_scale
+from squall_sd.io._common import image_element, make_sdata
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import shapely
 from spatialdata.transformations import Affine, Identity, get_transformation
 
 import squall_sd as squall
-from squall_sd.io._common import image_element, make_sdata, microns_scale
+from squall_sd._sdata import microns_scale
+from squall_sd.io._common import image_element, make_sdata
 
 
 def _spots_um(sdata, key="spots"):

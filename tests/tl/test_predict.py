@@ -10,8 +10,9 @@ from PIL import Image
 from spatialdata.transformations import Affine, Identity, get_transformation
 
 import squall_sd as squall
+from squall_sd._sdata import microns_scale
 from squall_sd.datasets._datasets import _bundle_dir
-from squall_sd.io._common import image_element, make_sdata, microns_scale, set_attrs
+from squall_sd.io._common import image_element, make_sdata, set_attrs
 
 N_SPOTS = 12
 

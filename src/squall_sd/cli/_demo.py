@@ -76,7 +76,7 @@ def _overview_matplotlib(sdata, png: Path, color: str) -> None:
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Circle
 
-    from squall_sd.io._common import get_mpp
+    from squall_sd._sdata import get_mpp
 
     image = sdata.images[IMAGE_KEY]
     if hasattr(image, "children") and image.children:

@@ -97,8 +97,8 @@ def run_niches(
     """
     import spatialdata as sd
 
+    from squall_sd._sdata import check_path
     from squall_sd.io import write
-    from squall_sd.io._common import check_path
     from squall_sd.tl import niches
 
     store = check_path(store, "SpatialData zarr store", kind="dir")

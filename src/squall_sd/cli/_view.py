@@ -80,7 +80,7 @@ def run_view(args: argparse.Namespace) -> int:
     """
     from spatialdata import read_zarr
 
-    from squall_sd.io._common import check_path
+    from squall_sd._sdata import check_path
     from squall_sd.pl._napari import napari as open_napari
     from squall_sd.pl._napari import require_napari, require_napari_spatialdata
 

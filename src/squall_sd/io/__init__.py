@@ -6,7 +6,8 @@ annotating those shapes, and whose elements are all registered in the physical `
 coordinate system. The µm per pixel of the H&E is recorded in ``sdata.attrs["squall"]["mpp"]``.
 """
 
-from squall_sd.io._common import get_mpp, write
+from squall_sd._sdata import get_mpp
+from squall_sd.io._common import write
 from squall_sd.io._cosmx import cosmx
 from squall_sd.io._he import he
 from squall_sd.io._legacy_st import legacy_st

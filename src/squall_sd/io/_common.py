@@ -16,10 +16,14 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, ShapesModel, TableModel
-from spatialdata.transformations import BaseTransformation, Identity, Scale
+from spatialdata.transformations import BaseTransformation
 
 from squall_sd._constants import ATTRS_KEY, IMAGE_KEY, MICRONS, TABLE_KEY
 from squall_sd._logging import logger
+
+# r13-merge: re-export, remove after merge (check_path, get_mpp, identity, microns_scale, validate_mpp:
+# imported here only to keep the old import path of the other branches working)
+from squall_sd._sdata import check_path, get_mpp, identity, microns_scale, validate_mpp  # noqa: F401
 
 #: Region / instance columns of every table a squall reader writes.
 REGION_KEY = "region"
@@ -28,57 +32,6 @@ INSTANCE_KEY = "instance_id"
 IMAGE_CHUNK = 1024
 #: The pyramid stops once its coarsest level is smaller than this (pixels, longest side).
 PYRAMID_MIN_SIZE = 1024
-
-
-def check_path(path: str | os.PathLike, what: str, *, kind: str = "any") -> Path:
-    """Return ``path`` as :class:`~pathlib.Path`, or raise a :class:`FileNotFoundError` that says what was expected.
-
-    Parameters
-    ----------
-    path
-        The path given by the user.
-    what
-        A description of what the path should be (used in the message), e.g. ``"Space Ranger outs folder"``.
-    kind
-        ``"file"``, ``"dir"`` or ``"any"``.
-    """
-    if path is None:
-        raise TypeError(f"No path given for the {what}.")
-    p = Path(path).expanduser()
-    if not p.exists():
-        parent = p.parent
-        hint = ""
-        if parent.is_dir():
-            near = sorted(x.name for x in parent.iterdir())[:10]
-            hint = f" The folder {str(parent)!r} holds: {near}."
-        raise FileNotFoundError(f"The {what} {str(p)!r} does not exist.{hint} Check the path and try again.")
-    if kind == "file" and not p.is_file():
-        raise FileNotFoundError(f"The {what} {str(p)!r} is a folder; pass the file itself.")
-    if kind == "dir" and not p.is_dir():
-        raise NotADirectoryError(f"The {what} {str(p)!r} is a file; pass the folder that contains it.")
-    return p
-
-
-def microns_scale(mpp: float) -> Scale:
-    """Return the pixel → ``microns`` transformation of an image with ``mpp`` µm per pixel."""
-    mpp = validate_mpp(mpp)
-    return Scale([mpp, mpp], axes=("y", "x"))
-
-
-def validate_mpp(mpp: Any, *, source: str = "the image") -> float:
-    """Check that ``mpp`` (µm per pixel) is a positive finite number and return it as float."""
-    if mpp is None:
-        raise ValueError(
-            f"No µm per pixel known for {source}. Pass `mpp=` (micrometres per pixel of the full-resolution "
-            "image; e.g. 0.25 for a 40x scan, 0.5 for 20x)."
-        )
-    try:
-        value = float(mpp)
-    except (TypeError, ValueError):
-        raise TypeError(f"`mpp` must be a number (µm per pixel), got {mpp!r}.") from None
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"`mpp` must be a positive number of µm per pixel, got {mpp!r}.")
-    return value
 
 
 def pyramid_scale_factors(shape_yx: Sequence[int], *, min_size: int = PYRAMID_MIN_SIZE) -> list[int]:
@@ -203,30 +156,6 @@ def set_attrs(sdata: SpatialData, *, mpp: float | None, technology: str, **extra
     meta.update({k: v for k, v in extra.items()})
     sdata.attrs[ATTRS_KEY] = meta
     return sdata
-
-
-def get_mpp(sdata: SpatialData, image_key: str = IMAGE_KEY) -> float:
-    """Return the µm per pixel of the full-resolution ``image_key`` recorded by a squall reader.
-
-    Falls back to the scale of the image's ``microns`` transformation.
-    """
-    meta = sdata.attrs.get(ATTRS_KEY, {})
-    if meta.get("mpp") is not None and meta.get("image_key", IMAGE_KEY) == image_key:
-        return float(meta["mpp"])
-    from spatialdata.transformations import get_transformation
-
-    if image_key not in sdata.images:
-        raise KeyError(f"Image {image_key!r} not found in sdata.images. Available: {list(sdata.images)}.")
-    t = get_transformation(sdata.images[image_key], to_coordinate_system=MICRONS)
-    m = t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
-    sx = float(np.hypot(m[0, 0], m[1, 0]))
-    sy = float(np.hypot(m[0, 1], m[1, 1]))
-    return float(np.sqrt(sx * sy))
-
-
-def identity() -> Identity:
-    """Return an identity transformation (for elements already in microns)."""
-    return Identity()
 
 
 def write(sdata: SpatialData, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

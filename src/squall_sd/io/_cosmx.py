@@ -16,14 +16,8 @@ from spatialdata.models import PointsModel, ShapesModel
 
 from squall_sd._constants import CELLS_KEY, MICRONS, TABLE_KEY
 from squall_sd._logging import logger
-from squall_sd.io._common import (
-    check_path,
-    make_sdata,
-    microns_scale,
-    set_attrs,
-    table_element,
-    validate_mpp,
-)
+from squall_sd._sdata import check_path, microns_scale, validate_mpp
+from squall_sd.io._common import make_sdata, set_attrs, table_element
 from squall_sd.io._tenx import as_counts_matrix, check_overlap, polygons_from_vertices
 
 __all__ = ["cosmx"]

@@ -17,16 +17,8 @@ from spatialdata import SpatialData
 
 from squall_sd._constants import IMAGE_KEY, MICRONS
 from squall_sd._logging import logger
-from squall_sd.io._common import (
-    IMAGE_CHUNK,
-    check_path,
-    image_element,
-    make_sdata,
-    microns_scale,
-    pyramid_scale_factors,
-    set_attrs,
-    validate_mpp,
-)
+from squall_sd._sdata import check_path, microns_scale, validate_mpp
+from squall_sd.io._common import IMAGE_CHUNK, image_element, make_sdata, pyramid_scale_factors, set_attrs
 
 #: File suffixes read with tifffile (lazily, tile by tile, including the file's own pyramid).
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff")

@@ -15,15 +15,8 @@ from spatialdata import SpatialData
 
 from squall_sd._constants import MICRONS, SPOTS_KEY
 from squall_sd._logging import logger
-from squall_sd.io._common import (
-    check_path,
-    circles_element,
-    make_sdata,
-    microns_scale,
-    set_attrs,
-    table_element,
-    validate_mpp,
-)
+from squall_sd._sdata import affine_mpp, check_path, microns_scale, validate_mpp
+from squall_sd.io._common import circles_element, make_sdata, set_attrs, table_element
 from squall_sd.io._he import lazy_image_element, open_lazy
 
 #: Columns a spot table must have (``new_x``/``new_y``/``selected`` are optional).
@@ -131,12 +124,12 @@ def fit_mpp(array_xy: np.ndarray, pixel_xy: np.ndarray, pitch_um: float) -> tupl
         raise ValueError("At least 3 spots are needed to infer µm/px from the array; pass `mpp=`.")
     design = np.c_[array_xy * pitch_um, np.ones(len(array_xy))]
     coef, *_ = np.linalg.lstsq(design, pixel_xy, rcond=None)
-    det = abs(float(np.linalg.det(coef[:2].T)))
-    if not np.isfinite(det) or det <= 0:
+    px_per_um = affine_mpp(coef[:2].T)  # the fitted map goes µm -> pixels
+    if not np.isfinite(px_per_um) or px_per_um <= 0:
         raise ValueError(
             "The spot positions are degenerate (collinear); cannot infer µm/px, pass `mpp=`."
         )
-    mpp = 1.0 / np.sqrt(det)
+    mpp = 1.0 / px_per_um
     resid_px = pixel_xy - design @ coef
     rms_um = float(np.sqrt((resid_px**2).sum(1).mean()) * mpp)
     return float(mpp), rms_um

@@ -15,6 +15,7 @@ import pandas as pd
 from scipy import sparse
 
 from squall_sd._logging import logger
+from squall_sd._sdata import affine_mpp
 
 #: File suffixes read with tifffile (chunked, lazily, level 0 of a pyramid).
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ndpi", ".scn", ".qptiff")
@@ -192,8 +193,7 @@ def fit_grid(array_xy: np.ndarray, pixel_xy: np.ndarray) -> np.ndarray | None:
 
 def mpp_from_grid(matrix: np.ndarray) -> float:
     """µm per pixel implied by a grid fit of :func:`fit_grid` (geometric mean of the two axes)."""
-    det = abs(float(np.linalg.det(matrix[:, :2])))
-    return float(1.0 / np.sqrt(det))
+    return 1.0 / affine_mpp(matrix)
 
 
 def squares(centers: np.ndarray, half_axes: np.ndarray) -> np.ndarray:

@@ -12,16 +12,8 @@ from spatialdata import SpatialData
 
 from squall_sd._constants import IMAGE_KEY, MICRONS, SPOTS_KEY, TABLE_KEY
 from squall_sd._logging import logger
-from squall_sd.io._common import (
-    check_path,
-    circles_element,
-    image_element,
-    make_sdata,
-    microns_scale,
-    set_attrs,
-    table_element,
-    validate_mpp,
-)
+from squall_sd._sdata import check_path, microns_scale, validate_mpp
+from squall_sd.io._common import circles_element, image_element, make_sdata, set_attrs, table_element
 from squall_sd.io._tenx import (
     as_counts_matrix,
     check_overlap,

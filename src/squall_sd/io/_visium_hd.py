@@ -15,19 +15,13 @@ from spatialdata.models import ShapesModel
 
 from squall_sd._constants import IMAGE_KEY, MICRONS, TABLE_KEY, bins_key
 from squall_sd._logging import logger
-from squall_sd.io._common import (
-    check_path,
-    image_element,
-    make_sdata,
-    microns_scale,
-    set_attrs,
-    table_element,
-    validate_mpp,
-)
+from squall_sd._sdata import check_path, microns_scale, validate_mpp
+from squall_sd.io._common import image_element, make_sdata, set_attrs, table_element
 from squall_sd.io._tenx import (
     as_counts_matrix,
     first_existing,
     fit_grid,
+    mpp_from_grid,
     read_10x_counts,
     read_image_lazy,
     read_json,
@@ -160,7 +154,7 @@ def visium_hd(
         u = grid[:, 0] / np.linalg.norm(grid[:, 0])
         v = grid[:, 1] - (grid[:, 1] @ u) * u
         v = v / np.linalg.norm(v) if np.linalg.norm(v) > 0 else np.array([-u[1], u[0]])
-        fitted_mpp = 1 / np.sqrt(abs(np.linalg.det(grid[:, :2])))
+        fitted_mpp = mpp_from_grid(grid)
         if abs(fitted_mpp / fullres_mpp - 1) > 0.05:
             logger.warning(
                 "Bin grid implies %.4f µm/px but the scale factors say %.4f.",

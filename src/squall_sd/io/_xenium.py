@@ -19,14 +19,8 @@ from spatialdata.transformations import Affine, Identity, Scale, Sequence
 
 from squall_sd._constants import CELLS_KEY, IMAGE_KEY, MICRONS, TABLE_KEY
 from squall_sd._logging import logger
-from squall_sd.io._common import (
-    check_path,
-    image_element,
-    make_sdata,
-    set_attrs,
-    table_element,
-    validate_mpp,
-)
+from squall_sd._sdata import affine_mpp, check_path, validate_mpp
+from squall_sd.io._common import image_element, make_sdata, set_attrs, table_element
 from squall_sd.io._tenx import (
     as_counts_matrix,
     check_overlap,
@@ -250,7 +244,7 @@ def _he_element(he_image, he_alignment, pixel_size: float):
     if he_alignment is not None:
         a = read_alignment(he_alignment)
         t = Sequence([Affine(a, input_axes=("x", "y"), output_axes=("x", "y")), to_morph_px])
-        mpp = pixel_size * float(np.sqrt(abs(np.linalg.det(a[:2, :2]))))
+        mpp = pixel_size * affine_mpp(a)
     else:
         logger.info(
             "No `he_alignment`: assuming %s is registered to the morphology image (%.4f µm/px).",

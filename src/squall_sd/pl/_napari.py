@@ -18,6 +18,7 @@ from scipy import sparse
 from squall_sd._constants import MICRONS
 from squall_sd._docs import d
 from squall_sd._logging import logger
+from squall_sd._sdata import instance_positions, resolve_image_key
 from squall_sd.pl._panels import _as_categorical, _as_list, _palette, _with_categorical
 from squall_sd.pl._spatial import _measured_source, find_prediction
 from squall_sd.pl._utils import Spots, resolve_spots, robust_norm, table_values
@@ -243,8 +244,6 @@ def napari(  # noqa: D417 - parameters from squall_sd._docs
         Genes were asked for but there are no predictions, or an unknown gene.
 
     """
-    from squall_sd.tl._keys import resolve_image_key
-
     napari_module = require_napari()
     interactive_cls = require_napari_spatialdata()
     gene_list = _as_list(genes)
@@ -355,8 +354,6 @@ def _spot_order(
     sdata: SpatialData, spots: Spots, table_key: str, values: np.ndarray, *, fill: Any = np.nan
 ) -> np.ndarray:
     """Reorder per-table-row ``values`` into the shapes element's order (missing rows: ``fill``)."""
-    from squall_sd.tl._keys import instance_positions
-
     rows, pos = instance_positions(sdata.tables[table_key], spots.shapes_key, sdata.shapes[spots.shapes_key].index)
     out = np.full(
         len(spots.centers_um),

@@ -1,7 +1,6 @@
 """Panels of ``obs`` columns (niches, signatures, pseudotime): palettes, AnnData scatter, H&E panels.
 
-:mod:`squall_sd.tl` (which loads anndata and scipy) and :mod:`spatialdata` are imported inside the
-functions that need them, so that ``import squall_sd.pl`` stays light.
+matplotlib and scanpy are imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from squall_sd._sdata import resolve_adata, resolve_image_key
 from squall_sd.pl._utils import (
     Spots,
     cropped_image,
@@ -47,8 +47,6 @@ def _as_list(x: str | Sequence[str] | None) -> list[str] | None:
 def _image_key(sdata: SpatialData, image_key: str | None, show_image: bool) -> str | None:
     if not show_image or (image_key is None and not sdata.images):
         return None
-    from squall_sd.tl._keys import resolve_image_key
-
     return resolve_image_key(sdata, image_key)
 
 
@@ -182,8 +180,6 @@ def _obs_panels(
     save: str | os.PathLike | None,
 ) -> list[Axes]:
     """One panel per ``obs`` column, continuous (``kind="continuous"``) or categorical."""
-    from squall_sd.tl._utils import resolve_adata
-
     spots: Spots | None = None
     if _is_sdata(data):
         spots = resolve_spots(data, shapes_key=shapes_key, table_key=table_key)
@@ -299,8 +295,6 @@ def _table_of(data: SpatialData | AnnData, table_key: str | None, shapes_key: st
         if spots.table_key is None:
             raise KeyError(f"No table annotates shapes {spots.shapes_key!r}; pass `table_key=`.")
         return data.tables[spots.table_key]
-    from squall_sd.tl._utils import resolve_adata
-
     return resolve_adata(data, table_key)
 
 

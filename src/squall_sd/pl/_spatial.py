@@ -17,6 +17,7 @@ import pandas as pd
 
 from squall_sd._docs import d
 from squall_sd._logging import logger
+from squall_sd._sdata import check_table_key, tables_annotating
 from squall_sd.pl._panels import _as_list, _image_key, _obs_panels, _one_obs_panel, _table_of
 from squall_sd.pl._utils import (
     PAD_UM,
@@ -53,8 +54,6 @@ class _Source:
 def _annotates(sdata: SpatialData, table_key: str, shapes_key: str | None) -> bool:
     if shapes_key is None:
         return True
-    from squall_sd.tl._keys import tables_annotating
-
     return table_key in tables_annotating(sdata, shapes_key)
 
 
@@ -82,8 +81,6 @@ def find_prediction(sdata: SpatialData, *, table_key: str | None, layer: str, sh
 
     """
     if table_key is not None:
-        from squall_sd.tl._keys import check_table_key
-
         check_table_key(sdata, table_key)
         t = sdata.tables[table_key]
         if layer in t.layers:
@@ -113,8 +110,6 @@ def find_prediction(sdata: SpatialData, *, table_key: str | None, layer: str, sh
 
 def _measured_source(sdata: SpatialData, pred: _Source, shapes_key: str, measured_layer: str | None) -> _Source | None:
     """Return the measured expression of the predicted spots, or ``None`` when there is none."""
-    from squall_sd.tl._keys import tables_annotating
-
     if pred.layer is not None:
         key = pred.table_key
     else:

@@ -18,6 +18,16 @@ from scipy import sparse
 
 from squall_sd._constants import ATTRS_KEY, MICRONS
 from squall_sd._logging import logger
+from squall_sd._sdata import (
+    affine_mpp,
+    affine_to_microns,
+    check_table_key,
+    image_levels,
+    is_axis_aligned,
+    resolve_region,
+    resolve_table_key,
+    table_regions,
+)
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -88,8 +98,6 @@ def shapes_in_microns(
     ``(centers, radius, bounds)``.
 
     """
-    from squall_sd.pp._utils import affine_mpp, affine_to_microns
-
     m = affine_to_microns(shapes)
     geom = shapes.geometry
     if "radius" in shapes.columns and (geom.geom_type == "Point").all():
@@ -119,7 +127,7 @@ def resolve_spots(sdata: SpatialData, *, shapes_key: str | None = None, table_ke
 
     With ``table_key`` given, its annotated shapes element is used (unless ``shapes_key`` says
     otherwise); without, the only shapes element annotated by a table (see
-    :func:`squall_sd.tl._keys.resolve_region`).
+    :func:`squall_sd._sdata.resolve_region`).
 
     Parameters
     ----------
@@ -135,8 +143,6 @@ def resolve_spots(sdata: SpatialData, *, shapes_key: str | None = None, table_ke
     The resolved :class:`Spots`.
 
     """
-    from squall_sd.tl._keys import check_table_key, resolve_region, resolve_table_key
-
     if shapes_key is None and table_key is not None:
         check_table_key(sdata, table_key)
         shapes_key = annotated_shapes(sdata, table_key)
@@ -153,8 +159,6 @@ def resolve_spots(sdata: SpatialData, *, shapes_key: str | None = None, table_ke
 
 def annotated_shapes(sdata: SpatialData, table_key: str) -> str:
     """Return the shapes element annotated by table ``table_key`` (it must annotate exactly one)."""
-    from squall_sd.tl._keys import table_regions
-
     try:
         regions = table_regions(sdata.tables[table_key])
     except Exception as e:  # noqa: BLE001
@@ -202,8 +206,6 @@ def cropped_image(
     """
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Affine
-
-    from squall_sd.pp._utils import image_levels, is_axis_aligned
 
     levels = image_levels(sdata, image_key)
     x0, y0, x1, y1 = bounds_um

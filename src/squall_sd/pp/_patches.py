@@ -17,14 +17,8 @@ from spatialdata import SpatialData
 
 from squall_sd._docs import d
 from squall_sd._logging import logger
-from squall_sd.pp._utils import (
-    Level,
-    centers_from,
-    check_positive,
-    image_levels,
-    is_axis_aligned,
-    pick_level,
-)
+from squall_sd._sdata import Level, check_positive, image_levels, is_axis_aligned, pick_level
+from squall_sd.pp._utils import centers_from
 
 #: Value of pixels outside the image (white, like an empty slide).
 PAD_VALUE = 255

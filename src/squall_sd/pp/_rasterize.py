@@ -17,14 +17,9 @@ from spatialdata.models import get_table_keys
 
 from squall_sd._docs import d
 from squall_sd._logging import logger
+from squall_sd._sdata import affine_mpp, affine_to_microns, apply_affine, check_key, check_positive
 from squall_sd.pp._genes import align_genes, normalize_expression
-from squall_sd.pp._utils import (
-    affine_to_microns,
-    apply_affine,
-    centers_from,
-    check_key,
-    check_positive,
-)
+from squall_sd.pp._utils import centers_from
 
 
 @dataclass
@@ -108,7 +103,7 @@ class RegionGrid:
             xy = np.column_stack([shapely.get_x(geoms), shapely.get_y(geoms)])
             self.kind = "circles"
             self.center = apply_affine(m, xy)
-            scale = np.sqrt(abs(np.linalg.det(m[:2, :2])))
+            scale = affine_mpp(m)
             self.radius = shapes["radius"].to_numpy(dtype=float) * scale
             r = self.radius
             self.bounds = np.column_stack(

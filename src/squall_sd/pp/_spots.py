@@ -14,13 +14,8 @@ from spatialdata.models import ShapesModel
 
 from squall_sd._docs import d
 from squall_sd._logging import logger
-from squall_sd.pp._utils import (
-    affine_to_microns,
-    check_key,
-    check_positive,
-    microns_transformations,
-    store_shapes,
-)
+from squall_sd._sdata import affine_to_microns, check_key, check_positive, microns_transformations
+from squall_sd.pp._utils import store_shapes
 
 #: Default size (µm) per kind: Visium spot diameter, bin edge, tile edge (224 px at 0.5 µm/px).
 DEFAULT_SIZE_UM = {"visium": 55.0, "bins": 16.0, "tiles": 112.0}

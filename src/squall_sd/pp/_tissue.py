@@ -17,15 +17,16 @@ from spatialdata.models import ShapesModel
 
 from squall_sd._docs import d
 from squall_sd._logging import logger
-from squall_sd.pp._utils import (
+from squall_sd._sdata import (
     Level,
+    affine_mpp,
     apply_affine,
     check_positive,
     image_levels,
     microns_transformations,
     pick_level,
-    store_shapes,
 )
+from squall_sd.pp._utils import store_shapes
 
 #: The working resolution of tissue detection is chosen in this range (µm per pixel).
 WORKING_MPP_RANGE = (8.0, 16.0)
@@ -311,7 +312,7 @@ def detect_tissue(  # noqa: D417 - parameters from squall_sd._docs
     feat, valid, affine = _coarse_features(
         sdata, image_key, scale=scale, method=method, max_pixels=MAX_WORKING_PIXELS
     )
-    px_um = float(np.sqrt(abs(np.linalg.det(affine[:2, :2]))))  # µm per working pixel
+    px_um = affine_mpp(affine)  # µm per working pixel
     mask = _threshold(feat, valid, method)
     del feat, valid
     # morphological cleanup at the working resolution (~8-16 µm per pixel)
@@ -434,7 +435,7 @@ def mask_to_polygons(
     ``affine`` maps the mask's intrinsic (x, y) (pixel ``k`` covers ``[k, k + 1)``) to microns.
     Pieces smaller than ``min_area_um2`` are dropped.
     """
-    px_um = float(np.sqrt(abs(np.linalg.det(affine[:2, :2]))))
+    px_um = affine_mpp(affine)
     labels = measure.label(mask, connectivity=2)
     out: list[shapely.Polygon] = []
     for region in measure.regionprops(labels):

@@ -16,13 +16,13 @@ from threadpoolctl import threadpool_limits
 
 from squall_sd._docs import d
 from squall_sd._logging import logger
+from squall_sd._sdata import resolve_adata
 from squall_sd.tl._niche_clustering import _cluster, _relabel_by_size
 from squall_sd.tl._utils import (
     aggregate_neighbors,
     get_connectivities,
     get_representation,
     provenance,
-    resolve_adata,
     spatial_connectivities,
 )
 

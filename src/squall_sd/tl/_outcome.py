@@ -18,6 +18,7 @@ from anndata import AnnData
 
 from squall_sd._docs import d
 from squall_sd._logging import logger
+from squall_sd._sdata import resolve_adata
 from squall_sd.tl._outcome_data import (
     _check_outcomes,
     _embeddings,
@@ -37,7 +38,7 @@ from squall_sd.tl._outcome_net import (
     _torch_threads,
     concordance_index,
 )
-from squall_sd.tl._utils import provenance, resolve_adata
+from squall_sd.tl._utils import provenance
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData

@@ -12,7 +12,8 @@ from anndata import AnnData
 
 from squall_sd._docs import d
 from squall_sd._logging import logger
-from squall_sd.tl._utils import _looks_like_counts, provenance, resolve_adata
+from squall_sd._sdata import resolve_adata
+from squall_sd.tl._utils import _looks_like_counts, provenance
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData

@@ -10,13 +10,8 @@ from anndata import AnnData
 
 from squall_sd._docs import d
 from squall_sd._logging import logger
-from squall_sd.tl._utils import (
-    aggregate_neighbors,
-    get_representation,
-    provenance,
-    resolve_adata,
-    spatial_connectivities,
-)
+from squall_sd._sdata import resolve_adata
+from squall_sd.tl._utils import aggregate_neighbors, get_representation, provenance, spatial_connectivities
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

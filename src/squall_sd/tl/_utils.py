@@ -1,9 +1,9 @@
-"""Helpers shared by the :mod:`squall_sd.tl` tools: table resolution, representations, graphs."""
+"""Helpers shared by the :mod:`squall_sd.tl` tools: representations, spatial graphs, provenance."""
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -12,8 +12,8 @@ from scipy import sparse
 
 from squall_sd._logging import logger
 
-if TYPE_CHECKING:
-    from spatialdata import SpatialData
+# r13-merge: re-export, remove after merge (resolve_adata: tl/_outcome.py imports it from here)
+from squall_sd._sdata import resolve_adata  # noqa: F401
 
 __all__ = [
     "aggregate_neighbors",
@@ -21,7 +21,6 @@ __all__ = [
     "get_connectivities",
     "get_representation",
     "provenance",
-    "resolve_adata",
     "spatial_connectivities",
 ]
 
@@ -33,47 +32,6 @@ def provenance(**params: Any) -> dict[str, Any]:
     except PackageNotFoundError:  # pragma: no cover - source tree without install
         pkg_version = "0.0.0+unknown"
     return {"squall_sd_version": pkg_version, **params}
-
-
-def resolve_adata(data: AnnData | SpatialData, table_key: str | None = None) -> AnnData:
-    """Return the :class:`~anndata.AnnData` to work on.
-
-    Parameters
-    ----------
-    data
-        An AnnData, or a SpatialData whose table ``table_key`` is used.
-    table_key
-        Name of the table in ``data.tables``. When ``None`` and ``data`` is a SpatialData, the
-        table ``"table"`` is used, or the only table if there is exactly one.
-
-    Returns
-    -------
-    The AnnData (not a copy).
-
-    """
-    if isinstance(data, AnnData):
-        if table_key is not None:
-            logger.debug("`table_key=%r` ignored for AnnData input", table_key)
-        return data
-    tables = getattr(data, "tables", None)
-    if tables is None:
-        raise TypeError(f"Expected an `AnnData` or a `SpatialData`, found `{type(data).__name__}`.")
-    available = list(tables.keys())
-    if table_key is None:
-        if "table" in tables:
-            table_key = "table"
-        elif len(available) == 1:
-            table_key = available[0]
-        else:
-            raise KeyError(
-                f"SpatialData has {len(available)} tables {available}; pass `table_key=` to "
-                "choose one."
-            )
-    if table_key not in tables:
-        raise KeyError(
-            f"Table {table_key!r} not found in SpatialData. Available tables: {available}."
-        )
-    return tables[table_key]
 
 
 def _looks_like_counts(X: Any) -> bool:
