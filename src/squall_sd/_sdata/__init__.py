@@ -1,0 +1,1 @@
+"""SpatialData plumbing shared by the whole package: element resolution, units, transformations, writes."""
