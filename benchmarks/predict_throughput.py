@@ -199,13 +199,8 @@ def forward_only(zarr: str, args: argparse.Namespace) -> dict:
     import torch
 
     import squall_sd as squall
-    from squall_sd.tl._predict import (
-        TileDataset,
-        centers_and_extent,
-        collate_tiles,
-        plan_tiles,
-        virtual_spots,
-    )
+    from squall_sd.tl._engine import TileDataset, centers_and_extent, collate_tiles, plan_tiles
+    from squall_sd.tl._inference import virtual_spots
 
     set_threads(args.threads)
     model, mpp = make_model(args.workload, args.mpp)
@@ -246,7 +241,7 @@ def workers(args: argparse.Namespace) -> int:
     """The DataLoader workers ``--num-workers`` means on ``--device``."""
     import torch
 
-    from squall_sd.tl._predict import resolve_workers
+    from squall_sd.tl._engine import resolve_workers
 
     return resolve_workers(args.num_workers, torch.device(args.device))
 

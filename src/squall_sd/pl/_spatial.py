@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from squall_sd._constants import PREDICTED_VAR
 from squall_sd._logging import logger
 from squall_sd.pl._utils import (
     PAD_UM,
@@ -32,9 +33,6 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 __all__ = ["expression", "niches", "signatures", "trajectory"]
-
-#: Column of ``var`` that :func:`squall_sd.tl.predict_expression` sets to mark predicted genes.
-PREDICTED_VAR = "squall_predicted"
 
 
 # ---------------------------------------------------------------------------------------------
