@@ -468,3 +468,15 @@ def test_genes_with_an_existing_table_restrict_or_raise(small, genes):
     with pytest.raises(ValueError, match=r"NOTINDATA0.*table_key=None"):
         squall.tl.predict_expression(small, model, genes=[genes[0], "NOTINDATA0"], progress=False, inplace=False)
     assert "squall" not in small.tables["table"].layers  # nothing written by the failed calls
+
+
+def test_worker_processes_give_the_same_values(small, genes):
+    """The engine loop with DataLoader workers (no prefetch thread) gives the values of the threaded loop."""
+    model = tiny(genes, mpp=4.0, img_size=128)
+    kw = {"progress": False, "inplace": False, "layout": "tiles", "batch_size": 3}
+    ref = squall.tl.predict_expression(small, model, num_workers=0, **kw)
+    got = squall.tl.predict_expression(small, model, num_workers=1, **kw)
+    np.testing.assert_array_equal(got.layers["squall"], ref.layers["squall"])
+    emb0 = squall.tl.embed(small, model, num_workers=0, **kw)
+    emb1 = squall.tl.embed(small, model, num_workers=1, **kw)
+    np.testing.assert_array_equal(emb1.obsm["X_squall"], emb0.obsm["X_squall"])
