@@ -62,8 +62,9 @@ def build_slide(factor: int, path: Path) -> tuple[int, int]:
     import numpy as np
     from PIL import Image
 
+    from squall_sd._sdata import microns_scale
     from squall_sd.datasets._datasets import _bundle_dir
-    from squall_sd.io._common import image_element, make_sdata, microns_scale, set_attrs
+    from squall_sd.io._common import image_element, make_sdata, set_attrs
 
     with Image.open(_bundle_dir() / "he.jpg") as im:
         base = np.moveaxis(np.asarray(im.convert("RGB")), -1, 0)
@@ -199,13 +200,8 @@ def forward_only(zarr: str, args: argparse.Namespace) -> dict:
     import torch
 
     import squall_sd as squall
-    from squall_sd.tl._predict import (
-        TileDataset,
-        centers_and_extent,
-        collate_tiles,
-        plan_tiles,
-        virtual_spots,
-    )
+    from squall_sd.tl._engine import TileDataset, centers_and_extent, collate_tiles, plan_tiles
+    from squall_sd.tl._inference import virtual_spots
 
     set_threads(args.threads)
     model, mpp = make_model(args.workload, args.mpp)
@@ -246,7 +242,7 @@ def workers(args: argparse.Namespace) -> int:
     """The DataLoader workers ``--num-workers`` means on ``--device``."""
     import torch
 
-    from squall_sd.tl._predict import resolve_workers
+    from squall_sd.tl._engine import resolve_workers
 
     return resolve_workers(args.num_workers, torch.device(args.device))
 

@@ -107,8 +107,6 @@ def digest_sdata(sdata: Any, keys: list[str]) -> dict[str, Any]:
                 "cols": _frame(g.drop(columns="geometry")),
             }
         elif k in sdata.images:
-            from squall_sd.pp._utils import image_levels  # noqa: F401 - only to read the level
-
             el = sdata.images[k]
             arr = el["scale0"]["image"] if hasattr(el, "children") and "scale0" in el else el
             out[k] = {"pixels": _arr(np.asarray(arr.values)), "dims": list(arr.dims)}

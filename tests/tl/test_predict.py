@@ -288,7 +288,7 @@ def test_he_only_jpg(shared_data, tmp_path):
 
 
 def test_prefetch_order_errors_and_close():
-    from squall_sd.tl._predict import _Prefetch
+    from squall_sd.tl._engine import _Prefetch
 
     assert list(_Prefetch(iter(range(50)), depth=2)) == list(range(50))
 
@@ -310,7 +310,7 @@ def test_prefetch_order_errors_and_close():
 
 
 def test_hilbert_index_is_a_curve():
-    from squall_sd.tl._predict import hilbert_index
+    from squall_sd.tl._engine import hilbert_index
 
     for k in range(6):
         n = 1 << k
@@ -330,7 +330,7 @@ def test_hilbert_index_is_a_curve():
 
 def _permute_plan(plan, perm):
     """The same tiles (and owned regions) visited in the order ``perm``."""
-    from squall_sd.tl._predict import TilePlan
+    from squall_sd.tl._engine import TilePlan
 
     parts = [plan.owned[plan.owner_ptr[t] : plan.owner_ptr[t + 1]] for t in perm]
     ptr = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
@@ -339,7 +339,7 @@ def _permute_plan(plan, perm):
 
 
 def test_plan_tiles_follows_the_hilbert_curve():
-    from squall_sd.tl._predict import plan_tiles
+    from squall_sd.tl._engine import plan_tiles
 
     rng = np.random.default_rng(1)
     xy = rng.uniform(0, 1024, (3000, 2))
@@ -426,7 +426,7 @@ def test_small_chunk_cache_decodes_each_chunk_about_once(genes, monkeypatch):
 
 
 def test_num_workers_auto(monkeypatch):
-    from squall_sd.tl._predict import resolve_workers
+    from squall_sd.tl._engine import resolve_workers
 
     assert resolve_workers("auto", torch.device("cpu")) == 0
     monkeypatch.setattr("os.cpu_count", lambda: 16)
@@ -444,7 +444,7 @@ def test_num_workers_auto(monkeypatch):
 def test_trim_heap_is_safe_to_call():
     import platform
 
-    from squall_sd.tl._predict import _malloc_trim, trim_heap
+    from squall_sd.tl._engine import _malloc_trim, trim_heap
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert _malloc_trim() is not None
@@ -469,3 +469,15 @@ def test_genes_with_an_existing_table_restrict_or_raise(small, genes):
     with pytest.raises(ValueError, match=r"NOTINDATA0.*table_key=None"):
         squall.tl.predict_expression(small, model, genes=[genes[0], "NOTINDATA0"], progress=False, inplace=False)
     assert "squall" not in small.tables["table"].layers  # nothing written by the failed calls
+
+
+def test_worker_processes_give_the_same_values(small, genes):
+    """The engine loop with DataLoader workers (no prefetch thread) gives the values of the threaded loop."""
+    model = tiny(genes, mpp=4.0, img_size=128)
+    kw = {"progress": False, "inplace": False, "layout": "tiles", "batch_size": 3}
+    ref = squall.tl.predict_expression(small, model, num_workers=0, **kw)
+    got = squall.tl.predict_expression(small, model, num_workers=1, **kw)
+    np.testing.assert_array_equal(got.layers["squall"], ref.layers["squall"])
+    emb0 = squall.tl.embed(small, model, num_workers=0, **kw)
+    emb1 = squall.tl.embed(small, model, num_workers=1, **kw)
+    np.testing.assert_array_equal(emb1.obsm["X_squall"], emb0.obsm["X_squall"])

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +16,16 @@ from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import BaseTransformation
 
 from squall_sd._constants import ATTRS_KEY, IMAGE_KEY, MICRONS, TABLE_KEY
-from squall_sd._logging import logger
 
 # r13-merge: re-export, remove after merge (check_path, get_mpp, identity, microns_scale, validate_mpp:
 # imported here only to keep the old import path of the other branches working)
 from squall_sd._sdata import check_path, get_mpp, identity, microns_scale, validate_mpp  # noqa: F401
+from squall_sd._sdata._write import (  # r13-merge: re-export, remove after merge
+    move_into_place,  # noqa: F401
+    table_write_settings,  # noqa: F401
+    temp_sibling,  # noqa: F401
+    write_sdata,
+)
 
 #: Region / instance columns of every table a squall reader writes.
 REGION_KEY = "region"
@@ -178,62 +180,7 @@ def write(sdata: SpatialData, path: str | os.PathLike, *, overwrite: bool = Fals
     -------
     The path of the written store.
     """
-    target = Path(path).expanduser().resolve()
-    if target.exists() and not overwrite:
-        raise FileExistsError(
-            f"{str(target)!r} already exists. Pass `overwrite=True` to replace it, or choose another path."
-        )
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"The folder {str(target.parent)!r} to write into does not exist.")
-    tmp = temp_sibling(target)
-    try:
-        with table_write_settings():
-            sdata.write(tmp, overwrite=False)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    move_into_place(tmp, target)
-    logger.info("wrote %s", target)
-    return target
-
-
-@contextmanager
-def table_write_settings() -> Iterator[None]:
-    """Write tables with zarr v3 sharding off, explicitly, unless the user chose a sharding setting.
-
-    SpatialData writes tables through anndata in zarr format 3. While ``anndata.settings.auto_shard_zarr_v3``
-    is unset (``None``, anndata's default), anndata (0.12 here) warns *"zarr v3 autosharding will be the
-    default in the next minor release."* (``UserWarning``) once for every array of every table written:
-    ``squall demo`` printed 18 of them. Setting the option to ``False`` while we write avoids the warning
-    at its source and keeps the layout written so far (unsharded arrays), also once anndata's default
-    changes. A value the user set (``True`` or ``False``) is left alone, and so is an anndata without
-    the option.
-    """
-    if getattr(ad.settings, "auto_shard_zarr_v3", False) is None:
-        with ad.settings.override(auto_shard_zarr_v3=False):
-            yield
-    else:
-        yield
-
-
-def temp_sibling(target: Path) -> Path:
-    """Return a fresh hidden path next to ``target`` (``.<name>.tmp-<random>``) to write into."""
-    return target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
-def move_into_place(tmp: Path, target: Path) -> None:
-    """Move the finished folder ``tmp`` to ``target``, replacing an existing ``target`` only now.
-
-    The old ``target`` is first renamed aside, the new one renamed in, and only then the old one
-    deleted, so that ``target`` is never half-written.
-    """
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    return write_sdata(sdata, path, overwrite=overwrite)
 
 
 def make_sdata(

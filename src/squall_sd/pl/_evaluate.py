@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from squall_sd._constants import PREDICTED_VAR
 from squall_sd._docs import d
 from squall_sd._logging import logger
 from squall_sd.pl._spatial import find_prediction
@@ -58,8 +59,8 @@ def _correlations(adata: AnnData, *, layer: str, measured_layer: str | None, key
         )
     pred = np.asarray(adata.layers[layer].toarray() if sparse.issparse(adata.layers[layer]) else adata.layers[layer])
     keep = np.isfinite(pred).all(axis=0)
-    if "squall_predicted" in adata.var:
-        keep &= adata.var["squall_predicted"].to_numpy(dtype=bool)
+    if PREDICTED_VAR in adata.var:
+        keep &= adata.var[PREDICTED_VAR].to_numpy(dtype=bool)
     if not keep.any():
         raise ValueError(f"`layers[{layer!r}]` holds no predicted gene (all columns contain NaN).")
     meas = adata.X if measured_layer is None else adata.layers[measured_layer]

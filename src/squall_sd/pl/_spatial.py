@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from squall_sd._constants import PREDICTED_VAR
 from squall_sd._docs import d
 from squall_sd._logging import logger
 from squall_sd._sdata import check_table_key, tables_annotating
@@ -37,9 +38,6 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 __all__ = ["expression", "niches", "signatures", "trajectory"]
-
-#: Column of ``var`` that :func:`squall_sd.tl.predict_expression` sets to mark predicted genes.
-PREDICTED_VAR = "squall_predicted"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,63 +1,54 @@
-"""H&E embeddings: per spot / tile, and the whole-slide token map (SQUALL spec §6.3)."""
+"""H&E embeddings: per spot / tile, and the whole-slide token map (SQUALL spec §6.3).
+
+This module resolves what to embed and assembles the outputs; the tiles are planned and run through
+the model by the inference engine (:mod:`squall_sd.tl._engine`), which
+:func:`squall_sd.tl.predict_expression` shares.
+"""
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from squall_sd._constants import ATTRS_KEY, EMBED_KEY, EMBED_TABLE_KEY, TOKEN_MAP_KEY, VIRTUAL_SPOTS_KEY
 from squall_sd._logging import logger
-from squall_sd.tl._keys import instance_positions, resolve_region
-from squall_sd.tl._predict import (
-    MAX_UPSAMPLE,
-    TRIM_EVERY,
-    Canvas,
+from squall_sd._sdata import Region, instance_positions, resolve_region
+from squall_sd._sdata._write import add_elements, snapshot_table
+from squall_sd.tl._engine import (
     TileDataset,
-    _set_uns,
+    TilePlan,
     centers_and_extent,
     collate_tiles,
     image_from_canvas,
     make_loader,
-    new_table,
-    persist,
+    on_device,
     plan_tiles,
-    progress_bar,
-    provenance_record,
     resolve_device,
+    run_batches,
+)
+from squall_sd.tl._inference import (
+    MAX_UPSAMPLE,
+    new_table,
     resolve_image_mpp,
     resolve_model,
     resolve_where,
-    trim_heap,
+    set_uns,
 )
+from squall_sd.tl._token_map import token_map as _token_map
+from squall_sd.tl._utils import provenance
 
 if TYPE_CHECKING:
+    import geopandas as gpd
+    import torch
     from anndata import AnnData
     from spatialdata import SpatialData
 
     from squall_sd.models import Squall
 
 __all__ = ["embed"]
-
-
-def _collate_patches(items: list[tuple[int, np.ndarray]]):
-    import torch
-
-    return torch.as_tensor([i for i, _ in items]), torch.from_numpy(np.stack([p for _, p in items]))
-
-
-class _Windows:
-    """Dataset of (index, patch) over a :class:`~squall_sd.pp.PatchDataset`."""
-
-    def __init__(self, patches: Any) -> None:
-        self.patches = patches
-
-    def __len__(self) -> int:
-        return len(self.patches)
-
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
-        return i, self.patches[i]
 
 
 def embed(
@@ -75,10 +66,10 @@ def embed(
     layout: Literal["auto", "tiles", "shapes"] = "auto",
     token_map: bool = False,
     token_stride: int = 1,
-    key_added: str = "X_squall",
-    table_key_added: str = "squall_embedding",
-    shapes_key_added: str = "squall_spots",
-    token_map_key_added: str = "squall_token_map",
+    key_added: str = EMBED_KEY,
+    table_key_added: str = EMBED_TABLE_KEY,
+    shapes_key_added: str = VIRTUAL_SPOTS_KEY,
+    token_map_key_added: str = TOKEN_MAP_KEY,
     batch_size: int = 32,
     num_workers: int | Literal["auto"] = "auto",
     device: str = "auto",
@@ -169,19 +160,88 @@ def embed(
       in ``microns`` (pixel = one token, ``patch_size * mpp`` µm);
     - ``uns["squall"]["embed"]`` - provenance.
     """
-    import torch
-
     model = resolve_model(model)
     if pool not in ("region", "tile"):
         raise ValueError(f"`pool` must be 'region' or 'tile', found {pool!r}.")
-    image_key, mpp = resolve_image_mpp(
-        sdata, model, image_key=image_key, mpp=mpp, max_upsample=max_upsample
-    )
+    image_key, mpp = resolve_image_mpp(sdata, model, image_key=image_key, mpp=mpp, max_upsample=max_upsample)
     cfg = model.config
     token_stride = int(token_stride)
     if not 1 <= token_stride <= cfg.grid:
         raise ValueError(f"`token_stride` must be in [1, {cfg.grid}], found {token_stride}.")
+    region, shapes, tkey, new_shapes = _resolve_region(
+        sdata, image_key=image_key, shapes_key=shapes_key, labels_key=labels_key, table_key=table_key, spots=spots,
+        spot_size_um=spot_size_um, key_added=key_added, table_key_added=table_key_added,
+        shapes_key_added=shapes_key_added, token_map_key_added=token_map_key_added if token_map else None,
+        overwrite=overwrite, inplace=inplace,
+    )
+    table = sdata.tables[tkey] if tkey is not None else None
 
+    dev = resolve_device(device)
+    use_autocast = (dev.type == "cuda") if autocast is None else bool(autocast)
+    centers, half = centers_and_extent(shapes)
+    plan = plan_tiles(
+        centers, half, tile_um=cfg.img_size * mpp, token_um=cfg.patch_size * mpp,
+        layout="shapes" if pool == "tile" else layout,
+    )
+    canvas = None
+    with on_device(model, dev):
+        emb = _embed_tiles(
+            sdata, model, shapes, plan, image_key=image_key, mpp=mpp, pool=pool, batch_size=batch_size,
+            num_workers=num_workers, device=dev, autocast=use_autocast, progress=progress,
+        )
+        if token_map:
+            canvas, origin = _token_map(
+                sdata, model, image_key=image_key, centers=centers, half=half, mpp=mpp, stride=token_stride,
+                batch_size=batch_size, num_workers=num_workers, device=dev, autocast=use_autocast, progress=progress,
+            )
+
+    prov = provenance(
+        model, image_key=image_key, region=region.key, table_key=tkey, pool=pool, mpp=mpp, layout=plan.layout,
+        n_tiles=len(plan), token_map=token_map, token_stride=token_stride if token_map else None,
+        key_added=key_added, device=str(dev),
+    )
+    out_table, undo = _assemble_table(emb, table, region, shapes, centers, key_added=key_added, inplace=inplace)
+    set_uns(out_table, prov, "embed")
+    logger.info(
+        "Adding `sdata.tables[%r].obsm[%r]` (%d x %d)", tkey if table is not None else table_key_added, key_added,
+        *emb.shape,
+    )
+    if not inplace:
+        if canvas is not None:
+            canvas.cleanup()
+        return out_table
+    new_images = {}
+    if canvas is not None:
+        new_images[token_map_key_added] = image_from_canvas(
+            canvas.data, channels=[f"f{i}" for i in range(cfg.embed_dim)], pixel_um=cfg.patch_size * mpp,
+            origin_um=origin,
+        )
+        logger.info("Adding `sdata.images[%r]` %s", token_map_key_added, canvas.data.shape)
+    new_tables = {} if table is not None else {table_key_added: out_table}
+    add_elements(
+        sdata, {"shapes": new_shapes, "images": new_images, "tables": new_tables},
+        replaced=[tkey] if table is not None else [], undo=undo, write_to_store=write_to_store,
+    )
+    return None
+
+
+def _resolve_region(
+    sdata: SpatialData,
+    *,
+    image_key: str,
+    shapes_key: str | None,
+    labels_key: str | None,
+    table_key: str | None,
+    spots: str | None,
+    spot_size_um: float | None,
+    key_added: str,
+    table_key_added: str,
+    shapes_key_added: str,
+    token_map_key_added: str | None,
+    overwrite: bool,
+    inplace: bool,
+) -> tuple[Region, gpd.GeoDataFrame, str | None, dict[str, Any]]:
+    """Where to embed: ``(region, shapes, table key, new shapes)``; raise for outputs that exist."""
     region = None if spots is not None else resolve_region(sdata, shapes_key=shapes_key, labels_key=labels_key)
     if region is None and inplace and shapes_key_added in sdata.shapes and not overwrite:
         raise ValueError(f"`shapes_key_added={shapes_key_added!r}` already exists; pass `overwrite=True`.")
@@ -194,183 +254,86 @@ def embed(
         raise ValueError(f"`tables[{tkey!r}].obsm[{key_added!r}]` already exists; pass `overwrite=True`.")
     if table is None and inplace and table_key_added in sdata.tables and not overwrite:
         raise ValueError(f"`table_key_added={table_key_added!r}` already exists; pass `overwrite=True`.")
-    if token_map and inplace and token_map_key_added in sdata.images and not overwrite:
+    if token_map_key_added is not None and inplace and token_map_key_added in sdata.images and not overwrite:
         raise ValueError(f"`token_map_key_added={token_map_key_added!r}` already exists; pass `overwrite=True`.")
-
-    from squall_sd.pp import extract_patches
-
-    dev = resolve_device(device)
-    use_autocast = (dev.type == "cuda") if autocast is None else bool(autocast)
-    tile_um, token_um = cfg.img_size * mpp, cfg.patch_size * mpp
-    centers, half = centers_and_extent(shapes)
-    plan = plan_tiles(centers, half, tile_um=tile_um, token_um=token_um, layout="shapes" if pool == "tile" else layout)
-    patches = extract_patches(sdata, plan.centers, image_key=image_key, patch_px=cfg.img_size, mpp=mpp)
-    loader = make_loader(
-        TileDataset(patches, shapes, plan, patch_px=cfg.img_size, mpp=mpp, grid=cfg.expr_size),
-        batch_size=batch_size, num_workers=num_workers, device=dev,
-        collate=partial(collate_tiles, grid=cfg.expr_size, plan=plan),
-    )
-    emb = np.full((len(shapes), cfg.embed_dim), np.nan, dtype=np.float32)
-    was_training, prev_device = model.training, model.device
-    model.eval()
-    model.to(dev)
-    canvas = None
-    try:
-        bar = progress_bar(len(plan), desc="embed", enabled=progress)
-        for k_batch, (_, rgb, w, ridx) in enumerate(loader):
-            if k_batch % TRIM_EVERY == TRIM_EVERY - 1:
-                trim_heap()
-            tok = model.embed(rgb, mpp, pool=None, autocast=use_autocast)  # (B, N, D)
-            if pool == "tile":
-                vec = tok.mean(dim=1)[:, None, :].expand(-1, w.shape[1], -1)
-            else:
-                p = cfg.expr_patch
-                b, r = w.shape[:2]
-                tw = w.to(tok.device).reshape(b, r, cfg.grid, p, cfg.grid, p).sum(dim=(3, 5)).reshape(b, r, -1)
-                tw = tw / tw.sum(dim=2, keepdim=True).clamp_min(1e-12)
-                vec = torch.einsum("brn,bnd->brd", tw, tok)
-            ridx_np = ridx.numpy()
-            ok = ridx_np >= 0
-            emb[ridx_np[ok]] = vec.float().cpu().numpy()[ok]
-            bar.update(len(ridx_np))
-        bar.close()
-        if token_map:
-            canvas, origin = _token_map(
-                sdata, model, image_key=image_key, centers=centers, half=half, mpp=mpp, stride=token_stride,
-                batch_size=batch_size, num_workers=num_workers, device=dev, autocast=use_autocast, progress=progress,
-            )
-    except BaseException:
-        if canvas is not None:
-            canvas.cleanup()
-        raise
-    finally:
-        model.to(prev_device)
-        model.train(was_training)
-
-    prov = provenance_record(
-        model, image_key=image_key, region=region.key, table_key=tkey, pool=pool, mpp=mpp, layout=plan.layout,
-        n_tiles=len(plan), token_map=token_map, token_stride=token_stride if token_map else None,
-        key_added=key_added, device=str(dev),
-    )
-    undo = None
-    if table is not None:
-        rows, pos = instance_positions(table, region.key, shapes.index)
-        out = np.full((table.n_obs, cfg.embed_dim), np.nan, dtype=np.float32)
-        out[rows] = emb[pos]
-        out_table = table if inplace else table.copy()
-        if inplace:
-            old = (table.obsm.get(key_added), dict(table.uns.get("squall", {})) if "squall" in table.uns else None)
-
-            def undo() -> None:
-                if old[0] is None:
-                    table.obsm.pop(key_added, None)
-                else:
-                    table.obsm[key_added] = old[0]
-                if old[1] is None:
-                    table.uns.pop("squall", None)
-                else:
-                    table.uns["squall"] = old[1]
-
-        out_table.obsm[key_added] = out
-        written_table = tkey
-    else:
-        out_table = new_table(np.zeros((len(shapes), 0), dtype=np.float32), [], region, shapes, centers)
-        out_table.obsm[key_added] = emb
-        written_table = table_key_added
-    _set_uns(out_table, prov, "embed")
-    logger.info("Adding `sdata.tables[%r].obsm[%r]` (%d x %d)", written_table, key_added, *emb.shape)
-    if not inplace:
-        if canvas is not None:
-            canvas.cleanup()
-        return out_table
-    new_images = {}
-    if canvas is not None:
-        new_images[token_map_key_added] = image_from_canvas(
-            canvas.data, channels=[f"f{i}" for i in range(cfg.embed_dim)], pixel_um=token_um, origin_um=origin
-        )
-        logger.info("Adding `sdata.images[%r]` %s", token_map_key_added, canvas.data.shape)
-    added: list[tuple[str, str, Any]] = []
-    for kind, items in (("shapes", new_shapes), ("images", new_images)):
-        for k, v in items.items():
-            added.append((kind, k, getattr(sdata, kind).get(k)))
-            getattr(sdata, kind)[k] = v
-    if table is None:
-        added.append(("tables", written_table, sdata.tables.get(written_table)))
-        sdata.tables[written_table] = out_table
-    try:
-        persist(sdata, new=[*new_shapes, *new_images], replaced=[written_table], write_to_store=write_to_store)
-    except BaseException:
-        for kind, k, old_v in added:
-            container = getattr(sdata, kind)
-            if old_v is None:
-                del container[k]
-            else:
-                container[k] = old_v
-        if undo is not None:
-            undo()
-        raise
-    return None
+    return region, shapes, tkey, new_shapes
 
 
-def _token_map(
+def _embed_tiles(
     sdata: SpatialData,
     model: Squall,
+    shapes: gpd.GeoDataFrame,
+    plan: TilePlan,
     *,
     image_key: str,
-    centers: np.ndarray,
-    half: np.ndarray,
     mpp: float,
-    stride: int,
+    pool: str,
     batch_size: int,
     num_workers: int | str,
-    device: Any,
+    device: torch.device,
     autocast: bool,
     progress: bool,
-) -> tuple[Canvas, tuple[float, float]]:
-    """Overlapping-window token map over the regions' bounding box (see :func:`embed`)."""
+) -> np.ndarray:
+    """Run the tiles of ``plan`` through ``model.embed`` (the engine loop): (regions × embed_dim) float32."""
     from squall_sd.pp import extract_patches
 
     cfg = model.config
-    g = cfg.grid
-    token_um = cfg.patch_size * mpp
-    lo = np.floor((centers - half[:, None]).min(axis=0) / token_um).astype(int)  # (x, y) token index
-    hi = np.ceil((centers + half[:, None]).max(axis=0) / token_um).astype(int)
-    size = hi - lo  # tokens (x, y)
-    starts = [np.arange(lo[a] - g + stride, hi[a], stride) for a in (0, 1)]
-    sx, sy = np.meshgrid(starts[0], starts[1], indexing="xy")
-    tl = np.column_stack([sx.ravel(), sy.ravel()])  # top-left token of each window
-    win_centers = (tl + g / 2) * token_um
-    logger.info(
-        "token map: %d x %d tokens, %d windows of %d px at stride %d token(s) (each token covered by up to "
-        "%d windows: %dx the forward passes of a plain tiling)",
-        size[0], size[1], len(tl), cfg.img_size, stride, (g // stride) ** 2, (g // stride) ** 2,
+    patches = extract_patches(sdata, plan.centers, image_key=image_key, patch_px=cfg.img_size, mpp=mpp)
+    loader = make_loader(
+        TileDataset(patches, shapes, plan, patch_px=cfg.img_size, mpp=mpp, grid=cfg.expr_size),
+        batch_size=batch_size, num_workers=num_workers, device=device,
+        collate=partial(collate_tiles, grid=cfg.expr_size, plan=plan),
     )
-    canvas = Canvas((cfg.embed_dim, int(size[1]), int(size[0])), fill=0.0)
-    count = np.zeros((int(size[1]), int(size[0])), dtype=np.float32)
-    patches = extract_patches(sdata, win_centers, image_key=image_key, patch_px=cfg.img_size, mpp=mpp)
-    loader = make_loader(_Windows(patches), batch_size=batch_size, num_workers=num_workers, device=device,
-                         collate=_collate_patches)
-    bar = progress_bar(len(tl), desc="token map", enabled=progress)
-    t0 = time.perf_counter()
-    try:
-        for ids, rgb in loader:
-            tok = model.embed(rgb, mpp, pool=None, autocast=autocast).float().cpu().numpy()
-            tok = tok.reshape(len(ids), g, g, -1)
-            for k, i in enumerate(ids.numpy()):
-                x0, y0 = tl[i] - lo
-                ya, yb = max(y0, 0), min(y0 + g, size[1])
-                xa, xb = max(x0, 0), min(x0 + g, size[0])
-                if ya >= yb or xa >= xb:
-                    continue
-                block = tok[k, ya - y0 : yb - y0, xa - x0 : xb - x0]
-                canvas.data[:, ya:yb, xa:xb] += np.moveaxis(block, -1, 0)
-                count[ya:yb, xa:xb] += 1
-            bar.update(len(ids))
-    except BaseException:
-        canvas.cleanup()
-        raise
-    finally:
-        bar.close()
-    canvas.data /= np.where(count > 0, count, np.nan)[None]
-    logger.info("token map: %d windows in %.1f s", len(tl), time.perf_counter() - t0)
-    return canvas, (float(lo[0] * token_um), float(lo[1] * token_um))
+    emb = np.full((len(shapes), cfg.embed_dim), np.nan, dtype=np.float32)
+    step = _embed_step(model, emb, mpp=mpp, pool=pool, autocast=autocast)
+    run_batches(loader, step, patches=patches, desc="embed", progress=progress)
+    return emb
+
+
+def _embed_step(model: Squall, emb: np.ndarray, *, mpp: float, pool: str, autocast: bool) -> Callable[[Any], int]:
+    """Return the engine step: the RGB tokens of a batch pooled per region (or tile) into ``emb``."""
+    import torch
+
+    cfg = model.config
+
+    def step(batch: Any) -> int:
+        _, rgb, w, ridx = batch
+        tok = model.embed(rgb, mpp, pool=None, autocast=autocast)  # (B, N, D)
+        if pool == "tile":
+            vec = tok.mean(dim=1)[:, None, :].expand(-1, w.shape[1], -1)
+        else:
+            p = cfg.expr_patch
+            b, r = w.shape[:2]
+            tw = w.to(tok.device).reshape(b, r, cfg.grid, p, cfg.grid, p).sum(dim=(3, 5)).reshape(b, r, -1)
+            tw = tw / tw.sum(dim=2, keepdim=True).clamp_min(1e-12)
+            vec = torch.einsum("brn,bnd->brd", tw, tok)
+        ridx_np = ridx.numpy()
+        ok = ridx_np >= 0
+        emb[ridx_np[ok]] = vec.float().cpu().numpy()[ok]
+        return len(ridx_np)
+
+    return step
+
+
+def _assemble_table(
+    emb: np.ndarray,
+    table: AnnData | None,
+    region: Region,
+    shapes: gpd.GeoDataFrame,
+    centers: np.ndarray,
+    *,
+    key_added: str,
+    inplace: bool,
+) -> tuple[AnnData, list[Callable[[], None]]]:
+    """Return the output table (new, or the existing one / its copy with ``obsm[key_added]``) and its undo."""
+    if table is None:
+        out_table = new_table(np.zeros((len(shapes), 0), dtype=np.float32), [], region, shapes, centers)
+        out_table.obsm[key_added] = emb
+        return out_table, []
+    rows, pos = instance_positions(table, region.key, shapes.index)
+    out = np.full((table.n_obs, emb.shape[1]), np.nan, dtype=np.float32)
+    out[rows] = emb[pos]
+    out_table = table if inplace else table.copy()
+    undo = [snapshot_table(table, obsm=[key_added], uns=[ATTRS_KEY])] if inplace else []
+    out_table.obsm[key_added] = out
+    return out_table, undo

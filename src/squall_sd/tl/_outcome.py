@@ -108,13 +108,11 @@ class OutcomeModel:
         The directory.
 
         """
-        import shutil
-
         import torch
         from safetensors.torch import save_file
 
         from squall_sd import __version__
-        from squall_sd.io._common import move_into_place, temp_sibling
+        from squall_sd._sdata._write import staged
 
         path = Path(path).expanduser()
         if path.exists() and not overwrite:
@@ -135,17 +133,11 @@ class OutcomeModel:
             "weights_file": "model.safetensors",
             "cv_results_file": None if self.cv_results is None else "cv_results.csv",
         }
-        tmp = temp_sibling(path)
-        tmp.mkdir()
-        try:
+        with staged(path) as tmp:
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             if self.cv_results is not None:
                 self.cv_results.to_csv(tmp / "cv_results.csv", index_label="__slide__")
             (tmp / "config.json").write_text(json.dumps(_jsonable(meta), indent=2) + "\n")
-            move_into_place(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         logger.info("Saved outcome model to %s", path)
         return path
 

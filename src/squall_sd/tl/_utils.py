@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -12,8 +12,8 @@ from scipy import sparse
 
 from squall_sd._logging import logger
 
-# r13-merge: re-export, remove after merge (resolve_adata: tl/_outcome.py imports it from here)
-from squall_sd._sdata import resolve_adata  # noqa: F401
+if TYPE_CHECKING:
+    from squall_sd.models import Squall
 
 __all__ = [
     "aggregate_neighbors",
@@ -25,13 +25,44 @@ __all__ = [
 ]
 
 
-def provenance(**params: Any) -> dict[str, Any]:
-    """Return a provenance record (package version + parameters) for ``uns``."""
+def provenance(model: Squall | None = None, /, **params: Any) -> dict[str, Any]:
+    """Return a provenance record for ``uns``: the one builder every :mod:`squall_sd.tl` tool uses.
+
+    Parameters
+    ----------
+    model
+        The SQUALL model a tool ran (:func:`~squall_sd.tl.predict_expression`, :func:`~squall_sd.tl.embed`).
+    **params
+        The tool's parameters.
+
+    Returns
+    -------
+    Without ``model``: ``{"squall_sd_version": ..., **params}``. With ``model``: ``squall_sd_version``,
+    ``model`` (name), ``weights_sha256``, ``weights_source`` and ``params`` (the parameters that are
+    not ``None``, as plain Python values).
+    """
     try:
         pkg_version = version("squall-sd")
     except PackageNotFoundError:  # pragma: no cover - source tree without install
         pkg_version = "0.0.0+unknown"
-    return {"squall_sd_version": pkg_version, **params}
+    if model is None:
+        return {"squall_sd_version": pkg_version, **params}
+    return {
+        "squall_sd_version": pkg_version,
+        "model": model.config.name,
+        "weights_sha256": model.weights_sha256 or "none (random weights)",
+        "weights_source": model.weights_source or "none",
+        "params": {k: _plain(v) for k, v in params.items() if v is not None},
+    }
+
+
+def _plain(v: Any) -> Any:
+    """``v`` as a plain Python value for ``uns`` (numpy scalars unwrapped, sequences as lists, others as str)."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v if isinstance(v, (str, int, float, bool)) else str(v)
 
 
 def _looks_like_counts(X: Any) -> bool:
