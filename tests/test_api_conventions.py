@@ -30,8 +30,10 @@ DATA_ARGS = {
     "tl.score_signatures": {"signatures"},
     "pl.signatures": {"keys"},
     "io.legacy_st": {"image"},
-    "pp.normalize_expression": {"method"},  # r13-merge: pp/_genes.py not owned by r13-conv; integrator decides
-    "io.get_mpp": {"image_key"},  # r13-merge: io/_common.py not owned by r13-conv; integrator decides
+    # an array function used like numpy's (`normalize_expression(X, "binary")`), not an AnnData tool
+    "pp.normalize_expression": {"method"},
+    # which image to read is data (`get_mpp(sdata, "he")`), like `sdata.images[key]`
+    "io.get_mpp": {"image_key"},
     # train: small building blocks used like torch / numpy functions
     "train.GatedAttentionMIL": {"hidden_dim", "n_outputs", "dropout"},
     "train.info_nce": {"temperature"},
@@ -48,9 +50,7 @@ OUTPUT_NAMES = {
 }
 
 # Functions that write into their input without offering `copy` / `inplace`.
-WRITES_WITHOUT_COPY = {
-    "datasets.attach_pathologist_labels",  # r13-merge: datasets/ not owned by r13-conv; integrator decides
-}
+WRITES_WITHOUT_COPY: set[str] = set()
 
 # Progress switches not (yet) called `progress`.
 PROGRESS_NAMES = {
@@ -59,13 +59,9 @@ PROGRESS_NAMES = {
 
 # Parameters not described in the docstring.
 UNDOCUMENTED: dict[str, set[str]] = {
-    # r13-merge: not owned by r13-conv (io/_common.py, train/); integrator decides
-    "io.get_mpp": {"sdata", "image_key"},
     "train.AlignModule": {"model", "cfg"},
     "train.ImagePretrainModule": {"model", "cfg"},
     "train.expression_grid": {"batch", "n_genes"},
-    # r13-merge: another branch makes one public normalize_gene_name; document `name` there
-    "pp.normalize_gene_name": {"name"},
 }
 
 _WRITES = re.compile(

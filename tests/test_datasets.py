@@ -113,3 +113,14 @@ def test_loaders_need_a_folder(tmp_path):
         squall.datasets.her2st("C2", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="not a her2st folder"):
         squall.datasets.her2st("C2", tmp_path)
+
+
+def test_attach_pathologist_labels_copy(shared_data):
+    sdata = squall.datasets.her2st("C1", shared_data, labels=False)
+    assert "pathologist_label" not in sdata.tables["table"].obs
+    labels = shared_data / "her2st" / "labels" / "C1_labeled_coordinates.tsv"
+    out = squall.datasets.attach_pathologist_labels(sdata, labels, copy=True)
+    assert out is not sdata and "pathologist_label" not in sdata.tables["table"].obs
+    assert out.tables["table"].obs["pathologist_label"].notna().all()
+    assert squall.datasets.attach_pathologist_labels(sdata, labels) is sdata
+    assert sdata.tables["table"].obs["pathologist_label"].notna().all()

@@ -142,6 +142,17 @@ def get_mpp(sdata: SpatialData, image_key: str = IMAGE_KEY) -> float:
     """Return the µm per pixel of the full-resolution ``image_key`` recorded by a squall reader.
 
     Falls back to the scale of the image's ``microns`` transformation (:func:`affine_mpp`).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData read by a :mod:`squall_sd.io` reader, or any with the image in ``microns``.
+    image_key
+        The H&E image in ``sdata.images``.
+
+    Returns
+    -------
+    Micrometres per pixel of the image's full-resolution level.
     """
     meta = sdata.attrs.get(ATTRS_KEY, {})
     if meta.get("mpp") is not None and meta.get("image_key", IMAGE_KEY) == image_key:

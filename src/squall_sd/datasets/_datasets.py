@@ -88,7 +88,7 @@ def _attach_clusters(sdata: SpatialData, path: Path) -> None:
     )
 
 
-def attach_pathologist_labels(sdata: SpatialData, labels: str | os.PathLike) -> SpatialData:
+def attach_pathologist_labels(sdata: SpatialData, labels: str | os.PathLike, *, copy: bool = False) -> SpatialData:
     """Join her2st pathologist labels onto ``obs["pathologist_label"]`` of the table.
 
     Parameters
@@ -99,13 +99,20 @@ def attach_pathologist_labels(sdata: SpatialData, labels: str | os.PathLike) -> 
         ``{section}_labeled_coordinates.tsv`` (columns ``x y pixel_x pixel_y label``). It is joined on the
         ROUNDED array coordinates ``(round(x), round(y))``; its pixel columns are in another frame and
         are ignored.
+    copy
+        Label a deep copy of ``sdata`` and leave ``sdata`` unchanged.
 
     Returns
     -------
-    ``sdata`` (modified in place); spots without a label get ``NaN``.
+    ``sdata`` (modified in place), or its labelled copy with ``copy=True``; spots without a label get
+    ``NaN``.
 
     """
     path = check_path(labels, "pathologist label table", kind="file")
+    if copy:
+        from spatialdata import deepcopy
+
+        sdata = deepcopy(sdata)
     adata = sdata.tables[TABLE_KEY]
     lab = pd.read_csv(path, sep="\t").dropna(subset=["x", "y"])
     key = lab["x"].round().astype(int).astype(str) + "x" + lab["y"].round().astype(int).astype(str)
