@@ -114,9 +114,15 @@ _inference = """\
 batch_size
     Tiles per forward pass.
 num_workers
-    DataLoader worker processes; ``"auto"``: 0 on the CPU, ``min(8, cores // 2)`` on a GPU.
+    DataLoader worker processes reading tiles (0: a thread of the main process reads them while
+    the model runs). ``"auto"``: 0 on the CPU, ``min(8, cores // 2)`` on a GPU, where one
+    reading thread cannot keep up with the forward pass.
 device
-    ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ..."""
+    ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+autocast
+    bf16 autocast; default on for CUDA, off on CPU.
+max_upsample
+    Refuse models whose µm/px is finer than the image's by more than this factor."""
 
 _progress = """\
 progress

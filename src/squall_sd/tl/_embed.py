@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from squall_sd._constants import ATTRS_KEY, EMBED_KEY, EMBED_TABLE_KEY, TOKEN_MAP_KEY, VIRTUAL_SPOTS_KEY
+from squall_sd._docs import d
 from squall_sd._logging import logger
 from squall_sd._sdata import Region, instance_positions, resolve_region
 from squall_sd._sdata._write import add_elements, snapshot_table
@@ -51,7 +52,8 @@ if TYPE_CHECKING:
 __all__ = ["embed"]
 
 
-def embed(
+@d.dedent
+def embed(  # noqa: D417 - parameters from squall_sd._docs
     sdata: SpatialData,
     model: Squall | str,
     *,
@@ -106,8 +108,7 @@ def embed(
         The H&E (default: the only image).
     shapes_key
         Shapes to embed at (default: the element the table annotates).
-    labels_key
-        Labels of cells to embed at.
+    %(labels_key)s
     table_key
         Table annotating the region (default: the one that does; none: a new table).
     spots
@@ -132,24 +133,13 @@ def embed(
         Name of virtual spots.
     token_map_key_added
         Name of the token-map image element (channels = token features, one pixel per token).
-    batch_size
-        Tiles per forward pass.
-    num_workers
-        DataLoader worker processes; ``"auto"``: 0 on the CPU, ``min(8, cores // 2)`` on a GPU.
-    device
-        ``"auto"``, ``"cpu"``, ``"cuda"``, ...
-    autocast
-        bf16 autocast (default on CUDA only).
-    max_upsample
-        Refuse models finer than the image by more than this factor.
-    progress
-        Show progress bars.
+    %(inference)s
+    %(progress)s
     inplace
         Write into ``sdata``; otherwise return the table.
     overwrite
         Replace existing outputs.
-    write_to_store
-        Write the new elements to the zarr store (default: when ``sdata`` is backed), after success.
+    %(write_to_store)s
 
     Returns
     -------

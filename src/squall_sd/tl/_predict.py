@@ -20,6 +20,7 @@ from squall_sd._constants import (
     PREDICTED_VAR,
     VIRTUAL_SPOTS_KEY,
 )
+from squall_sd._docs import d
 from squall_sd._logging import logger
 from squall_sd._sdata import Region, instance_positions, resolve_region
 from squall_sd._sdata._write import add_elements, snapshot_table
@@ -50,7 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["predict_expression"]
 
 
-def predict_expression(
+@d.dedent
+def predict_expression(  # noqa: D417 - parameters from squall_sd._docs
     sdata: SpatialData,
     model: Squall | str,
     *,
@@ -111,8 +113,7 @@ def predict_expression(
         The H&E; default the only image (or the one recorded by the reader).
     shapes_key
         Shapes of spots / bins / cells to predict at; default the element the table annotates.
-    labels_key
-        Labels element of cells to predict at (vectorised with :func:`spatialdata.to_polygons`).
+    %(labels_key)s
     table_key
         Table annotating the region; default the one table that does (none: a new table).
     spots
@@ -145,27 +146,13 @@ def predict_expression(
         Name of the virtual spots (H&E-only slides).
     dense_key_added
         Name of the dense-map image.
-    batch_size
-        Tiles per forward pass.
-    num_workers
-        DataLoader worker processes reading tiles (0: a thread of the main process reads them while
-        the model runs). ``"auto"``: 0 on the CPU, ``min(8, cores // 2)`` on a GPU, where one
-        reading thread cannot keep up with the forward pass.
-    device
-        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-    autocast
-        bf16 autocast; default on for CUDA, off on CPU.
-    max_upsample
-        Refuse models whose µm/px is finer than the image's by more than this factor.
-    progress
-        Show a progress bar.
+    %(inference)s
+    %(progress)s
     inplace
         Write into ``sdata``; otherwise return the table and leave ``sdata`` unchanged.
     overwrite
         Replace an existing layer / table / image / shapes of the same name.
-    write_to_store
-        Also write the new or changed elements to ``sdata``'s zarr store (default: when ``sdata``
-        is backed). Happens only after the prediction succeeded.
+    %(write_to_store)s
 
     Returns
     -------
