@@ -462,11 +462,11 @@ def test_xenium_cells(shared_data, tmp_path, mpp):
 
 def test_labelling_in_bands_is_exact(example_sdata, tmp_path, monkeypatch):
     """Labelling the slide lattice in many row bands (bounded memory) gives the same shards."""
-    from squall_sd.train import _prepare
+    from squall_sd.train import _regions
 
     kw = dict(model_config_or_name="squall-tiny", mpp=4.0, fill="auto", min_tissue=0.2)
     ref = prepare(example_sdata, tmp_path / "one", **kw)
-    monkeypatch.setattr(_prepare, "_MAX_PAIRS", 200)
+    monkeypatch.setattr(_regions, "_MAX_PAIRS", 200)
     banded = prepare(example_sdata, tmp_path / "bands", **kw)
     _, a = _tiles(ref)
     _, b = _tiles(banded)
