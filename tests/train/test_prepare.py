@@ -46,10 +46,12 @@ def test_binary_target_per_spot(shards):
     assert filled.any() and (np.asarray(batch["cell_weight"][0])[filled] == 1).all()
     # a 100 µm disc at 16 µm cells covers ~31 cells; the sum over its cells of any detected gene is
     # 1
+    weight = np.asarray(batch["cell_weight"][0], dtype=np.float32)
     for k in range(int(cs.max()) + 1):
         cells = (cs == k) & ~torch.from_numpy(filled)
-        if cells.sum() < 25:  # cut by the tile border
-            continue
+        # a complete spot has all its cells in the tile (its weight is 1 / its number of cells)
+        if cells.sum() < 25 or int(cells.sum()) != round(1 / float(weight[cells.numpy()][0])):
+            continue  # cut by the tile border
         total = grid[:, cells].sum(dim=1)
         detected = total > 0
         assert detected.any()

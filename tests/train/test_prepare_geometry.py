@@ -29,8 +29,12 @@ PINK = (200, 110, 170)
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _slide(geoms=None, *, circles=None, counts, tissue_x=300, extent=300, technology=None):
-    """A synthetic slide: pink tissue left of ``tissue_x`` µm (white beyond), one region per counts row."""
+def _slide(geoms=None, *, circles=None, counts, tissue_x=240, extent=300, technology=None):
+    """A synthetic slide: pink tissue left of ``tissue_x`` µm (white beyond), one region per counts row.
+
+    The white part gives the slide the tissue contrast that pp's tissue test (a slide-wide Otsu
+    threshold) needs; a uniform image has no tissue.
+    """
     img = np.full((3, extent, extent), 255, dtype=np.uint8)
     img[:, :, :tissue_x] = np.asarray(PINK, dtype=np.uint8)[:, None, None]
     image = Image2DModel.parse(img, dims=("c", "y", "x"), transformations={"microns": Identity()})

@@ -182,7 +182,9 @@ def prepare(
     seed
         Seed of the random shifts.
     min_tissue
-        Minimum tissue share of a tile (0–1).
+        Minimum tissue share of a tile (0–1). A pixel is tissue as :mod:`squall_sd.pp` defines it:
+        more saturated than the slide's Otsu threshold computed as in :func:`squall_sd.pp.detect_tissue`
+        (at least 0.09) and not near-black.
     min_spot_cells
         Minimum number of expression cells covered by regions (filled cells do not count) for a
         tile of a slide with expression.

@@ -87,17 +87,25 @@ def _extract(sdata: Any, centers: np.ndarray, *, image_key: str, patch_px: int, 
 
 
 class _TissueTest:
-    """The tissue test of one slide's tiles."""
+    """The tissue test of one slide's tiles: tissue as :mod:`squall_sd.pp` defines it.
+
+    The slide's Otsu threshold of the HSV saturation is computed once on the coarse working image, as
+    :func:`squall_sd.pp.detect_tissue` does (:func:`squall_sd.pp._tissue.tissue_threshold`), and applied
+    to the tile's pixels (:func:`squall_sd.pp._tissue.apply_tissue_threshold`): a pixel is tissue when it
+    is more saturated than the threshold (at least :data:`squall_sd.pp._tissue.MIN_SATURATION`) and not
+    near-black. A slide without tissue contrast has no tissue.
+    """
 
     def __init__(self, sdata: Any, image_key: str) -> None:
-        pass
+        from squall_sd.pp._tissue import tissue_threshold
+
+        self.threshold = tissue_threshold(sdata, image_key)
 
     def mask(self, rgb: np.ndarray) -> np.ndarray:
-        """Return the (h, w) mask of the pixels of a (3, h, w) uint8 tile that look like stained tissue."""
-        x = rgb.astype(np.float32) / 255.0
-        mx, mn = x.max(axis=0), x.min(axis=0)
-        sat = (mx - mn) / np.maximum(mx, 1e-6)
-        return (sat > 0.08) & (mx > 0.1) & (mx - mn > 0.03)
+        """Return the (h, w) tissue mask of a (3, h, w) uint8 tile."""
+        from squall_sd.pp._tissue import apply_tissue_threshold
+
+        return apply_tissue_threshold(rgb, self.threshold)
 
     def fraction(self, rgb: np.ndarray) -> float:
         """Return the share of a (3, h, w) uint8 tile that is tissue."""
