@@ -46,10 +46,12 @@ def test_binary_target_per_spot(shards):
     assert filled.any() and (np.asarray(batch["cell_weight"][0])[filled] == 1).all()
     # a 100 µm disc at 16 µm cells covers ~31 cells; the sum over its cells of any detected gene is
     # 1
+    weight = np.asarray(batch["cell_weight"][0], dtype=np.float32)
     for k in range(int(cs.max()) + 1):
         cells = (cs == k) & ~torch.from_numpy(filled)
-        if cells.sum() < 25:  # cut by the tile border
-            continue
+        # a complete spot has all its cells in the tile (its weight is 1 / its number of cells)
+        if cells.sum() < 25 or int(cells.sum()) != round(1 / float(weight[cells.numpy()][0])):
+            continue  # cut by the tile border
         total = grid[:, cells].sum(dim=1)
         detected = total > 0
         assert detected.any()
@@ -98,3 +100,33 @@ def test_prepare_refuses_existing(shards, example_sdata):
 
     with pytest.raises(FileExistsError, match="overwrite"):
         prepare(example_sdata, shards, model_config_or_name="squall-tiny", mpp=4.0)
+
+
+def test_show_progress_is_deprecated(example_sdata, tmp_path):
+    from squall_sd.train import prepare
+
+    with pytest.warns(FutureWarning, match="progress"):
+        out = prepare(
+            example_sdata,
+            tmp_path / "p",
+            model_config_or_name="squall-tiny",
+            mpp=4.0,
+            min_tissue=0.2,
+            max_tiles_per_slide=1,
+            show_progress=False,
+        )
+    assert read_manifest(out)["n_tiles"] == 1
+
+
+def test_resolve_model_config_reads_model_folder(tmp_path):
+    import squall_sd as squall
+    from squall_sd.train import resolve_model_config
+
+    model = squall.models.create(
+        "squall-tiny", genes=[f"G{i}" for i in range(squall.models.get_config("squall-tiny").n_genes)]
+    )
+    model.save_pretrained(tmp_path / "m")
+    cfg = resolve_model_config(tmp_path / "m", mpp=4.0)
+    assert cfg == model.config.replace(mpp=4.0)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resolve_model_config(tmp_path)

@@ -29,8 +29,12 @@ PINK = (200, 110, 170)
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _slide(geoms=None, *, circles=None, counts, tissue_x=300, extent=300, technology=None):
-    """A synthetic slide: pink tissue left of ``tissue_x`` µm (white beyond), one region per counts row."""
+def _slide(geoms=None, *, circles=None, counts, tissue_x=240, extent=300, technology=None):
+    """A synthetic slide: pink tissue left of ``tissue_x`` µm (white beyond), one region per counts row.
+
+    The white part gives the slide the tissue contrast that pp's tissue test (a slide-wide Otsu
+    threshold) needs; a uniform image has no tissue.
+    """
     img = np.full((3, extent, extent), 255, dtype=np.uint8)
     img[:, :, :tissue_x] = np.asarray(PINK, dtype=np.uint8)[:, None, None]
     image = Image2DModel.parse(img, dims=("c", "y", "x"), transformations={"microns": Identity()})
@@ -462,11 +466,11 @@ def test_xenium_cells(shared_data, tmp_path, mpp):
 
 def test_labelling_in_bands_is_exact(example_sdata, tmp_path, monkeypatch):
     """Labelling the slide lattice in many row bands (bounded memory) gives the same shards."""
-    from squall_sd.train import _prepare
+    from squall_sd.train import _regions
 
     kw = dict(model_config_or_name="squall-tiny", mpp=4.0, fill="auto", min_tissue=0.2)
     ref = prepare(example_sdata, tmp_path / "one", **kw)
-    monkeypatch.setattr(_prepare, "_MAX_PAIRS", 200)
+    monkeypatch.setattr(_regions, "_MAX_PAIRS", 200)
     banded = prepare(example_sdata, tmp_path / "bands", **kw)
     _, a = _tiles(ref)
     _, b = _tiles(banded)

@@ -69,3 +69,21 @@ def test_dotted_override_merges_into_free_form_mappings(tmp_path):
     cfg = load_config(cfg_file, {"model.overrides.stem": "conv", "optim.lr_scale": {"model.encoder.": 0.5}})
     assert cfg["model"]["overrides"] == {"mpp": 2.0, "img_size": 112, "stem": "conv"}
     assert cfg["optim"]["lr_scale"] == {"model.": 0.1, "model.encoder.": 0.5}
+
+
+def test_prepare_tissue_test_is_pp_tissue_mask():
+    """prepare's tissue test is pp's: the Otsu threshold of pp.tissue_mask, applied to a tile's pixels."""
+    import numpy as np
+
+    from squall_sd.pp._tissue import _features, _otsu_threshold, apply_tissue_threshold, tissue_mask
+
+    rng = np.random.default_rng(0)
+    img = np.full((64, 64, 3), 245, dtype=np.uint8)
+    img[:, :30] = np.clip(np.array([200, 120, 170]) + rng.normal(0, 12, (64, 30, 3)), 0, 255).astype(np.uint8)
+    chw = np.ascontiguousarray(np.moveaxis(img, -1, 0))
+    rgb01 = img.astype(np.float32) / np.float32(255.0)
+    thr = _otsu_threshold(*_features(np.moveaxis(rgb01, -1, 0), "saturation"), "saturation")
+    mask = apply_tissue_threshold(chw, thr)
+    assert np.array_equal(mask, tissue_mask(rgb01))
+    assert mask[:, :30].mean() > 0.9 and not mask[:, 30:].any()
+    assert not apply_tissue_threshold(chw, None).any()

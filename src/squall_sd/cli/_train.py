@@ -43,7 +43,7 @@ def _prepare(args: argparse.Namespace) -> int:
         fill=fill,
         min_spot_cells=args.min_spot_cells,
         overwrite=args.overwrite,
-        show_progress=True,
+        progress=True,
         **keys,
         **overrides,
     )

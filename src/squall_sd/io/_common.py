@@ -16,16 +16,7 @@ from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import BaseTransformation
 
 from squall_sd._constants import ATTRS_KEY, IMAGE_KEY, MICRONS, TABLE_KEY
-
-# r13-merge: re-export, remove after merge (check_path, get_mpp, identity, microns_scale, validate_mpp:
-# imported here only to keep the old import path of the other branches working)
-from squall_sd._sdata import check_path, get_mpp, identity, microns_scale, validate_mpp  # noqa: F401
-from squall_sd._sdata._write import (  # r13-merge: re-export, remove after merge
-    move_into_place,  # noqa: F401
-    table_write_settings,  # noqa: F401
-    temp_sibling,  # noqa: F401
-    write_sdata,
-)
+from squall_sd._sdata import write_sdata
 
 #: Region / instance columns of every table a squall reader writes.
 REGION_KEY = "region"

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from squall_sd._logging import logger
+from squall_sd._sdata._write import staged
 from squall_sd.models._checkpoint import CheckpointError
 from squall_sd.models._config import SquallConfig
 from squall_sd.models._genes import GeneVocabulary
@@ -113,9 +114,8 @@ def save_pretrained(model: _SavableModel, directory: str | os.PathLike[str], *, 
         raise FileExistsError(f"{directory / WEIGHTS_NAME} exists; pass overwrite=True to replace it.")
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "producer": f"squall-sd {__version__}"})
-    os.replace(tmp, directory / WEIGHTS_NAME)
+    with staged(directory / WEIGHTS_NAME, mkdir=False) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "producer": f"squall-sd {__version__}"})
     sha = sha256_file(directory / WEIGHTS_NAME)
     (directory / SHA_NAME).write_text(f"{sha}  {WEIGHTS_NAME}\n")
     vocab = model.vocabulary

@@ -226,18 +226,61 @@ def tissue_mask(
 
 def _threshold(feat: np.ndarray, valid: np.ndarray, method: str) -> np.ndarray:
     """Otsu tissue mask from a feature map and its validity (see :func:`tissue_mask`)."""
-    if valid.sum() < 16:
+    thr = _otsu_threshold(feat, valid, method)
+    if thr is None:
         return np.zeros(feat.shape, dtype=bool)
+    mask = feat > thr if method == "saturation" else feat < thr
+    return mask & valid
+
+
+def _otsu_threshold(feat: np.ndarray, valid: np.ndarray, method: str) -> float | None:
+    """Return the threshold that :func:`_threshold` applies (``None`` where it returns an empty mask)."""
+    if valid.sum() < 16:
+        return None
     vals = feat[valid]
     lo, hi = np.percentile(vals, [0.5, 99.5])
     if hi - lo < 0.05:
-        return np.zeros(feat.shape, dtype=bool)
+        return None
     if method == "saturation":
-        thr = max(float(filters.threshold_otsu(vals)), MIN_SATURATION)
-        mask = feat > thr
-    else:
-        thr = min(float(filters.threshold_otsu(vals)), 0.95)
-        mask = feat < thr
+        return max(float(filters.threshold_otsu(vals)), MIN_SATURATION)
+    return min(float(filters.threshold_otsu(vals)), 0.95)
+
+
+def tissue_threshold(
+    sdata: SpatialData,
+    image_key: str = "he",
+    *,
+    method: Literal["saturation", "greyscale"] = "saturation",
+) -> float | None:
+    """Return the slide-wide Otsu threshold of :func:`detect_tissue` (``None``: the slide shows no tissue).
+
+    Computed on the same coarse working image as :func:`detect_tissue`; apply it to full-resolution
+    pixels with :func:`apply_tissue_threshold`, so that tiles are judged by the slide's threshold.
+    """
+    if method not in ("saturation", "greyscale"):
+        raise ValueError(f"`method` must be 'saturation' or 'greyscale', got {method!r}.")
+    feat, valid, _ = _coarse_features(sdata, image_key, scale=None, method=method, max_pixels=MAX_WORKING_PIXELS)
+    return _otsu_threshold(feat, valid, method)
+
+
+def apply_tissue_threshold(
+    rgb: np.ndarray,
+    threshold: float | None,
+    *,
+    method: Literal["saturation", "greyscale"] = "saturation",
+) -> np.ndarray:
+    """Return the (h, w) tissue mask of a (3, h, w) uint8 (or [0, 1] float) image at ``threshold``.
+
+    The test of :func:`tissue_mask` with a given threshold (from :func:`tissue_threshold`): HSV
+    saturation above it (or grey value below it for ``"greyscale"``) and HSV value above 0.1.
+    ``threshold=None`` gives an empty mask.
+    """
+    rgb = np.asarray(rgb)
+    if threshold is None:
+        return np.zeros(rgb.shape[-2:], dtype=bool)
+    chw = rgb.astype(np.float32) / np.float32(255.0) if rgb.dtype == np.uint8 else rgb.astype(np.float32)
+    feat, valid = _features(chw, method)
+    mask = feat > threshold if method == "saturation" else feat < threshold
     return mask & valid
 
 

@@ -12,20 +12,11 @@ import pandas as pd
 from spatialdata import SpatialData
 
 from squall_sd._logging import logger
-
-# r13-merge: re-export, remove after merge (Level, affine_mpp, check_positive, is_axis_aligned,
-# microns_transformations, pick_level: imported here only to keep the old import path working)
-from squall_sd._sdata import (  # noqa: F401
-    Level,
-    affine_mpp,
+from squall_sd._sdata import (
     affine_to_microns,
     apply_affine,
     check_key,
-    check_positive,
     image_levels,
-    is_axis_aligned,
-    microns_transformations,
-    pick_level,
 )
 
 

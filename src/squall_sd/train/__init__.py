@@ -45,7 +45,7 @@ from squall_sd.train._modules import (
     enable_gradient_checkpointing,
 )
 from squall_sd.train._optim import build_optimizer, cosine_with_warmup, param_groups
-from squall_sd.train._prepare import prepare, read_manifest, resolve_model_config
+from squall_sd.train._prepare import prepare, resolve_model_config
 from squall_sd.train._run import (
     ExportCheckpoint,
     TrainResult,
@@ -54,6 +54,7 @@ from squall_sd.train._run import (
     pretrain_image,
     run_phase,
 )
+from squall_sd.train._shards import read_manifest
 
 __all__ = [
     "DEFAULTS",

@@ -89,6 +89,8 @@ from typing import Any
 
 import yaml
 
+from squall_sd._sdata import staged
+
 __all__ = ["DEFAULTS", "PHASES", "load_config", "merge_config"]
 
 #: Phase names accepted by ``squall train <phase>``.
@@ -328,10 +330,8 @@ def dump_config(cfg: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``cfg`` as YAML to ``path`` (atomically) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
+    with staged(path, mkdir=False) as tmp, open(tmp, "w") as fh:
         yaml.safe_dump(_plain(cfg), fh, sort_keys=False)
-    os.replace(tmp, path)
     return path
 
 
