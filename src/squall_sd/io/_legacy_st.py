@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Literal
 
 import anndata as ad
@@ -79,9 +80,7 @@ def read_spot_table(path: str | os.PathLike) -> pd.DataFrame:
     df.index = pd.Index([f"{a}x{b}" for a, b in zip(xi, yi, strict=True)], name="spot_id")
     dup = df.index[df.index.duplicated()]
     if len(dup):
-        raise ValueError(
-            f"The spot table {p.name} has duplicate spot coordinates {_examples(dup)}."
-        )
+        raise ValueError(f"The spot table {p.name} has duplicate spot coordinates {_examples(dup)}.")
     return df
 
 
@@ -126,9 +125,7 @@ def fit_mpp(array_xy: np.ndarray, pixel_xy: np.ndarray, pitch_um: float) -> tupl
     coef, *_ = np.linalg.lstsq(design, pixel_xy, rcond=None)
     px_per_um = affine_mpp(coef[:2].T)  # the fitted map goes µm -> pixels
     if not np.isfinite(px_per_um) or px_per_um <= 0:
-        raise ValueError(
-            "The spot positions are degenerate (collinear); cannot infer µm/px, pass `mpp=`."
-        )
+        raise ValueError("The spot positions are degenerate (collinear); cannot infer µm/px, pass `mpp=`.")
     mpp = 1.0 / px_per_um
     resid_px = pixel_xy - design @ coef
     rms_um = float(np.sqrt((resid_px**2).sum(1).mean()) * mpp)
@@ -227,18 +224,90 @@ def legacy_st(
     section = section or counts_path.name.split(".")[0]
 
     table = read_spot_table(spots_path)
+    scale = _image_scale(image_scale)
+    if img is not None:  # fail fast (before reading the counts) when the spots do not fit the image
+        _check_spots_fit_image(table, scale, img)
+    cnt = _read_unique_counts(counts_path)
+    cnt, spot_rows = _match_counts_to_spots(
+        cnt, table, counts_path, spots_path, on_unmatched=on_unmatched, section=section
+    )
+
+    # --- geometry: pixel positions in the image frame and µm/px
+    unit_um = float(array_unit_um) if array_unit_um is not None else _guess_unit(table)
+    mpp, mpp_source = _resolve_mpp(mpp, table, scale, unit_um, section)
+    centers = spot_rows[["pixel_x", "pixel_y"]].to_numpy(float) * scale
+    if img is not None:
+        _check_image_geometry(img, centers, mpp, mpp_source, section)
+    transformations = {MICRONS: microns_scale(mpp)}
+    radius_px = spot_diameter_um / 2.0 / mpp
+    shapes = circles_element(centers, radius_px, transformations)
+
+    # --- table
+    adata = _build_table(
+        cnt,
+        spot_rows,
+        centers,
+        counts_path,
+        section=section,
+        mpp=mpp,
+        spot_diameter_um=spot_diameter_um,
+        unit_um=unit_um,
+        spots_key=spots_key,
+    )
+
+    image_el = lazy_image_element(img, mpp) if img is not None else None
+    sdata = make_sdata(image=image_el, shapes={spots_key: shapes}, table=adata)
+    set_attrs(
+        sdata,
+        mpp=mpp if img is not None else None,
+        technology="legacy_st",
+        reader="squall_sd.io.legacy_st",
+        squall_version=_package_version(),
+        section=section,
+        mpp_source=mpp_source,
+        pixel_mpp=float(mpp),
+        image_scale=scale,
+        spot_diameter_um=float(spot_diameter_um),
+        array_unit_um=unit_um,
+        spots_key=spots_key,
+        source_files={
+            "counts": str(counts_path),
+            "spots": str(spots_path),
+            "image": None if img is None else str(img.path),
+        },
+    )
+    logger.info("%s: %d spots x %d genes, %.4g µm/px", section, adata.n_obs, adata.n_vars, mpp)
+    return sdata
+
+
+def _image_scale(image_scale: float | None) -> float:
+    """``image_scale`` as a positive float (1 when ``None``)."""
     scale = 1.0 if image_scale is None else float(image_scale)
     if not np.isfinite(scale) or scale <= 0:
         raise ValueError(f"`image_scale` must be a positive number, got {image_scale!r}.")
-    if img is not None:  # fail fast (before reading the counts) when the spots do not fit the image
-        _check_spots_fit_image(table, scale, img)
+    return scale
+
+
+def _read_unique_counts(counts_path: Path) -> pd.DataFrame:
+    """Read the counts matrix and refuse duplicate spot ids."""
     cnt = read_st_counts(counts_path)
     if cnt.index.duplicated().any():
         raise ValueError(
             f"The counts file {counts_path.name} has duplicate spot ids {_examples(cnt.index[cnt.index.duplicated()])}."
         )
+    return cnt
 
-    # --- match counts to the spot table
+
+def _match_counts_to_spots(
+    cnt: pd.DataFrame,
+    table: pd.DataFrame,
+    counts_path: Path,
+    spots_path: Path,
+    *,
+    on_unmatched: Literal["raise", "drop"],
+    section: str,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep the counts rows whose spot is in the spot table and selected; return them and their table rows."""
     known = cnt.index.isin(table.index)
     if not known.any():
         raise ValueError(
@@ -255,8 +324,7 @@ def legacy_st(
         )
         if on_unmatched == "raise":
             raise ValueError(
-                msg
-                + " Check that the counts and spot files belong to the same section and that the counts' "
+                msg + " Check that the counts and spot files belong to the same section and that the counts' "
                 "first column holds '{x}x{y}' array coordinates; pass `on_unmatched='drop'` to drop these spots."
             )
         logger.warning("%s Dropping them.", msg)
@@ -273,75 +341,79 @@ def legacy_st(
             section,
             int(known.sum() - len(keep)),
         )
-    cnt = cnt.loc[keep]
-    spot_rows = table.loc[keep]
+    return cnt.loc[keep], table.loc[keep]
 
-    # --- geometry: pixel positions in the image frame and µm/px
-    unit_um = float(array_unit_um) if array_unit_um is not None else _guess_unit(table)
-    if mpp is None:
-        # fit on all spots of the table (on and off tissue): more points, same array
-        mpp_fit, rms_um = fit_mpp(
-            table[["x", "y"]].to_numpy(float),
-            table[["pixel_x", "pixel_y"]].to_numpy(float) * scale,
+
+def _resolve_mpp(
+    mpp: float | None, table: pd.DataFrame, scale: float, unit_um: float, section: str
+) -> tuple[float, str]:
+    """Return (µm/px, how it was obtained): ``mpp`` when given, else fitted on the spot array."""
+    if mpp is not None:
+        return validate_mpp(mpp), "argument"
+    # fit on all spots of the table (on and off tissue): more points, same array
+    mpp_fit, rms_um = fit_mpp(
+        table[["x", "y"]].to_numpy(float),
+        table[["pixel_x", "pixel_y"]].to_numpy(float) * scale,
+        unit_um,
+    )
+    if rms_um > 0.25 * unit_um:
+        logger.warning(
+            "%s: spot positions deviate %.0f µm (RMS) from a regular %.0f µm array; the fitted %.4g µm/px "
+            "may be wrong. Pass `mpp=` if it is known.",
+            section,
+            rms_um,
             unit_um,
-        )
-        if rms_um > 0.25 * unit_um:
-            logger.warning(
-                "%s: spot positions deviate %.0f µm (RMS) from a regular %.0f µm array; the fitted %.4g µm/px "
-                "may be wrong. Pass `mpp=` if it is known.",
-                section,
-                rms_um,
-                unit_um,
-                mpp_fit,
-            )
-        mpp, mpp_source = (
             mpp_fit,
-            f"least-squares fit of spot pixels on array coordinates x {unit_um:g} µm",
         )
-        logger.info("%s: %.4g µm/px (%s; RMS residual %.1f µm)", section, mpp, mpp_source, rms_um)
-    else:
-        mpp, mpp_source = validate_mpp(mpp), "argument"
-    centers = spot_rows[["pixel_x", "pixel_y"]].to_numpy(float) * scale
+    mpp_source = f"least-squares fit of spot pixels on array coordinates x {unit_um:g} µm"
+    logger.info("%s: %.4g µm/px (%s; RMS residual %.1f µm)", section, mpp_fit, mpp_source, rms_um)
+    return mpp_fit, mpp_source
 
-    if img is not None:
-        height, width = img.shape_yx
-        inside = (
-            (centers[:, 0] >= 0)
-            & (centers[:, 0] < width)
-            & (centers[:, 1] >= 0)
-            & (centers[:, 1] < height)
+
+def _check_image_geometry(img, centers: np.ndarray, mpp: float, mpp_source: str, section: str) -> None:
+    """Warn about spot centres outside the image and a fitted µm/px that disagrees with the image's."""
+    height, width = img.shape_yx
+    inside = (centers[:, 0] >= 0) & (centers[:, 0] < width) & (centers[:, 1] >= 0) & (centers[:, 1] < height)
+    if not inside.all():
+        logger.warning("%s: %d spot centres fall outside the image", section, int((~inside).sum()))
+    if img.mpp is not None and mpp_source != "argument" and abs(img.mpp - mpp) / mpp > 0.05:
+        logger.warning(
+            "%s: the image metadata says %.4g µm/px but the spot array gives %.4g µm/px; using the array",
+            section,
+            img.mpp,
+            mpp,
         )
-        if not inside.all():
-            logger.warning(
-                "%s: %d spot centres fall outside the image", section, int((~inside).sum())
-            )
-        if img.mpp is not None and mpp_source != "argument" and abs(img.mpp - mpp) / mpp > 0.05:
-            logger.warning(
-                "%s: the image metadata says %.4g µm/px but the spot array gives %.4g µm/px; using the array",
-                section,
-                img.mpp,
-                mpp,
-            )
 
-    transformations = {MICRONS: microns_scale(mpp)}
-    radius_px = spot_diameter_um / 2.0 / mpp
-    shapes = circles_element(centers, radius_px, transformations)
 
-    # --- table
+def _counts_values(cnt: pd.DataFrame, counts_path: Path) -> np.ndarray:
+    """Return the counts as int32/int64 (integral values) or float32 (with a warning)."""
     values = cnt.to_numpy()
     if not np.issubdtype(values.dtype, np.number):
-        raise ValueError(
-            f"The counts file {counts_path.name} holds non-numeric values; expected raw counts."
-        )
+        raise ValueError(f"The counts file {counts_path.name} holds non-numeric values; expected raw counts.")
     if np.issubdtype(values.dtype, np.integer) or np.array_equal(values, np.round(values)):
         dtype = np.int32 if values.max(initial=0) < np.iinfo(np.int32).max else np.int64
-        values = values.astype(dtype)
-    else:
-        logger.warning(
-            "%s holds non-integer values; storing them as float32 (expected raw counts)",
-            counts_path.name,
-        )
-        values = values.astype(np.float32)
+        return values.astype(dtype)
+    logger.warning(
+        "%s holds non-integer values; storing them as float32 (expected raw counts)",
+        counts_path.name,
+    )
+    return values.astype(np.float32)
+
+
+def _build_table(
+    cnt: pd.DataFrame,
+    spot_rows: pd.DataFrame,
+    centers: np.ndarray,
+    counts_path: Path,
+    *,
+    section: str,
+    mpp: float,
+    spot_diameter_um: float,
+    unit_um: float,
+    spots_key: str,
+) -> ad.AnnData:
+    """Build the table element: CSR counts, array coordinates and section in ``obs``, centres (µm) in ``obsm``."""
+    values = _counts_values(cnt, counts_path)
     obs = pd.DataFrame(
         {
             "array_x": np.rint(spot_rows["x"].to_numpy(float)).astype(int),
@@ -369,31 +441,7 @@ def legacy_st(
         "spatial_units": "microns",
     }
     adata.uns["squall"] = meta
-    adata = table_element(adata, spots_key)
-
-    image_el = lazy_image_element(img, mpp) if img is not None else None
-    sdata = make_sdata(image=image_el, shapes={spots_key: shapes}, table=adata)
-    set_attrs(
-        sdata,
-        mpp=mpp if img is not None else None,
-        technology="legacy_st",
-        reader="squall_sd.io.legacy_st",
-        squall_version=_package_version(),
-        section=section,
-        mpp_source=mpp_source,
-        pixel_mpp=float(mpp),
-        image_scale=scale,
-        spot_diameter_um=float(spot_diameter_um),
-        array_unit_um=unit_um,
-        spots_key=spots_key,
-        source_files={
-            "counts": str(counts_path),
-            "spots": str(spots_path),
-            "image": None if img is None else str(img.path),
-        },
-    )
-    logger.info("%s: %d spots x %d genes, %.4g µm/px", section, adata.n_obs, adata.n_vars, mpp)
-    return sdata
+    return table_element(adata, spots_key)
 
 
 def _guess_unit(table: pd.DataFrame) -> float:
@@ -407,12 +455,7 @@ def _check_spots_fit_image(table: pd.DataFrame, scale: float, img) -> None:
     sel = table[table["selected"].to_numpy() == 1]
     centers = sel[["pixel_x", "pixel_y"]].to_numpy(float) * scale
     height, width = img.shape_yx
-    inside = (
-        (centers[:, 0] >= 0)
-        & (centers[:, 0] < width)
-        & (centers[:, 1] >= 0)
-        & (centers[:, 1] < height)
-    )
+    inside = (centers[:, 0] >= 0) & (centers[:, 0] < width) & (centers[:, 1] >= 0) & (centers[:, 1] < height)
     if len(centers) and inside.mean() < 0.5:
         raise ValueError(
             f"{int((~inside).sum())} of {len(centers)} spot centres fall outside the image {img.path.name} "

@@ -184,46 +184,18 @@ def visium(
     outs = check_path(path, "Space Ranger outs folder", kind="dir")
 
     # --- locate files -------------------------------------------------------------------------
-    if counts_file is not None:
-        counts = check_path(_resolve(outs, counts_file), "counts file")
-    else:
-        counts = first_existing(outs, _COUNTS_CANDIDATES)
-        if counts is None:
-            raise FileNotFoundError(
-                f"No counts found in {str(outs)!r}: expected filtered_feature_bc_matrix.h5 or a "
-                "filtered_feature_bc_matrix/ MEX folder (or the raw_ ones). Pass `counts_file=` if it is named "
-                f"differently. The folder holds: {sorted(x.name for x in outs.iterdir())[:12]}."
-            )
-    spatial = outs / "spatial"
-    if tissue_positions_file is not None:
-        positions_file = check_path(
-            _resolve(outs, tissue_positions_file), "tissue positions file", kind="file"
-        )
-    else:
-        check_path(spatial, "spatial/ folder of the Space Ranger outs", kind="dir")
-        positions_file = first_existing(spatial, _POSITIONS_CANDIDATES)
-        if positions_file is None:
-            raise FileNotFoundError(
-                f"No tissue positions file in {str(spatial)!r}: expected one of {list(_POSITIONS_CANDIDATES)}. "
-                "Pass `tissue_positions_file=`."
-            )
+    counts = _locate_counts(outs, counts_file)
+    positions_file = _locate_positions(outs, tissue_positions_file)
     sf_file = check_path(
         _resolve(outs, scalefactors_file)
         if scalefactors_file is not None
-        else spatial / "scalefactors_json.json",
+        else outs / "spatial" / "scalefactors_json.json",
         "scale factors file",
         kind="file",
     )
     scalefactors = read_json(sf_file)
-
     if dataset_id is None:
-        if counts.name.endswith("_filtered_feature_bc_matrix.h5") or counts.name.endswith(
-            "_raw_feature_bc_matrix.h5"
-        ):
-            dataset_id = counts.name.rsplit("_", 3)[0]
-        else:
-            dataset_id = outs.parent.name if outs.name == "outs" else outs.name
-
+        dataset_id = _infer_dataset_id(outs, counts)
     positions = read_positions(positions_file)
 
     # --- counts (+ positions) -----------------------------------------------------------------
@@ -237,32 +209,7 @@ def visium(
     )
 
     # --- µm per full-resolution pixel -----------------------------------------------------------
-    sf_mpp = None
-    if scalefactors.get("spot_diameter_fullres"):
-        sf_mpp = SCALEFACTOR_SPOT_UM / float(scalefactors["spot_diameter_fullres"])
-    grid_mpp, _ = spot_grid_mpp(
-        positions, row_pitch_um=SPOT_PITCH_UM * np.sqrt(3) / 2, col_pitch_um=SPOT_PITCH_UM / 2
-    )
-    if mpp is not None:
-        fullres_mpp = validate_mpp(mpp, source="the full-resolution image")
-    elif grid_mpp is not None:
-        fullres_mpp = grid_mpp
-        if sf_mpp is not None and abs(sf_mpp / grid_mpp - 1) > 0.1:
-            logger.info(
-                "µm/px from the spot lattice (%.4f) differs from spot_diameter_fullres (%.4f); using the lattice.",
-                grid_mpp,
-                sf_mpp,
-            )
-    elif sf_mpp is not None:
-        fullres_mpp = sf_mpp
-        logger.info(
-            "Too few spots to fit the lattice; µm/px from spot_diameter_fullres (65 µm spot)."
-        )
-    else:
-        raise ValueError(
-            f"Cannot determine µm per pixel: {sf_file.name} has no spot_diameter_fullres and the positions are "
-            "too few to fit the spot lattice. Pass `mpp=` (µm per full-resolution pixel)."
-        )
+    fullres_mpp = _fullres_mpp(mpp, positions, scalefactors, sf_file)
     to_microns = microns_scale(fullres_mpp)
 
     # --- elements -----------------------------------------------------------------------------
@@ -276,9 +223,7 @@ def visium(
     adata.uns["spatial_unit"] = "microns"
     table = table_element(adata, SPOTS_KEY)
 
-    image, image_mpp, image_source = _visium_image(
-        outs, fullres_image_file, scalefactors, fullres_mpp, centers_px
-    )
+    image, image_mpp, image_source = _visium_image(outs, fullres_image_file, scalefactors, fullres_mpp, centers_px)
 
     sdata = make_sdata(
         image=image,
@@ -299,16 +244,70 @@ def visium(
     )
 
 
-def _read_counts_and_positions(
-    outs: Path, counts: Path, positions_file: Path, dataset_id: str
-) -> ad.AnnData:
+def _locate_counts(outs: Path, counts_file: str | os.PathLike | None) -> Path:
+    """Return ``counts_file`` (checked) or the first standard counts file / MEX folder in ``outs``."""
+    if counts_file is not None:
+        return check_path(_resolve(outs, counts_file), "counts file")
+    counts = first_existing(outs, _COUNTS_CANDIDATES)
+    if counts is None:
+        raise FileNotFoundError(
+            f"No counts found in {str(outs)!r}: expected filtered_feature_bc_matrix.h5 or a "
+            "filtered_feature_bc_matrix/ MEX folder (or the raw_ ones). Pass `counts_file=` if it is named "
+            f"differently. The folder holds: {sorted(x.name for x in outs.iterdir())[:12]}."
+        )
+    return counts
+
+
+def _locate_positions(outs: Path, tissue_positions_file: str | os.PathLike | None) -> Path:
+    """Return ``tissue_positions_file`` (checked) or the first standard positions file in ``outs/spatial``."""
+    if tissue_positions_file is not None:
+        return check_path(_resolve(outs, tissue_positions_file), "tissue positions file", kind="file")
+    spatial = outs / "spatial"
+    check_path(spatial, "spatial/ folder of the Space Ranger outs", kind="dir")
+    positions_file = first_existing(spatial, _POSITIONS_CANDIDATES)
+    if positions_file is None:
+        raise FileNotFoundError(
+            f"No tissue positions file in {str(spatial)!r}: expected one of {list(_POSITIONS_CANDIDATES)}. "
+            "Pass `tissue_positions_file=`."
+        )
+    return positions_file
+
+
+def _infer_dataset_id(outs: Path, counts: Path) -> str:
+    """Return the ``<dataset_id>_`` prefix of the counts file, else the name of the run folder."""
+    if counts.name.endswith("_filtered_feature_bc_matrix.h5") or counts.name.endswith("_raw_feature_bc_matrix.h5"):
+        return counts.name.rsplit("_", 3)[0]
+    return outs.parent.name if outs.name == "outs" else outs.name
+
+
+def _fullres_mpp(mpp: float | None, positions: pd.DataFrame, scalefactors: dict, sf_file: Path) -> float:
+    """Return µm per full-resolution pixel: ``mpp``, else the spot-lattice fit, else ``spot_diameter_fullres``."""
+    sf_mpp = None
+    if scalefactors.get("spot_diameter_fullres"):
+        sf_mpp = SCALEFACTOR_SPOT_UM / float(scalefactors["spot_diameter_fullres"])
+    grid_mpp, _ = spot_grid_mpp(positions, row_pitch_um=SPOT_PITCH_UM * np.sqrt(3) / 2, col_pitch_um=SPOT_PITCH_UM / 2)
+    if mpp is not None:
+        return validate_mpp(mpp, source="the full-resolution image")
+    if grid_mpp is not None:
+        if sf_mpp is not None and abs(sf_mpp / grid_mpp - 1) > 0.1:
+            logger.info(
+                "µm/px from the spot lattice (%.4f) differs from spot_diameter_fullres (%.4f); using the lattice.",
+                grid_mpp,
+                sf_mpp,
+            )
+        return grid_mpp
+    if sf_mpp is not None:
+        logger.info("Too few spots to fit the lattice; µm/px from spot_diameter_fullres (65 µm spot).")
+        return sf_mpp
+    raise ValueError(
+        f"Cannot determine µm per pixel: {sf_file.name} has no spot_diameter_fullres and the positions are "
+        "too few to fit the spot lattice. Pass `mpp=` (µm per full-resolution pixel)."
+    )
+
+
+def _read_counts_and_positions(outs: Path, counts: Path, positions_file: Path, dataset_id: str) -> ad.AnnData:
     """Read the counts as AnnData (barcodes as obs_names), via spatialdata-io where it can."""
-    if (
-        counts.is_file()
-        and counts.suffix == ".h5"
-        and counts.parent == outs
-        and positions_file.suffix == ".csv"
-    ):
+    if counts.is_file() and counts.suffix == ".h5" and counts.parent == outs and positions_file.suffix == ".csv":
         try:
             import spatialdata_io
 
@@ -316,9 +315,7 @@ def _read_counts_and_positions(
                 outs,
                 dataset_id=dataset_id,
                 counts_file=counts.name,
-                tissue_positions_file=positions_file.relative_to(outs)
-                if positions_file.is_relative_to(outs)
-                else None,
+                tissue_positions_file=positions_file.relative_to(outs) if positions_file.is_relative_to(outs) else None,
             )
             adata = sd0.tables["table"]
             adata = ad.AnnData(
@@ -340,9 +337,7 @@ def _read_counts_and_positions(
             "MEX folder" if counts.is_dir() else "non-standard layout",
         )
     adata = read_10x_counts(counts)
-    return ad.AnnData(
-        X=adata.X, obs=pd.DataFrame(index=adata.obs_names.astype(str)), var=adata.var.copy()
-    )
+    return ad.AnnData(X=adata.X, obs=pd.DataFrame(index=adata.obs_names.astype(str)), var=adata.var.copy())
 
 
 def _visium_image(
@@ -354,9 +349,7 @@ def _visium_image(
 ):
     """Return (image element or None, µm/px of that image or None, source name)."""
     if fullres_image_file is not None:
-        file = check_path(
-            _resolve(outs, fullres_image_file), "full-resolution H&E image", kind="file"
-        )
+        file = check_path(_resolve(outs, fullres_image_file), "full-resolution H&E image", kind="file")
         arr = read_image_lazy(file)
         yx = arr.shape[:2] if arr.shape[-1] in (3, 4) and arr.ndim == 3 else arr.shape[-2:]
         hi = np.nanmax(centers_px, axis=0) if len(centers_px) else np.zeros(2)
