@@ -40,7 +40,7 @@ def resolve_model_config(model_config_or_name: Any, **overrides: Any) -> Any:
     ----------
     model_config_or_name
         A ``SquallConfig``, a mapping of its fields, a registered name (``"squall-tiny"``), a
-        folder written by ``save_pretrained`` (read with :func:`squall_sd.models.load`), or a model
+        folder written by ``save_pretrained`` (read with :func:`squall_sd.models.read_config`), or a model
         (anything with a ``config`` attribute).
     **overrides
         Fields to change (e.g. ``mpp=4.0``).
@@ -50,8 +50,7 @@ def resolve_model_config(model_config_or_name: Any, **overrides: Any) -> Any:
     The configuration.
 
     """
-    from squall_sd import models
-    from squall_sd.models import SquallConfig, get_config
+    from squall_sd.models import SquallConfig, get_config, read_config
 
     obj = model_config_or_name
     if hasattr(obj, "config") and isinstance(obj.config, SquallConfig):
@@ -61,8 +60,8 @@ def resolve_model_config(model_config_or_name: Any, **overrides: Any) -> Any:
     elif isinstance(obj, Mapping):
         cfg = SquallConfig.from_dict(dict(obj))
     elif isinstance(obj, (str, os.PathLike)) and Path(obj).expanduser().is_dir():
-        # a model folder is read by squall_sd.models (the one reader of its layout)
-        cfg = models.load(Path(obj).expanduser()).config
+        # a model folder is read by squall_sd.models (the one reader of its layout), without its weights
+        cfg = read_config(obj)
     elif isinstance(obj, str):
         cfg = get_config(obj)
     else:
