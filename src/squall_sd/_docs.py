@@ -106,6 +106,26 @@ save
 # ---------------------------------------------------------------------------------------------
 # inference on the H&E (predict_expression, embed)
 # ---------------------------------------------------------------------------------------------
+_inference_inputs = """\
+sdata
+    SpatialData with an H&E image registered in ``microns``.
+model
+    A model (:func:`squall_sd.models.load`) or the name / path to load. It is put in eval mode
+    and moved to ``device``.
+image_key
+    The H&E; default the only image (or the one recorded by the reader)."""
+
+_table_key_region = """\
+table_key
+    Table annotating the region; default the one table that does (none: a new table)."""
+
+_virtual_spots = """\
+spots
+    Use virtual ``"visium"`` spots, ``"bins"`` or ``"tiles"`` laid over the tissue (default
+    ``"visium"`` when the SpatialData has no shapes).
+spot_size_um
+    Virtual spot diameter / bin or tile edge in µm (defaults of :func:`squall_sd.pp.make_spots`)."""
+
 _labels_key = """\
 labels_key
     Labels element of cells (vectorised with :func:`spatialdata.to_polygons`)."""
@@ -165,6 +185,9 @@ d = DocstringProcessor(
     spot_style=_spot_style,
     save=_save,
     labels_key=_labels_key,
+    inference_inputs=_inference_inputs,
+    table_key_region=_table_key_region,
+    virtual_spots=_virtual_spots,
     inference=_inference,
     progress=_progress,
     write_to_store=_write_to_store,

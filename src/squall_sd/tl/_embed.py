@@ -100,21 +100,12 @@ def embed(  # noqa: D417 - parameters from squall_sd._docs
 
     Parameters
     ----------
-    sdata
-        SpatialData with an H&E registered in ``microns``.
-    model
-        A model or a name / path for :func:`squall_sd.models.load`.
-    image_key
-        The H&E (default: the only image).
+    %(inference_inputs)s
     shapes_key
         Shapes to embed at (default: the element the table annotates).
     %(labels_key)s
-    table_key
-        Table annotating the region (default: the one that does; none: a new table).
-    spots
-        Embed at virtual spots (``"visium"`` / ``"bins"`` / ``"tiles"``) over the tissue.
-    spot_size_um
-        Virtual spot diameter / edge in µm.
+    %(table_key_region)s
+    %(virtual_spots)s
     pool
         ``"region"`` or ``"tile"`` (see above).
     mpp

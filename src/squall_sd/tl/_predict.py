@@ -104,23 +104,12 @@ def predict_expression(  # noqa: D417 - parameters from squall_sd._docs
 
     Parameters
     ----------
-    sdata
-        SpatialData with an H&E image registered in ``microns``.
-    model
-        A model (:func:`squall_sd.models.load`) or the name / path to load. It is put in eval mode
-        and moved to ``device``.
-    image_key
-        The H&E; default the only image (or the one recorded by the reader).
+    %(inference_inputs)s
     shapes_key
         Shapes of spots / bins / cells to predict at; default the element the table annotates.
     %(labels_key)s
-    table_key
-        Table annotating the region; default the one table that does (none: a new table).
-    spots
-        Predict at virtual ``"visium"`` spots, ``"bins"`` or ``"tiles"`` over the tissue (default
-        ``"visium"`` when the SpatialData has no shapes).
-    spot_size_um
-        Virtual spot diameter / bin or tile edge in µm (defaults of :func:`squall_sd.pp.make_spots`).
+    %(table_key_region)s
+    %(virtual_spots)s
     genes
         Restrict the prediction to these model genes (default: all). For an existing table, whose genes
         are matched to the model's by symbol / Ensembl id, only these columns are predicted (the others
