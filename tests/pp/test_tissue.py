@@ -149,3 +149,14 @@ def test_morphology_equals_scipy():
             np.testing.assert_array_equal(_closing(m, r), ref)
         np.testing.assert_array_equal(_opening_cross(m), ndimage.binary_opening(m, structure=morphology.disk(1)))
         np.testing.assert_array_equal(_fill_holes(m), ndimage.binary_fill_holes(m))
+
+
+@pytest.mark.parametrize("f", [1, 2, 3, 4, 16, 17, 32])
+def test_block_sum_uint8_is_the_exact_block_sum(f):
+    from squall_sd.pp._tissue import _block_sum_uint8
+
+    rng = np.random.default_rng(f)
+    data = rng.integers(0, 256, (3, 5 * f, 7 * f), dtype=np.uint8)
+    data[:, :f, :f] = 255  # a block at the maximum: no overflow
+    expected = data.reshape(3, 5, f, 7, f).sum(axis=(2, 4), dtype=np.uint64)
+    np.testing.assert_array_equal(_block_sum_uint8(data, f).astype(np.uint64), expected)
