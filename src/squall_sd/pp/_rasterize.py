@@ -126,6 +126,11 @@ class RegionGrid:
             self.radius = None
         self._tree_: shapely.STRtree | None = None
 
+    def build_index(self) -> RegionGrid:
+        """Build the spatial index of the regions now (otherwise on first use) and return ``self``."""
+        _ = self._tree
+        return self
+
     @property
     def _tree(self) -> shapely.STRtree:
         """STRtree of the regions' bounding boxes (built on first use)."""

@@ -28,6 +28,7 @@ from squall_sd.tl._engine import (
     TilePlan,
     centers_and_extent,
     plan_tiles,
+    region_grid_async,
 )
 from squall_sd.tl._inference import (
     MAX_UPSAMPLE,
@@ -173,6 +174,8 @@ def predict_expression(  # noqa: D417 - parameters from squall_sd._docs
         spots=spots, spot_size_um=spot_size_um, shapes_key_added=shapes_key_added, overwrite=overwrite,
         inplace=inplace,
     )
+    # the regions' index is built in a thread while the genes are matched and the tiles planned
+    region_grid = region_grid_async(shapes, patch_px=model.config.img_size, mpp=mpp, grid=model.config.expr_size)
     table = sdata.tables[tkey] if tkey is not None else None
     target = _resolve_genes(
         sdata, model, table, tkey, region, shapes, genes=genes, key_added=key_added,
@@ -186,7 +189,7 @@ def predict_expression(  # noqa: D417 - parameters from squall_sd._docs
     run = predict_tiles(
         sdata, model, shapes, region, plan, centers, image_key=image_key, mpp=mpp, channels=target.channels,
         dense_idx=dense_idx, reduce=reduce, batch_size=batch_size, num_workers=num_workers, device=device,
-        autocast=autocast, progress=progress,
+        autocast=autocast, progress=progress, region_grid=region_grid,
     )
 
     # ---- assemble (nothing has touched sdata so far) -----------------------------------------

@@ -23,6 +23,8 @@ from squall_sd.tl._engine import (
 )
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import geopandas as gpd
     import torch
     from spatialdata import SpatialData
@@ -68,6 +70,7 @@ def predict_tiles(
     device: str,
     autocast: bool | None,
     progress: bool,
+    region_grid: Future | None = None,
 ) -> PredictRun:
     """Run the tiles of ``plan`` through the model (the engine loop); ``sdata`` is not changed."""
     from squall_sd.pp import extract_patches
@@ -75,7 +78,9 @@ def predict_tiles(
     cfg = model.config
     tile_um = cfg.img_size * mpp
     patches = extract_patches(sdata, plan.centers, image_key=image_key, patch_px=cfg.img_size, mpp=mpp)
-    dataset = TileDataset(patches, shapes, plan, patch_px=cfg.img_size, mpp=mpp, grid=cfg.expr_size)
+    dataset = TileDataset(
+        patches, shapes, plan, patch_px=cfg.img_size, mpp=mpp, grid=cfg.expr_size, region_grid=region_grid
+    )
     dev = resolve_device(device)
     use_autocast = (dev.type == "cuda") if autocast is None else bool(autocast)
     loader = make_loader(

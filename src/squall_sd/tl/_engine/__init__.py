@@ -26,6 +26,7 @@ from squall_sd.tl._engine._tiles import (
     collate_tiles,
     hilbert_index,
     plan_tiles,
+    region_grid_async,
 )
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "on_device",
     "plan_tiles",
     "progress_bar",
+    "region_grid_async",
     "resolve_device",
     "resolve_workers",
     "run_batches",

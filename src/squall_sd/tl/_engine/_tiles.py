@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -182,16 +183,28 @@ class TileDataset:
     computed here so that it runs in the DataLoader workers, one tile at a time.
     """
 
-    def __init__(self, patches: Any, shapes: gpd.GeoDataFrame, plan: TilePlan, *, patch_px: int, mpp: float, grid: int):
+    def __init__(
+        self,
+        patches: Any,
+        shapes: gpd.GeoDataFrame,
+        plan: TilePlan,
+        *,
+        patch_px: int,
+        mpp: float,
+        grid: int,
+        region_grid: Future | None = None,
+    ):
         self.patches = patches
         self.shapes = shapes
         self.plan = plan
         self.patch_px, self.mpp, self.grid = int(patch_px), float(mpp), int(grid)
-        self._rg: Any = None
+        self._rg: Any = region_grid  # a Future of :func:`region_grid_async`, the grid, or None
 
     @property
     def region_grid(self) -> Any:
         """The :class:`~squall_sd.pp.RegionGrid` (built on first use, also in each worker)."""
+        if isinstance(self._rg, Future):
+            self._rg = self._rg.result()
         if self._rg is None:
             from squall_sd.pp import RegionGrid
 
@@ -217,6 +230,26 @@ class TileDataset:
         n_in = np.bincount(local, minlength=len(owned))
         weight = (n_total / np.maximum(n_in[local], 1)).astype(np.float32)
         return t, patch, cells.astype(np.int64), local.astype(np.int64), weight
+
+
+def region_grid_async(shapes: gpd.GeoDataFrame, *, patch_px: int, mpp: float, grid: int) -> Future:
+    """Start building the :class:`~squall_sd.pp.RegionGrid` of ``shapes`` and its index in a thread.
+
+    The index of tens of thousands of regions takes a few tenths of a second to build; started as
+    soon as the regions are known, it is built while the tiles are planned, instead of in front of
+    the first batch. Pass the returned future to :class:`TileDataset` (``region_grid=``): the grid
+    is the same as the one the dataset would build itself.
+    """
+    from squall_sd.pp import RegionGrid
+
+    def build() -> RegionGrid:
+        return RegionGrid(shapes, patch_px=patch_px, mpp=mpp, grid=grid).build_index()
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="squall-region-grid")
+    try:
+        return pool.submit(build)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def collate_tiles(
