@@ -27,6 +27,7 @@ from squall_sd.tl._engine import (
     make_loader,
     on_device,
     plan_tiles,
+    region_grid_async,
     resolve_device,
     run_batches,
 )
@@ -42,6 +43,8 @@ from squall_sd.tl._token_map import token_map as _token_map
 from squall_sd.tl._utils import provenance
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import geopandas as gpd
     import torch
     from anndata import AnnData
@@ -159,6 +162,8 @@ def embed(  # noqa: D417 - parameters from squall_sd._docs
 
     dev = resolve_device(device)
     use_autocast = (dev.type == "cuda") if autocast is None else bool(autocast)
+    # the regions' index is built in a thread while the tiles are planned
+    region_grid = region_grid_async(shapes, patch_px=cfg.img_size, mpp=mpp, grid=cfg.expr_size)
     centers, half = centers_and_extent(shapes)
     plan = plan_tiles(
         centers, half, tile_um=cfg.img_size * mpp, token_um=cfg.patch_size * mpp,
@@ -168,7 +173,7 @@ def embed(  # noqa: D417 - parameters from squall_sd._docs
     with on_device(model, dev):
         emb = _embed_tiles(
             sdata, model, shapes, plan, image_key=image_key, mpp=mpp, pool=pool, batch_size=batch_size,
-            num_workers=num_workers, device=dev, autocast=use_autocast, progress=progress,
+            num_workers=num_workers, device=dev, autocast=use_autocast, progress=progress, region_grid=region_grid,
         )
         if token_map:
             canvas, origin = _token_map(
@@ -254,6 +259,7 @@ def _embed_tiles(
     device: torch.device,
     autocast: bool,
     progress: bool,
+    region_grid: Future | None = None,
 ) -> np.ndarray:
     """Run the tiles of ``plan`` through ``model.embed`` (the engine loop): (regions × embed_dim) float32."""
     from squall_sd.pp import extract_patches
@@ -261,7 +267,9 @@ def _embed_tiles(
     cfg = model.config
     patches = extract_patches(sdata, plan.centers, image_key=image_key, patch_px=cfg.img_size, mpp=mpp)
     loader = make_loader(
-        TileDataset(patches, shapes, plan, patch_px=cfg.img_size, mpp=mpp, grid=cfg.expr_size),
+        TileDataset(
+            patches, shapes, plan, patch_px=cfg.img_size, mpp=mpp, grid=cfg.expr_size, region_grid=region_grid
+        ),
         batch_size=batch_size, num_workers=num_workers, device=device,
         collate=partial(collate_tiles, grid=cfg.expr_size, plan=plan),
     )
