@@ -135,7 +135,7 @@ def _block_sum_uint8(data: np.ndarray, f: int) -> np.ndarray:
     c, bh, bw = data.shape
     if f > 16:
         return data.reshape(c, bh // f, f, bw // f, f).sum(axis=(2, 4), dtype=np.uint32)
-    total = np.zeros((c, bh // f, bw // f), dtype=np.uint16 if f * f * 255 < 2**16 else np.uint32)
+    total = np.zeros((c, bh // f, bw // f), dtype=np.uint16)  # f <= 16: at most 16² * 255 < 2**16
     for i in range(f):
         for j in range(f):
             total += data[:, i::f, j::f]
