@@ -14,7 +14,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from spatialdata import SpatialData
+from spatialdata import SpatialData, deepcopy
 
 from squall_sd._constants import CELLS_KEY, MICRONS, TABLE_KEY
 from squall_sd._logging import logger
@@ -110,8 +110,6 @@ def attach_pathologist_labels(sdata: SpatialData, labels: str | os.PathLike, *, 
     """
     path = check_path(labels, "pathologist label table", kind="file")
     if copy:
-        from spatialdata import deepcopy
-
         sdata = deepcopy(sdata)
     adata = sdata.tables[TABLE_KEY]
     lab = pd.read_csv(path, sep="\t").dropna(subset=["x", "y"])
