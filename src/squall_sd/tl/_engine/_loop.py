@@ -217,9 +217,9 @@ def run_batches(loader: Any, step: Callable[[Any], int], *, patches: Any, desc: 
         Show the progress bar.
     """
     n, batch_size = len(loader.dataset), int(loader.batch_size)
-    if loader.num_workers > 0 and hasattr(loader.dataset, "region_grid"):
+    if loader.num_workers > 0:
         # worker processes may be forked: finish the regions' index first (a fork copies no running thread)
-        _ = loader.dataset.region_grid
+        getattr(loader.dataset, "region_grid", None)
     bar = progress_bar(n, desc=desc, enabled=progress)
     if loader.num_workers == 0 and hasattr(patches, "warm"):
         # nothing else runs yet: decode the first batch's image chunks with all cores
