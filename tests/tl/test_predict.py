@@ -481,3 +481,41 @@ def test_worker_processes_give_the_same_values(small, genes):
     emb0 = squall.tl.embed(small, model, num_workers=0, **kw)
     emb1 = squall.tl.embed(small, model, num_workers=1, **kw)
     np.testing.assert_array_equal(emb1.obsm["X_squall"], emb0.obsm["X_squall"])
+
+
+def test_frozen_gc_freezes_only_for_the_call(small, genes, monkeypatch):
+    """predict_expression / embed run with the session's objects frozen out of the collector, then unfreeze them."""
+    import gc
+
+    from squall_sd.tl import _predict_run
+    from squall_sd.tl._engine import frozen_gc
+
+    seen = []
+    run = _predict_run.run_batches
+
+    def spy(*a, **k):
+        seen.append(gc.get_freeze_count())
+        return run(*a, **k)
+
+    monkeypatch.setattr(_predict_run, "run_batches", spy)
+    assert gc.get_freeze_count() == 0
+    squall.tl.predict_expression(small, tiny(genes), progress=False, inplace=False)
+    assert seen and seen[0] > 0  # frozen while the tiles ran
+    assert gc.get_freeze_count() == 0  # and unfrozen after
+
+    @frozen_gc
+    def fail():
+        assert gc.get_freeze_count() > 0
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fail()
+    assert gc.get_freeze_count() == 0  # unfrozen on failure too
+    # a caller that froze objects itself keeps them frozen
+    gc.freeze()
+    try:
+        n = gc.get_freeze_count()
+        frozen_gc(lambda: None)()
+        assert gc.get_freeze_count() == n
+    finally:
+        gc.unfreeze()

@@ -23,6 +23,7 @@ from squall_sd.tl._engine import (
     TilePlan,
     centers_and_extent,
     collate_tiles,
+    frozen_gc,
     image_from_canvas,
     make_loader,
     on_device,
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = ["embed"]
 
 
+@frozen_gc
 @d.dedent
 def embed(  # noqa: D417 - parameters from squall_sd._docs
     sdata: SpatialData,

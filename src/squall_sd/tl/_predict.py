@@ -27,6 +27,7 @@ from squall_sd._sdata._write import add_elements, snapshot_table
 from squall_sd.tl._engine import (
     TilePlan,
     centers_and_extent,
+    frozen_gc,
     plan_tiles,
     region_grid_async,
 )
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 __all__ = ["predict_expression"]
 
 
+@frozen_gc
 @d.dedent
 def predict_expression(  # noqa: D417 - parameters from squall_sd._docs
     sdata: SpatialData,
