@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -314,14 +315,17 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> str:
         "(tissue detection, virtual spots, lazy reading, region weights, forward, table).",
         "",
         "| workload | model | tiles | forward only (s) | forward tiles/s | end to end (s) | end-to-end tiles/s "
-        "| **ratio** (target >= 0.8 on CPU) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| **ratio** (target >= 0.8 on CPU) | ratio, median of the runs' own |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for wl, res in results.items():
         fwd, e2e, n = min(res["fwd"]), min(res["e2e"]), res["tiles"]
         label = {"bundled": "bundled model (primary)", "worst": "worst case", "large": "published size"}[wl]
+        # each run's forward-only pass follows its end-to-end pass: their ratio is less exposed to a shared
+        # machine's drift than the ratio of the two bests
+        paired = statistics.median(f / e for f, e in zip(res["fwd"], res["e2e"], strict=False))
         lines.append(f"| {label} | {describe(wl, args)} | {n} | {fwd:.2f} | {n / fwd:.1f} | {e2e:.2f} | "
-                     f"{n / e2e:.1f} | **{fwd / e2e:.2f}** |")
+                     f"{n / e2e:.1f} | **{fwd / e2e:.2f}** | {paired:.2f} |")
     runs = []
     for wl, res in results.items():
         e2e = ", ".join(f"{s:.2f}" for s in res["e2e"])
