@@ -79,7 +79,7 @@ def plot(runs: list[str], out: Path) -> None:
         c = curves(run)
         if c.empty:
             continue
-        label = Path(run).parent.name
+        label = "/".join(Path(run).parts[-3:-1])  # e.g. her2st-spots/AC: distinct across run folders
         ep = c["epoch"] + 1
         line = axes[0].plot(ep, c["train"], "--", lw=1)[0]
         if "val/loss" in c:

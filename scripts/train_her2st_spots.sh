@@ -2,7 +2,7 @@
 # The squall-tiny-her2st recipe (configs/her2st/spots_finetune_tiny.yaml): spot-centred 224 µm tiles,
 # convolutional stem, trained until the validation loss on whole held-out sections of the TRAINING
 # patients stops improving (early stopping; the best checkpoint is exported as checkpoints/best/).
-#   bash scripts/train_her2st_spots.sh AC   # bundled model: train A1, A2, C2-C5; validate on C6
+#   bash scripts/train_her2st_spots.sh AC   # bundled model (after phase 1: configs/README.md): train A1, A2, C2-C5; validate on C6
 #   bash scripts/train_her2st_spots.sh C    # cross-patient model (tested on A): train C2-C5; validate on C6
 #   bash scripts/train_her2st_spots.sh A    # cross-patient model (tested on C): train A1; validate on A2
 # Re-running the same command resumes from the last checkpoint. Extra arguments are passed to
