@@ -165,8 +165,8 @@ def embed(  # noqa: D417 - parameters from squall_sd._docs
     dev = resolve_device(device)
     use_autocast = (dev.type == "cuda") if autocast is None else bool(autocast)
     # the regions' index is built in a thread while the tiles are planned
-    region_grid = region_grid_async(shapes, patch_px=cfg.img_size, mpp=mpp, grid=cfg.expr_size)
-    centers, half = centers_and_extent(shapes)
+    regions, region_grid = region_grid_async(shapes, patch_px=cfg.img_size, mpp=mpp, grid=cfg.expr_size)
+    centers, half = centers_and_extent(regions)
     plan = plan_tiles(
         centers, half, tile_um=cfg.img_size * mpp, token_um=cfg.patch_size * mpp,
         layout="shapes" if pool == "tile" else layout,

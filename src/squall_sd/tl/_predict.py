@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
     from squall_sd.models import Squall
+    from squall_sd.pp import RegionGrid
 
 __all__ = ["predict_expression"]
 
@@ -176,8 +177,6 @@ def predict_expression(  # noqa: D417 - parameters from squall_sd._docs
         spots=spots, spot_size_um=spot_size_um, shapes_key_added=shapes_key_added, overwrite=overwrite,
         inplace=inplace,
     )
-    # the regions' index is built in a thread while the genes are matched and the tiles planned
-    region_grid = region_grid_async(shapes, patch_px=model.config.img_size, mpp=mpp, grid=model.config.expr_size)
     table = sdata.tables[tkey] if tkey is not None else None
     target = _resolve_genes(
         sdata, model, table, tkey, region, shapes, genes=genes, key_added=key_added,
@@ -187,7 +186,11 @@ def predict_expression(  # noqa: D417 - parameters from squall_sd._docs
         sdata, model, dense_genes, dense_key_added=dense_key_added, layout=layout, overwrite=overwrite,
         inplace=inplace,
     )
-    plan, centers = _plan(model, shapes, mpp=mpp, layout=layout)
+    # the regions' index is built in a thread while the tiles are planned from the same grid
+    regions, region_grid = region_grid_async(
+        shapes, patch_px=model.config.img_size, mpp=mpp, grid=model.config.expr_size
+    )
+    plan, centers = _plan(model, regions, mpp=mpp, layout=layout)
     run = predict_tiles(
         sdata, model, shapes, region, plan, centers, image_key=image_key, mpp=mpp, channels=target.channels,
         dense_idx=dense_idx, reduce=reduce, batch_size=batch_size, num_workers=num_workers, device=device,
@@ -339,11 +342,11 @@ def _resolve_dense(
     return dense_genes, dense_idx, "tiles"
 
 
-def _plan(model: Squall, shapes: gpd.GeoDataFrame, *, mpp: float, layout: str) -> tuple[TilePlan, np.ndarray]:
+def _plan(model: Squall, regions: RegionGrid, *, mpp: float, layout: str) -> tuple[TilePlan, np.ndarray]:
     """Lay the tiles over the regions (:func:`~squall_sd.tl._engine.plan_tiles`); return the plan and the centres."""
     cfg = model.config
     tile_um = cfg.img_size * mpp
-    centers, half = centers_and_extent(shapes)
+    centers, half = centers_and_extent(regions)
     plan = plan_tiles(centers, half, tile_um=tile_um, token_um=cfg.patch_size * mpp, layout=layout)
     if float(half.max(initial=0)) > tile_um / 2:
         logger.warning(

@@ -15,6 +15,8 @@ from squall_sd._logging import logger
 if TYPE_CHECKING:
     import geopandas as gpd
 
+    from squall_sd.pp import RegionGrid
+
 __all__ = ["TileDataset", "TilePlan", "centers_and_extent", "collate_tiles", "hilbert_index", "plan_tiles"]
 
 
@@ -232,22 +234,23 @@ class TileDataset:
         return t, patch, cells.astype(np.int64), local.astype(np.int64), weight
 
 
-def region_grid_async(shapes: gpd.GeoDataFrame, *, patch_px: int, mpp: float, grid: int) -> Future:
-    """Start building the :class:`~squall_sd.pp.RegionGrid` of ``shapes`` and its index in a thread.
+def region_grid_async(
+    shapes: gpd.GeoDataFrame, *, patch_px: int, mpp: float, grid: int
+) -> tuple[RegionGrid, Future]:
+    """Return the :class:`~squall_sd.pp.RegionGrid` of ``shapes`` and start building its index in a thread.
 
-    The index of tens of thousands of regions takes a few tenths of a second to build; started as
-    soon as the regions are known, it is built while the tiles are planned, instead of in front of
-    the first batch. Pass the returned future to :class:`TileDataset` (``region_grid=``): the grid
-    is the same as the one the dataset would build itself.
+    Reading the regions' geometry is quick; the index of tens of thousands of regions takes a few
+    tenths of a second. Started as soon as the regions are known, it is built while the tiles are
+    planned (from this same grid: :func:`centers_and_extent`), instead of in front of the first batch.
+    Pass the returned future, which resolves to the grid once its index is built, to
+    :class:`TileDataset` (``region_grid=``): the grid is the one the dataset would build itself.
     """
     from squall_sd.pp import RegionGrid
 
-    def build() -> RegionGrid:
-        return RegionGrid(shapes, patch_px=patch_px, mpp=mpp, grid=grid).build_index()
-
+    regions = RegionGrid(shapes, patch_px=patch_px, mpp=mpp, grid=grid)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="squall-region-grid")
     try:
-        return pool.submit(build)
+        return regions, pool.submit(regions.build_index)
     finally:
         pool.shutdown(wait=False)
 
@@ -290,11 +293,15 @@ def collate_tiles(
     return torch.from_numpy(tids), rgb, torch.from_numpy(w.reshape(b, r, grid, grid)), torch.from_numpy(idx)
 
 
-def centers_and_extent(shapes: gpd.GeoDataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Region centres (µm) and half extents (µm), exactly as :class:`~squall_sd.pp.RegionGrid` sees them."""
+def centers_and_extent(regions: gpd.GeoDataFrame | RegionGrid) -> tuple[np.ndarray, np.ndarray]:
+    """Region centres (µm) and half extents (µm), exactly as :class:`~squall_sd.pp.RegionGrid` sees them.
+
+    ``regions``: a shapes element, or its :class:`~squall_sd.pp.RegionGrid` (centres and bounds do not
+    depend on the grid's tile size, so the grid of :func:`region_grid_async` serves).
+    """
     from squall_sd.pp import RegionGrid
 
-    rg = RegionGrid(shapes, patch_px=1, mpp=1.0, grid=1)
+    rg = regions if isinstance(regions, RegionGrid) else RegionGrid(regions, patch_px=1, mpp=1.0, grid=1)
     b = rg.bounds
     half = np.max(np.abs(np.column_stack([b[:, 0], b[:, 1], b[:, 2], b[:, 3]]) - np.tile(rg.center, 2)), axis=1)
     return rg.center, half
