@@ -48,3 +48,5 @@ def test_embed_errors(small):
         squall.tl.embed(small, tiny(), shapes_key="nope", progress=False)
     with pytest.raises(ValueError, match="token_stride"):
         squall.tl.embed(small, tiny(), token_map=True, token_stride=0, progress=False)
+    with pytest.raises(ValueError, match=r"Expected `mpp` to be positive"):
+        squall.tl.embed(small, tiny(), mpp=0, progress=False)

@@ -219,6 +219,12 @@ def test_errors(small, genes):
     # model much finer than the image (0.25 µm/px vs 2 µm/px: 8x)
     with pytest.raises(ValueError, match=r"reads tiles at 0.25 µm/px.*image 'he'.*2 µm/px.*coarser"):
         squall.tl.predict_expression(small, tiny(genes, mpp=0.25), progress=False)
+    # a non-positive µm/px or up-sampling bound says which argument (mpp=0 was a ZeroDivisionError)
+    for bad in (0, 0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"Expected `mpp` to be positive"):
+            squall.tl.predict_expression(small, model, mpp=bad, progress=False)
+    with pytest.raises(ValueError, match=r"Expected `max_upsample` to be positive"):
+        squall.tl.predict_expression(small, model, max_upsample=0, progress=False)
     # several shapes / images: asks which
     two = sd.SpatialData(images={"he": small.images["he"], "he2": small.images["he"]},
                          shapes={"a": small.shapes["spots"], "b": small.shapes["spots"]})

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from squall_sd._constants import ATTRS_KEY, PREDICTED_VAR
-from squall_sd._sdata import Region, image_mpp, resolve_image_key, resolve_table_key
+from squall_sd._sdata import Region, check_positive, image_mpp, resolve_image_key, resolve_table_key
 from squall_sd.tl._engine import trim_heap
 
 if TYPE_CHECKING:
@@ -112,7 +112,8 @@ def resolve_image_mpp(
     """
     image_key = resolve_image_key(sdata, image_key)
     cfg = model.config
-    mpp = float(cfg.mpp if mpp is None else mpp)
+    mpp = check_positive(cfg.mpp if mpp is None else mpp, "mpp")
+    check_positive(max_upsample, "max_upsample")
     check_resolution(
         image_mpp(sdata, image_key), mpp, model_name=cfg.name, image_key=image_key, max_upsample=max_upsample
     )
