@@ -152,3 +152,29 @@ def test_preload_reads_every_shard_only_when_in_memory(shards):
     assert len(memory._open) == len(memory.shard_paths)
     assert all(isinstance(sh.group, dict) for sh in memory._open.values())
     assert len(ShardDataset(shards, batch_size=2).preload()._open) == 0
+
+
+def test_datasets_of_different_scales_mix(shards, example_sdata, tmp_path):
+    """Prepared sets at different µm/px train together (each tile keeps its own ``res``); a different tile
+    size in pixels still raises."""
+    import json
+    import shutil
+
+    from squall_sd.train import prepare
+
+    coarse = prepare(example_sdata, tmp_path / "c2_8um", model_config_or_name="squall-tiny", mpp=8.0,
+                     tile_stride_um=896, shard_size=16, min_tissue=0.2, progress=False)
+    both = ShardDataset([shards, coarse], batch_size=2, shuffle=False, augment=None, drop_last=False)
+    assert both.mpps == [4.0, 8.0]
+    n4 = ShardDataset(shards, batch_size=2, shuffle=False).n_tiles
+    res = np.array([float(item["res"]) for item in both])
+    assert len(res) == both.n_tiles > n4
+    np.testing.assert_array_equal(res, [4.0] * n4 + [8.0] * (both.n_tiles - n4))
+
+    other = tmp_path / "other_size"
+    shutil.copytree(coarse, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["img_size"] = 2 * int(manifest["img_size"])
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"differ in 'img_size'.*same `img_size`"):
+        ShardDataset([shards, other], batch_size=2)

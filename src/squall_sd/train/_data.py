@@ -40,8 +40,9 @@ class ShardDataset(IterableDataset):
     Parameters
     ----------
     sources
-        One or several folders written by :func:`squall_sd.train.prepare` (they must share the tile
-        geometry and gene vocabulary).
+        One or several folders written by :func:`squall_sd.train.prepare`. They must share the tile
+        size in pixels, the expression grid and the gene vocabulary; their µm/px may differ (e.g. the
+        same slides prepared at 2 and at 4 µm/px), since each tile carries its own (``res``).
     batch_size
         Batch size of the DataLoader that will read it (the dataset deals whole batches to workers).
     shuffle
@@ -101,17 +102,19 @@ class ShardDataset(IterableDataset):
             raise ValueError("No prepared dataset given.")
         ref = self.manifests[0]
         for m in self.manifests[1:]:
-            for key in ("img_size", "expr_size", "mpp", "genes"):
+            # the µm/px may differ: every tile carries its own (``res``), which the model takes as input
+            for key in ("img_size", "expr_size", "genes"):
                 if m[key] != ref[key]:
                     raise ValueError(
                         f"Prepared datasets {ref['root']!r} and {m['root']!r} differ in {key!r}; "
-                        "prepare "
-                        "them for the same model."
+                        "prepare them for the same model (the same `img_size`, `expr_size` and genes)."
                     )
         self.genes: list[str] = list(ref["genes"])
         self.img_size = int(ref["img_size"])
         self.expr_size = int(ref["expr_size"])
-        self.mpp = float(ref["mpp"])
+        #: µm/px of the tiles, one value per prepared dataset (they may differ: mixed scales)
+        self.mpps: list[float] = [float(m["mpp"]) for m in self.manifests]
+        self.mpp = self.mpps[0]
         self.shard_paths: list[Path] = []
         self.shard_slide_offset: list[int] = []
         self.slides: list[dict[str, Any]] = []
