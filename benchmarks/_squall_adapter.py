@@ -56,14 +56,15 @@ def spot_weights(model, mpp: float, spot_diameter_um: float = 100.0) -> torch.Te
 
 @torch.no_grad()
 def predict_spots(
-    model, tiles: np.ndarray, mpp: float, genes: list[str], batch: int = 32
+    model, tiles: np.ndarray, mpp: float, genes: list[str], batch: int = 32, tta: bool = False
 ) -> tuple[np.ndarray, list[str], str]:
     """Predicted expression of ``genes`` (those in the model's vocabulary) averaged over each spot disc.
 
     Uses ``model.predict`` with the spot disc as aggregation weights (``reduce="mean"``) on the
     benchmark's own tiles (``squall_sd.tl.predict_expression`` works on a SpatialData and cuts its
     own tiles; switch to it once it can take the same tiles). Returns predictions, the genes
-    predicted and the path used.
+    predicted and the path used. ``tta``: average over the 8 rotations / mirror images of each tile
+    (``model.predict(tta=True)``).
     """
     vocab = model.genes
     if vocab is None:
@@ -75,10 +76,10 @@ def predict_spots(
     out = []
     for b in range(0, len(tiles), batch):
         x = torch.from_numpy(np.ascontiguousarray(tiles[b : b + batch]))
-        p = model.predict(x, res=mpp, genes=known, aggregate=w, reduce="mean")  # (B, 1, G)
+        p = model.predict(x, res=mpp, genes=known, aggregate=w, reduce="mean", tta=tta)  # (B, 1, G)
         out.append(p[:, 0].float().cpu().numpy())
     return (
         np.concatenate(out).astype(np.float64),
         known,
-        "model.predict(aggregate=spot disc, reduce='mean')",
+        "model.predict(aggregate=spot disc, reduce='mean'" + (", tta=True)" if tta else ")"),
     )

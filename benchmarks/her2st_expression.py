@@ -114,6 +114,11 @@ def parse_args(argv=None):
         default=[],
         help="DenseNet predictions written by benchmarks/_cnn_job.py from a --cnn-export pack (repeatable)",
     )
+    p.add_argument(
+        "--tta", action="store_true",
+        help="also rows with test-time augmentation (mean over the 8 rotations / mirror images of each tile) "
+        "for our model's head and for every CNN",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--quick", action="store_true", help="subset of spots, 1 CNN epoch at 64 px: smoke test"
@@ -353,24 +358,26 @@ def run(args) -> dict:
             key2 = f"squall head[{label}]"
             if row["spec"].startswith("random:"):
                 continue  # a random head predicts noise; only trained models get this row
-            try:
-                t = time.time()
-                out = {}
-                for n in te_names:
-                    p_, known, how = SA.predict_spots(
-                        row["model"], secs[n].patches, args.mpp, targets
+            for tta in (False, True) if args.tta else (False,):
+                key3 = key2 + (" + TTA" if tta else "")
+                try:
+                    t = time.time()
+                    out = {}
+                    for n in te_names:
+                        p_, known, how = SA.predict_spots(
+                            row["model"], secs[n].patches, args.mpp, targets, tta=tta
+                        )
+                        full = np.full((len(p_), len(targets)), np.nan)
+                        full[:, [targets.index(g) for g in known]] = p_
+                        out[n] = full
+                    preds[key3] = out
+                    timing[key3] = time.time() - t
+                    notes[key3] = (
+                        f"{how}; {len(known)} of {len(targets)} target genes in the vocabulary"
+                        + (f"; model {row['spec']}" if row["split"] else "")
                     )
-                    full = np.full((len(p_), len(targets)), np.nan)
-                    full[:, [targets.index(g) for g in known]] = p_
-                    out[n] = full
-                preds[key2] = out
-                timing[key2] = time.time() - t
-                notes[key2] = (
-                    f"{how}; {len(known)} of {len(targets)} target genes in the vocabulary"
-                    + (f"; model {row['spec']}" if row["split"] else "")
-                )
-            except SA.ModelUnavailable as e:
-                notes[key2] = "skipped: " + str(e)
+                except SA.ModelUnavailable as e:
+                    notes[key3] = "skipped: " + str(e)
 
         # (d) CNNs from scratch on this run's tiles (same spots, genes and split)
         for arch in args.cnn_arch if args.cnn_epochs > 0 else []:
@@ -390,6 +397,9 @@ def run(args) -> dict:
             )
             preds[key] = {n: predict(secs[n].patches) for n in te_names}
             timing[key] = time.time() - t
+            if args.tta:  # the same test-time augmentation as our model's TTA row
+                preds[f"{key} + TTA"] = {n: M.dihedral_mean(predict, secs[n].patches) for n in te_names}
+                notes[f"{key} + TTA"] = "the same network, mean over the 8 rotations / mirror images of each tile"
             notes[key] = (
                 f"{rec['params_M']:.1f}M params, {rec['input_px']} px input ({args.tile} px tiles at "
                 f"{args.mpp} µm/px resized → {args.mpp * args.tile / rec['input_px']:.2f} µm/px), "

@@ -7,6 +7,11 @@ validation), it predicts every her2st section with an image from spot-centred ti
 geometry and reports, per section, the mean per-gene Pearson r over the 785 published genes and over
 the 50 most expressed genes of the model's training sections, with the depth-controlled partial r.
 
+``--degrade-mpp 3.2`` adds rows for the same sections with every tile degraded to 3.2 µm/px (box
+down-sampling of the tile, then bilinear up-sampling back to its size): patient A's images are
+≈3.2 µm/px copies, so the degraded C6 rows measure robustness to that resolution gap on a validation
+section of patient C, without looking at patient A.
+
     python benchmarks/her2st_training_fit.py src/squall_sd/models/weights/squall-tiny-her2st \
         runs/her2st-spots/C/bundle runs/her2st-spots/A/bundle --out benchmarks/results/her2st_training_fit.md
 """
@@ -31,6 +36,19 @@ from squall_sd.tl._evaluate import partial_pearson_per_gene, pearson_per_gene  #
 SECTIONS = ["A1", "A2", "C2", "C3", "C4", "C5", "C6"]
 
 
+def degrade(patches: np.ndarray, mpp: float, to_mpp: float) -> np.ndarray:
+    """Tiles (n, P, P, 3) uint8 at ``mpp`` as if read from an image of ``to_mpp`` µm/px (box down, bilinear up)."""
+    from PIL import Image
+
+    size = patches.shape[1]
+    small = max(1, round(size * mpp / to_mpp))
+    out = np.empty_like(patches)
+    for i, tile in enumerate(patches):
+        im = Image.fromarray(tile).resize((small, small), Image.Resampling.BOX)
+        out[i] = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR))
+    return out
+
+
 def roles(model_dir: Path) -> dict[str, str]:
     """Section -> "train" / "validation" / "held out", from the run's config.yaml beside the model."""
     sections = data.run_sections(model_dir)
@@ -47,6 +65,9 @@ def main(argv=None) -> None:  # noqa: D103
     p.add_argument("models", nargs="+", type=Path)
     p.add_argument("--root", type=Path, default=data.DEFAULT_ROOT)
     p.add_argument("--out", type=Path, default=HERE / "results" / "her2st_training_fit.md")
+    p.add_argument("--degrade-mpp", type=float, default=None,
+                   help="also score the sections with their tiles degraded to this µm/px (e.g. 3.2)")
+    p.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS, help="sections to score")
     args = p.parse_args(argv)
     import torch
 
@@ -75,9 +96,13 @@ def main(argv=None) -> None:  # noqa: D103
         lines += [f"## `{model_dir}` (trained on {', '.join(train)})", "",
                   "| section | role | spots | r (785) | partial r (785) | r (top 50) | partial r (top 50) |",
                   "|---|---|---:|---:|---:|---:|---:|"]
-        for s in SECTIONS:
+        runs = [(s, secs[s].patches, s) for s in args.sections]
+        if args.degrade_mpp:
+            runs += [(s, degrade(secs[s].patches, c.mpp, args.degrade_mpp), f"{s} @ {args.degrade_mpp:g} µm/px")
+                     for s in args.sections if s.startswith("C")]  # A is ≈3.2 µm/px already
+        for s, patches, label in runs:
             # one forward pass per section for both gene sets
-            pred, known, _ = SA.predict_spots(model, secs[s].patches, c.mpp, list(dict.fromkeys(hvg + top50)))
+            pred, known, _ = SA.predict_spots(model, patches, c.mpp, list(dict.fromkeys(hvg + top50)))
             col = {g: i for i, g in enumerate(known)}
             depth = np.log1p(secs[s].total_umi)
             row = []
@@ -85,7 +110,8 @@ def main(argv=None) -> None:  # noqa: D103
                 sel = [g for g in genes if g in col]
                 y, p_ = data.normalised(secs[s], sel), pred[:, [col[g] for g in sel]]
                 row += [np.nanmean(pearson_per_gene(y, p_)), np.nanmean(partial_pearson_per_gene(y, p_, depth))]
-            lines.append(f"| {s} | {role[s]} | {len(secs[s].counts)} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+            cells = " | ".join(f"{v:.3f}" for v in row)
+            lines.append(f"| {label} | {role[s]} | {len(secs[s].counts)} | {cells} |")
         lines.append("")
     text = "\n".join(lines)
     print(text)

@@ -69,3 +69,12 @@ def test_cli_predict_bad_slide_is_reported_and_the_others_finish(cohort, tmp_pat
 def test_cli_predict_errors(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "missing"), "--model", "squall-tiny", "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_predict_tta(cohort, tmp_path):
+    slides, model = cohort
+    out = tmp_path / "out"
+    assert main(["predict", str(slides / "s1.zarr"), "--model", str(model), "--out", str(out), "--tta"]) == 0
+    table = sd.read_zarr(out / "s1.zarr").tables["table"]
+    assert table.uns["squall"]["predict_expression"]["params"]["tta"] is True
+    assert np.isfinite(table.layers["squall"][:, table.var["squall_predicted"].to_numpy()]).all()

@@ -183,3 +183,34 @@ def test_sparse_region_weights_equal_dense(model, rgb):
         torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="Region weights must have shape"):
         model.predict(rgb, 0.5, aggregate=torch.ones(2, 3, 28, 28).to_sparse())
+
+
+def test_tta_averages_the_eight_views_turned_back(model, rgb):
+    """``tta=True`` = the mean of the dense predictions of the 8 rotated / mirrored tiles, each turned back
+    cell by cell; so it is exactly equivariant, and aggregation, gene subsets and dense maps follow it."""
+    res = [0.5, 1.0]
+    views = []
+    for flip in (False, True):
+        for k in range(4):
+            x = torch.rot90(rgb, k, (2, 3))
+            x = torch.flip(x, (3,)) if flip else x
+            d = model.predict(x, res)
+            d = torch.flip(d, (2,)) if flip else d
+            views.append(torch.rot90(d, -k, (1, 2)))
+    expect = torch.stack(views).mean(0)
+    got = model.predict(rgb, res, tta=True)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, views[0], atol=1e-3)  # the views do differ
+    # a rotated tile gives the rotated prediction
+    turned = model.predict(torch.rot90(rgb, 1, (2, 3)), res, tta=True)
+    torch.testing.assert_close(turned, torch.rot90(got, 1, (1, 2)), rtol=1e-5, atol=1e-5)
+    # region aggregation, gene subsets and dense maps from the same averaged features
+    s = got.shape[1]
+    w = torch.zeros(2, 2, s, s)
+    w[:, 0, : s // 2] = 1.0
+    w[:, 1, :, : s // 3] = 0.5
+    agg, dense = model.predict(rgb, res, aggregate=w, genes=[1, 3], dense_genes=[2], tta=True)
+    torch.testing.assert_close(agg, torch.einsum("brij,bijg->brg", w, got[..., [1, 3]]), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(dense, got[..., [2]], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="square tiles"):
+        model.predict(rgb[..., :200], res, tta=True)

@@ -525,3 +525,23 @@ def test_frozen_gc_freezes_only_for_the_call(small, genes, monkeypatch):
         assert gc.get_freeze_count() == n
     finally:
         gc.unfreeze()
+
+
+def test_tta_reaches_the_model_and_the_provenance(small, genes, monkeypatch):
+    model = tiny(genes)
+    ref = squall.tl.predict_expression(small, model, progress=False, inplace=False)
+    seen = []
+    predict = model.predict
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("tta"))
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(model, "predict", spy)
+    got = squall.tl.predict_expression(small, model, progress=False, inplace=False, tta=True)
+    assert seen and all(t is True for t in seen)
+    pred = ref.var["squall_predicted"].to_numpy()
+    a, b = ref.layers["squall"][:, pred], got.layers["squall"][:, pred]
+    assert np.isfinite(b).all() and not np.allclose(a, b, atol=1e-4)
+    assert got.uns["squall"]["predict_expression"]["params"]["tta"] is True
+    assert ref.uns["squall"]["predict_expression"]["params"]["tta"] is False

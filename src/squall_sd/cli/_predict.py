@@ -509,6 +509,8 @@ def add_predict_parser(sub: Any) -> None:
                    help="DataLoader workers per slide (default: auto, 0 on CPU; 0 on dask workers)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dense-genes", nargs="*", default=None, help="genes to write as dense maps")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: mean over the 8 rotations / mirror images of each tile (8x compute)")
     p.add_argument("--overwrite", action="store_true", help="recompute slides whose output is complete")
     p.set_defaults(func=_predict_cmd)
 
@@ -521,7 +523,7 @@ def _predict_cmd(args: argparse.Namespace) -> int:
         scheduler_file=args.scheduler_file, n_workers=args.n_workers, connect_timeout=args.connect_timeout,
         mpp=args.mpp, overwrite=args.overwrite, report=args.report, spots=args.spots,
         spot_size_um=args.spot_size_um, batch_size=args.batch_size, num_workers=args.num_workers,
-        device=args.device, dense_genes=args.dense_genes,
+        device=args.device, dense_genes=args.dense_genes, tta=args.tta,
     )
     logger.info("predict: wrote %d store(s)", sum(r["status"] == "done" for r in records))
     if any(r["status"] == "failed" for r in records):

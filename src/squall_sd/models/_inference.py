@@ -19,6 +19,21 @@ __all__ = ["GenesLike", "ResLike", "SquallInference"]
 ResLike = float | Sequence[float] | torch.Tensor | None
 GenesLike = str | int | Sequence[str | int] | None
 
+#: the views of test-time augmentation: (quarter turns, mirrored) of the dihedral group of the square
+DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
+
+
+def _view(x: torch.Tensor, k: int, flip: bool, dims: tuple[int, int]) -> torch.Tensor:
+    """``x`` turned ``k`` quarter turns in the plane ``dims`` (y, x), then mirrored left-right if ``flip``."""
+    x = torch.rot90(x, k, dims) if k else x
+    return torch.flip(x, (dims[1],)) if flip else x
+
+
+def _unview(x: torch.Tensor, k: int, flip: bool, dims: tuple[int, int]) -> torch.Tensor:
+    """Undo :func:`_view`: turn ``x`` back to the orientation it had before."""
+    x = torch.flip(x, (dims[1],)) if flip else x
+    return torch.rot90(x, -k, dims) if k else x
+
 
 class SquallInference:
     """Inference methods of :class:`~squall_sd.models.Squall` (predict, embed, compile)."""
@@ -64,6 +79,7 @@ class SquallInference:
         reduce: Literal["sum", "mean"] | None = None,
         autocast: bool | None = None,
         dense_genes: GenesLike = None,
+        tta: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict expression from H&E, optionally aggregated inside the forward pass.
 
@@ -96,6 +112,10 @@ class SquallInference:
             Also return the dense grid (B, S, S, len(dense_genes)) of these genes (symbols, Ensembl
             ids or channel indices) from the same forward pass, e.g. to write dense maps while
             aggregating all genes to spots (only these rows of ``fc2`` are evaluated per cell).
+        tta
+            Test-time augmentation: run the 8 rotations and mirror images of each tile and average
+            the predictions, each turned back to the tile's orientation cell by cell (8x the compute).
+            Averaging is done on the pre-``fc2`` cell features, which equals averaging the outputs.
 
         Returns
         -------
@@ -117,8 +137,21 @@ class SquallInference:
             b = rgb_t.shape[0]
             res_t = self._prepare_res(res, b)
             with self._autocast(autocast):
-                z = self.encoder.forward_rgb(rgb_t, res_t)
-                h = self.decoder.expression_features(z)
+                if tta:
+                    if rgb_t.shape[-1] != rgb_t.shape[-2]:
+                        raise ValueError(f"`tta=True` needs square tiles, found {tuple(rgb_t.shape[-2:])}.")
+                    h = sum(
+                        _unview(
+                            self.decoder.expression_features(
+                                self.encoder.forward_rgb(_view(rgb_t, k, flip, (2, 3)), res_t)
+                            ).float(),
+                            k, flip, (1, 2),
+                        )
+                        for k, flip in DIHEDRAL
+                    ) / len(DIHEDRAL)
+                else:
+                    z = self.encoder.forward_rgb(rgb_t, res_t)
+                    h = self.decoder.expression_features(z)
                 if aggregate is None:
                     out = self._project(h, idx).float()
                     if dense_idx is None:

@@ -80,6 +80,7 @@ def predict_expression(  # noqa: D417 - parameters from squall_sd._docs
     device: str = "auto",
     autocast: bool | None = None,
     max_upsample: float = MAX_UPSAMPLE,
+    tta: bool = False,
     progress: bool = True,
     inplace: bool = True,
     overwrite: bool = False,
@@ -140,6 +141,10 @@ def predict_expression(  # noqa: D417 - parameters from squall_sd._docs
     dense_key_added
         Name of the dense-map image.
     %(inference)s
+    tta
+        Test-time augmentation: average each tile's prediction over its 8 rotations and mirror images
+        (:meth:`squall_sd.models.Squall.predict`), 8x the compute. The bundled ``squall-tiny-her2st``
+        gains about 0.005 in mean per-gene r on a held-out section (model card).
     %(progress)s
     inplace
         Write into ``sdata``; otherwise return the table and leave ``sdata`` unchanged.
@@ -194,7 +199,7 @@ def predict_expression(  # noqa: D417 - parameters from squall_sd._docs
     run = predict_tiles(
         sdata, model, shapes, region, plan, centers, image_key=image_key, mpp=mpp, channels=target.channels,
         dense_idx=dense_idx, reduce=reduce, batch_size=batch_size, num_workers=num_workers, device=device,
-        autocast=autocast, progress=progress, region_grid=region_grid,
+        autocast=autocast, progress=progress, region_grid=region_grid, tta=tta,
     )
 
     # ---- assemble (nothing has touched sdata so far) -----------------------------------------
@@ -202,7 +207,7 @@ def predict_expression(  # noqa: D417 - parameters from squall_sd._docs
         model, image_key=image_key, region=region.key, region_kind=region.kind, table_key=tkey, mpp=mpp,
         tile_px=model.config.img_size, layout=run.plan.layout, n_tiles=len(run.plan), reduce=reduce, spots=spots,
         spot_size_um=spot_size_um, dense_genes=dense_genes, batch_size=batch_size, device=str(run.device),
-        autocast=run.autocast, key_added=key_added,
+        autocast=run.autocast, key_added=key_added, tta=bool(tta),
     )
     out_table, undo = _assemble_table(run, target, table, tkey, region, shapes, key_added=key_added, inplace=inplace)
     set_uns(out_table, prov, "predict_expression")

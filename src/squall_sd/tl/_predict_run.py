@@ -71,6 +71,7 @@ def predict_tiles(
     autocast: bool | None,
     progress: bool,
     region_grid: Future | None = None,
+    tta: bool = False,
 ) -> PredictRun:
     """Run the tiles of ``plan`` through the model (the engine loop); ``sdata`` is not changed."""
     from squall_sd.pp import extract_patches
@@ -96,7 +97,7 @@ def predict_tiles(
     run = PredictRun(pred, plan, centers, tile_um, cfg.expr_size, dev, use_autocast)
     if dense_idx is not None:
         _dense_canvas(run, len(dense_idx))
-    step = _forward_step(model, run, mpp=mpp, channels=channels, dense_idx=dense_idx, reduce=reduce)
+    step = _forward_step(model, run, mpp=mpp, channels=channels, dense_idx=dense_idx, reduce=reduce, tta=tta)
     try:
         with on_device(model, dev):
             run_batches(loader, step, patches=patches, desc="predict_expression", progress=progress)
@@ -124,7 +125,14 @@ def _dense_canvas(run: PredictRun, n_genes: int) -> None:
 
 
 def _forward_step(
-    model: Squall, run: PredictRun, *, mpp: float, channels: np.ndarray, dense_idx: np.ndarray | None, reduce: str
+    model: Squall,
+    run: PredictRun,
+    *,
+    mpp: float,
+    channels: np.ndarray,
+    dense_idx: np.ndarray | None,
+    reduce: str,
+    tta: bool = False,
 ) -> Callable[[Any], int]:
     """Return the engine step: one forward pass per batch into ``run.pred`` (and the dense canvas)."""
     dense_t = None if dense_idx is None else [int(i) for i in dense_idx]  # channel indices
@@ -133,11 +141,12 @@ def _forward_step(
     def step(batch: Any) -> int:
         tids, rgb, w, ridx = batch
         if dense_t is None:
-            agg = model.predict(rgb, mpp, genes=genes_arg, aggregate=w, reduce=reduce, autocast=run.autocast)
+            agg = model.predict(rgb, mpp, genes=genes_arg, aggregate=w, reduce=reduce, autocast=run.autocast, tta=tta)
         else:
             # spot values and dense maps from one forward pass
             agg, dense = model.predict(
-                rgb, mpp, genes=genes_arg, aggregate=w, reduce=reduce, autocast=run.autocast, dense_genes=dense_t
+                rgb, mpp, genes=genes_arg, aggregate=w, reduce=reduce, autocast=run.autocast, dense_genes=dense_t,
+                tta=tta,
             )
             _paste_dense(run, tids.numpy(), dense)
         ridx_np = ridx.numpy()
