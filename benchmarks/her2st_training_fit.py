@@ -68,6 +68,7 @@ def main(argv=None) -> None:  # noqa: D103
     p.add_argument("--degrade-mpp", type=float, default=None,
                    help="also score the sections with their tiles degraded to this µm/px (e.g. 3.2)")
     p.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS, help="sections to score")
+    p.add_argument("--tta", action="store_true", help="also rows with test-time augmentation (model.predict(tta=True))")
     args = p.parse_args(argv)
     import torch
 
@@ -96,13 +97,15 @@ def main(argv=None) -> None:  # noqa: D103
         lines += [f"## `{model_dir}` (trained on {', '.join(train)})", "",
                   "| section | role | spots | r (785) | partial r (785) | r (top 50) | partial r (top 50) |",
                   "|---|---|---:|---:|---:|---:|---:|"]
-        runs = [(s, secs[s].patches, s) for s in args.sections]
+        runs = [(s, secs[s].patches, s, False) for s in args.sections]
         if args.degrade_mpp:
-            runs += [(s, degrade(secs[s].patches, c.mpp, args.degrade_mpp), f"{s} @ {args.degrade_mpp:g} µm/px")
+            runs += [(s, degrade(secs[s].patches, c.mpp, args.degrade_mpp), f"{s} @ {args.degrade_mpp:g} µm/px", False)
                      for s in args.sections if s.startswith("C")]  # A is ≈3.2 µm/px already
-        for s, patches, label in runs:
+        if args.tta:
+            runs += [(s, p, f"{label}, TTA", True) for s, p, label, _ in list(runs)]
+        for s, patches, label, tta in runs:
             # one forward pass per section for both gene sets
-            pred, known, _ = SA.predict_spots(model, patches, c.mpp, list(dict.fromkeys(hvg + top50)))
+            pred, known, _ = SA.predict_spots(model, patches, c.mpp, list(dict.fromkeys(hvg + top50)), tta=tta)
             col = {g: i for i, g in enumerate(known)}
             depth = np.log1p(secs[s].total_umi)
             row = []
