@@ -13,7 +13,7 @@ down-sampling of the tile, then bilinear up-sampling back to its size): patient 
 section of patient C, without looking at patient A.
 
     python benchmarks/her2st_training_fit.py src/squall_sd/models/weights/squall-tiny-her2st \
-        runs/her2st-spots/C/bundle runs/her2st-spots/A/bundle --out benchmarks/results/her2st_training_fit.md
+        runs/her2st-ms/C/bundle runs/her2st-ms/A/bundle --out benchmarks/results/her2st_training_fit.md
 """
 
 from __future__ import annotations
