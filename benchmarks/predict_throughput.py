@@ -195,18 +195,28 @@ def child(zarr: str, args: argparse.Namespace) -> None:
 
 def forward_only(zarr: str, args: argparse.Namespace) -> dict:
     """Seconds of ``model.predict`` alone on the batches ``predict_expression`` feeds it (pre-read into memory)."""
+    import torch
+
+    set_threads(args.threads)
+    model, mpp = make_model(args.workload, args.mpp)
+    model = on_device(model, args)
+    batches = forward_batches(model, mpp, zarr, args)
+    dt = time_forward(model, mpp, batches)
+    n = sum(len(b[0]) for b in batches)
+    assert isinstance(batches[0][1], torch.Tensor)
+    return {"tiles": n, "seconds": dt, "tiles_per_s": n / dt}
+
+
+def forward_batches(model, mpp: float, zarr: str, args: argparse.Namespace) -> list:
+    """The batches ``predict_expression`` feeds the model on the slide ``zarr``, read into memory."""
     from functools import partial
 
     import spatialdata as sd
-    import torch
 
     import squall_sd as squall
     from squall_sd.tl._engine import TileDataset, centers_and_extent, collate_tiles, plan_tiles
     from squall_sd.tl._inference import virtual_spots
 
-    set_threads(args.threads)
-    model, mpp = make_model(args.workload, args.mpp)
-    model = on_device(model, args)
     sdata = sd.read_zarr(zarr)
     spots, _ = virtual_spots(sdata, image_key="he", spots="visium", spot_size_um=None)
     c, h = centers_and_extent(spots)
@@ -215,22 +225,58 @@ def forward_only(zarr: str, args: argparse.Namespace) -> dict:
     patches = squall.pp.extract_patches(sdata, plan.centers, patch_px=cfg.img_size, mpp=mpp)
     ds = TileDataset(patches, spots, plan, patch_px=cfg.img_size, mpp=mpp, grid=cfg.expr_size)
     collate = partial(collate_tiles, grid=cfg.expr_size, plan=plan, sparse=True)
-    batches = [collate([ds[t] for t in range(i, min(i + args.batch_size, len(ds)))])
-               for i in range(0, len(ds), args.batch_size)]
+    return [collate([ds[t] for t in range(i, min(i + args.batch_size, len(ds)))])
+            for i in range(0, len(ds), args.batch_size)]
+
+
+def time_forward(model, mpp: float, batches: list) -> float:
+    """Seconds of ``model.predict`` over ``batches`` (each result copied to the host, so CUDA has finished)."""
     t0 = time.perf_counter()
     for _tids, rgb, w, _ridx in batches:
         model.predict(rgb, mpp, aggregate=w, reduce="sum").cpu().numpy()  # autocast: bf16 on CUDA only
-    dt = time.perf_counter() - t0
-    n = sum(len(b[0]) for b in batches)
-    assert isinstance(batches[0][1], torch.Tensor)
-    return {"tiles": n, "seconds": dt, "tiles_per_s": n / dt}
+    return time.perf_counter() - t0
+
+
+def steady(zarr: str, args: argparse.Namespace) -> dict:
+    """Per-slide cost in one warm process: after one warm-up of each, forward only and end to end alternate.
+
+    The fresh-process runs count what a first call in a new session pays (page faults, oneDNN kernel
+    set-up, first reads) on both sides; here each slide is a fresh ``read_zarr`` of the same store in a
+    process that has predicted once already, which is what each further slide of a session costs, and
+    each round's two passes run seconds apart, so a shared machine's drift touches both alike.
+    """
+    import spatialdata as sd
+
+    import squall_sd as squall
+    import squall_sd.pp  # noqa: F401
+    import squall_sd.tl  # noqa: F401
+
+    set_threads(args.threads)
+    model, mpp = make_model(args.workload, args.mpp)
+    model = on_device(model, args)
+    batches = forward_batches(model, mpp, zarr, args)
+
+    def end_to_end() -> float:
+        sdata = sd.read_zarr(zarr)
+        t0 = time.perf_counter()
+        squall.tl.predict_expression(sdata, model, spots="visium", mpp=mpp, progress=False,
+                                     batch_size=args.batch_size, num_workers=args.num_workers,
+                                     write_to_store=False, device=args.device)
+        return time.perf_counter() - t0
+
+    end_to_end(), time_forward(model, mpp, batches)  # warm-up, not counted
+    fwd, e2e = [], []
+    for _ in range(max(1, args.steady)):
+        fwd.append(time_forward(model, mpp, batches))
+        e2e.append(end_to_end())
+    return {"fwd": fwd, "e2e": e2e, "tiles": sum(len(b[0]) for b in batches)}
 
 
 def run_child(flag: str, path: Path, args: argparse.Namespace, workload: str) -> dict:
     """Run this script with ``flag`` (``--child`` / ``--forward``) on ``path`` in a fresh process."""
     cmd = [sys.executable, __file__, flag, str(path), "--workload", workload, "--mpp", str(args.mpp),
            "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers),
-           "--device", args.device]
+           "--device", args.device, "--steady", str(args.steady)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SQUALL_LOGLEVEL": "WARNING"})
@@ -278,7 +324,12 @@ def bench(workload: str, slides: dict[int, Path], args: argparse.Namespace) -> d
         fwds.append(run_child("--forward", last, args, workload))
         print(f"[{workload}] run {k + 1}: end to end {e2e[-1]:.2f} s, forward only {fwds[-1]['seconds']:.2f} s",
               flush=True)
-    return {"rows": rows, "e2e": e2e, "fwd": [r["seconds"] for r in fwds], "tiles": fwds[0]["tiles"]}
+    out = {"rows": rows, "e2e": e2e, "fwd": [r["seconds"] for r in fwds], "tiles": fwds[0]["tiles"]}
+    if args.steady:
+        out["steady"] = run_child("--steady-child", last, args, workload)
+        print(f"[{workload}] one process: forward only {out['steady']['fwd']}, end to end {out['steady']['e2e']}",
+              flush=True)
+    return out
 
 
 def results_cache_mb(results: dict[str, dict]) -> str:
@@ -326,11 +377,34 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> str:
         paired = statistics.median(f / e for f, e in zip(res["fwd"], res["e2e"], strict=False))
         lines.append(f"| {label} | {describe(wl, args)} | {n} | {fwd:.2f} | {n / fwd:.1f} | {e2e:.2f} | "
                      f"{n / e2e:.1f} | **{fwd / e2e:.2f}** | {paired:.2f} |")
+    if any("steady" in res for res in results.values()):
+        lines += [
+            "",
+            f"**Per further slide, one warm process** (`--steady {args.steady}`): after one end-to-end call and one "
+            "forward pass as warm-up, forward only and end to end alternate on a fresh `read_zarr` of the same "
+            "slide; medians, and the median of each round's ratio. The fresh-process table above also counts what "
+            "the first call of a session pays (page faults, kernel set-up, first reads), on both sides.",
+            "",
+            "| workload | tiles | forward only (s, median) | end to end (s, median) | ratio of medians "
+            "| ratio, median of the rounds' own |",
+            "|---|---|---|---|---|---|",
+        ]
+        for wl, res in results.items():
+            st = res.get("steady")
+            if st is None:
+                continue
+            f_med, e_med = statistics.median(st["fwd"]), statistics.median(st["e2e"])
+            own = statistics.median(f / e for f, e in zip(st["fwd"], st["e2e"], strict=True))
+            lines.append(f"| {wl} | {st['tiles']} | {f_med:.2f} | {e_med:.2f} | {f_med / e_med:.2f} | {own:.2f} |")
     runs = []
     for wl, res in results.items():
         e2e = ", ".join(f"{s:.2f}" for s in res["e2e"])
         fwd = ", ".join(f"{s:.2f}" for s in res["fwd"])
         runs.append(f"{wl}: end to end {e2e}, forward {fwd}")
+        if "steady" in res:
+            st = res["steady"]
+            runs.append(f"{wl}, one process: end to end {', '.join(f'{s:.2f}' for s in st['e2e'])}, "
+                        f"forward {', '.join(f'{s:.2f}' for s in st['fwd'])}")
     lines += ["", "All runs (seconds, in order): " + "; ".join(runs) + ".", ""]
     lines += [
         "## Peak memory vs slide size (one subprocess per size, peak RSS = `VmHWM`)",
@@ -379,6 +453,8 @@ def main() -> None:
                     "min(8, cores // 2) on GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--repeat", type=int, default=1, help="throughput runs on the largest slide (best is kept)")
+    ap.add_argument("--steady", type=int, default=0,
+                    help="also time N alternating rounds in one warm process (per-slide cost after the first call)")
     ap.add_argument("--workloads", nargs="+", default=["bundled", "worst"], choices=["bundled", "worst", "large"])
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on CUDA)")
     ap.add_argument("--out", default=None, help="also write the report here (default: only the two md files)")
@@ -386,7 +462,11 @@ def main() -> None:
     ap.add_argument("--workload", default="worst", help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=1, help=argparse.SUPPRESS)
     ap.add_argument("--forward", nargs=1, help=argparse.SUPPRESS)
+    ap.add_argument("--steady-child", nargs=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.steady_child:
+        print(json.dumps(steady(args.steady_child[0], args)))
+        return
     if args.child:
         child(args.child[0], args)
         return
