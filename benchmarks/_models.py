@@ -337,12 +337,14 @@ def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def dihedral_mean(predict: Callable[[np.ndarray], np.ndarray], tiles: np.ndarray) -> np.ndarray:
     """Test-time augmentation of a per-tile predictor: the mean of ``predict`` over the 8 rotations and
-    mirror images of the (n, H, W, 3) tiles (the views of ``squall`` ``model.predict(tta=True)``)."""
+    mirror images of the (n, H, W, 3) tiles, the views of ``squall`` ``model.predict(tta=True)``
+    (:data:`squall_sd.models._inference.DIHEDRAL`: ``k`` quarter turns, then mirrored left-right)."""
+    from squall_sd.models._inference import DIHEDRAL
+
     views = []
-    for flip in (False, True):
-        for k in range(4):
-            v = np.rot90(tiles, k, axes=(1, 2))
-            views.append(predict(np.ascontiguousarray(v[:, :, ::-1] if flip else v)))
+    for k, flip in DIHEDRAL:
+        v = np.rot90(tiles, k, axes=(1, 2))
+        views.append(predict(np.ascontiguousarray(v[:, :, ::-1] if flip else v)))
     return np.mean(views, axis=0)
 
 

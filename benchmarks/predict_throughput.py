@@ -150,6 +150,16 @@ def output_bytes(sdata) -> int:
     return n + 16 * len(spots)  # point coordinates (x, y float64)
 
 
+def predict_slide(sdata, model, mpp: float, args: argparse.Namespace) -> float:
+    """Seconds of one ``tl.predict_expression`` call on ``sdata``, with the options the benchmark measures."""
+    import squall_sd as squall
+
+    t0 = time.perf_counter()
+    squall.tl.predict_expression(sdata, model, spots="visium", mpp=mpp, progress=False, batch_size=args.batch_size,
+                                 num_workers=args.num_workers, write_to_store=False, device=args.device)
+    return time.perf_counter() - t0
+
+
 def child(zarr: str, args: argparse.Namespace) -> None:
     """Run predict_expression on one slide and print a JSON line (tiles, seconds, peak RSS)."""
     import spatialdata as sd
@@ -173,10 +183,7 @@ def child(zarr: str, args: argparse.Namespace) -> None:
     squall.pp.extract_patches = counting
     reset_peak_rss()
     rss0 = peak_rss_mb()
-    t0 = time.perf_counter()
-    squall.tl.predict_expression(sdata, model, spots="visium", mpp=mpp, progress=False, batch_size=args.batch_size,
-                                 num_workers=args.num_workers, write_to_store=False, device=args.device)
-    dt = time.perf_counter() - t0
+    dt = predict_slide(sdata, model, mpp, args)
     rss1 = peak_rss_mb()
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if args.device != "cpu" else None
     ds = made[0]
@@ -247,8 +254,7 @@ def steady(zarr: str, args: argparse.Namespace) -> dict:
     """
     import spatialdata as sd
 
-    import squall_sd as squall
-    import squall_sd.pp  # noqa: F401
+    import squall_sd.pp  # noqa: F401 - imports outside the timed region
     import squall_sd.tl  # noqa: F401
 
     set_threads(args.threads)
@@ -257,12 +263,7 @@ def steady(zarr: str, args: argparse.Namespace) -> dict:
     batches = forward_batches(model, mpp, zarr, args)
 
     def end_to_end() -> float:
-        sdata = sd.read_zarr(zarr)
-        t0 = time.perf_counter()
-        squall.tl.predict_expression(sdata, model, spots="visium", mpp=mpp, progress=False,
-                                     batch_size=args.batch_size, num_workers=args.num_workers,
-                                     write_to_store=False, device=args.device)
-        return time.perf_counter() - t0
+        return predict_slide(sd.read_zarr(zarr), model, mpp, args)
 
     end_to_end(), time_forward(model, mpp, batches)  # warm-up, not counted
     fwd, e2e = [], []
@@ -273,7 +274,7 @@ def steady(zarr: str, args: argparse.Namespace) -> dict:
 
 
 def run_child(flag: str, path: Path, args: argparse.Namespace, workload: str) -> dict:
-    """Run this script with ``flag`` (``--child`` / ``--forward``) on ``path`` in a fresh process."""
+    """Run this script with ``flag`` (``--child``, ``--forward``, ``--steady-child``) on ``path``, fresh process."""
     cmd = [sys.executable, __file__, flag, str(path), "--workload", workload, "--mpp", str(args.mpp),
            "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers),
            "--device", args.device, "--steady", str(args.steady)]
