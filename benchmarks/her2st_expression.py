@@ -73,12 +73,15 @@ def parse_args(argv=None):
         metavar="SPLIT=MODEL",
         help="a model used in ONE split only (ASCII split names), e.g. C2A=runs/her2st-cpu2/C/bundle: "
         "the cross-patient model of a recipe, trained on that split's training patient. Its rows are "
-        "named after --split-label, so the two splits' models share one row name. Repeatable.",
+        "named after --split-label, so the two splits' models share one row name. Repeatable, also "
+        "per split: the n-th model given for a split takes the n-th --split-label.",
     )
     p.add_argument(
         "--split-label",
-        default="squall-tiny-her2st recipe, training patient only",
-        help="row label of the --split-model models",
+        action="append",
+        default=[],
+        help="row label of the --split-model models; repeat it to name the second, third ... model of "
+        "each split (default: 'squall-tiny-her2st recipe, training patient only')",
     )
     p.add_argument(
         "--cnn-pack-mpp",
@@ -138,13 +141,17 @@ def parse_args(argv=None):
     if not args.model:
         args.model = ["random:squall-tiny"]
     args.model = [m for m in args.model if m != "none"]
-    split_model = {}
+    labels = args.split_label or ["squall-tiny-her2st recipe, training patient only"]
+    split_model = []  # (split, model, row label): the n-th model of a split takes the n-th label
     for item in args.split_model:
         sp, _, spec = item.partition("=")
         sp = sp.strip().replace("2", "→") if "→" not in sp else sp.strip()
         if sp not in SPLITS or not spec:
             p.error(f"--split-model expects SPLIT=MODEL with SPLIT in C2A, A2C; got {item!r}")
-        split_model[sp] = spec
+        n = sum(s == sp for s, _, _ in split_model)
+        if n >= len(labels):
+            p.error(f"--split-model: {n + 1} models for {sp} but {len(labels)} --split-label; name each one")
+        split_model.append((sp, spec, labels[n]))
     args.split_model = split_model
     args.cnn_arch = [a.strip() for a in args.cnn_arch.split(",") if a.strip()]
     bad = [a for a in args.cnn_arch if a not in M.CNN_ARCHS]
@@ -211,9 +218,9 @@ def run(args) -> dict:
 
     # squall models: load once; embed all tiles once per model
     model_rows = {}
-    todo = [(spec, spec, None) for spec in args.model]
-    todo += [(f"{args.split_label} ({sp})", spec, sp) for sp, spec in args.split_model.items()]
-    for key, spec, only in todo:
+    todo = [(spec, spec, None, spec) for spec in args.model]
+    todo += [(f"{label} ({sp})", spec, sp, label) for sp, spec, label in args.split_model]
+    for key, spec, only, label in todo:
         try:
             model = SA.load_model(spec, seed=args.seed)
             t = time.time()
@@ -224,7 +231,7 @@ def run(args) -> dict:
                 "embed_s": time.time() - t,
                 "note": "",
                 "split": only,
-                "label": args.split_label if only else spec,
+                "label": label,
                 "spec": spec,
             }
             log(

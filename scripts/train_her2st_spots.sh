@@ -5,6 +5,10 @@
 #   bash scripts/train_her2st_spots.sh AC   # bundled model (after phase 1: configs/README.md): train A1, A2, C2-C5; validate on C6
 #   bash scripts/train_her2st_spots.sh C    # cross-patient model (tested on A): train C2-C5; validate on C6
 #   bash scripts/train_her2st_spots.sh A    # cross-patient model (tested on C): train A1; validate on A2
+#   bash scripts/train_her2st_spots.sh C-refit   # then: every section of the training patient (C2-C6),
+#   bash scripts/train_her2st_spots.sh A-refit   # (A1, A2; AC-refit: all seven) for a fixed EPOCHS (default 39) with a cosine
+#       schedule over them and no validation: the data and budget the CNN baseline of
+#       benchmarks/her2st_expression.py gets; exported from checkpoints/last (see configs/README.md)
 # Re-running the same command resumes from the last checkpoint. Extra arguments are passed to
 # `squall train` (e.g. --set trainer.max_steps=100). One thread per run (OMP_NUM_THREADS).
 set -euo pipefail
@@ -18,10 +22,18 @@ case $1 in
   AC) train="[$D/A1,$D/A2,$D/C2,$D/C3,$D/C4,$D/C5]"; val="[$D/C6]" ;;
   C) train="[$D/C2,$D/C3,$D/C4,$D/C5]"; val="[$D/C6]" ;;
   A) train="[$D/A1]"; val="[$D/A2]" ;;
-  *) echo "usage: $0 AC|C|A [squall train options]" >&2; exit 2 ;;
+  C-refit) train="[$D/C2,$D/C3,$D/C4,$D/C5,$D/C6]"; val=null ;;
+  A-refit) train="[$D/A1,$D/A2]"; val=null ;;
+  AC-refit) train="[$D/A1,$D/A2,$D/C2,$D/C3,$D/C4,$D/C5,$D/C6]"; val=null ;;
+  *) echo "usage: $0 AC|C|A|AC-refit|C-refit|A-refit [squall train options]" >&2; exit 2 ;;
 esac
 m=$1; shift
 r=${RUNS:-../../runs/her2st-spots}/$m
+fixed=()
+if [[ $val == null ]]; then  # no validation: a fixed number of epochs, the cosine schedule spans them
+  fixed=(--set trainer.max_steps=-1 --set trainer.max_epochs=${EPOCHS:-39}
+         --set trainer.early_stopping=null --set checkpoint.best=null)
+fi
 nice -n ${NICE:-5} $SQUALL train finetune configs/her2st/spots_finetune_tiny.yaml \
   --set run_dir=$r/finetune --set "data.train=$train" --set "data.val=$val" \
-  --set task.genes=$D/panel.txt "$@"
+  --set task.genes=$D/panel.txt "${fixed[@]}" "$@"

@@ -170,3 +170,41 @@ def test_early_stopping_and_best_checkpoint_share_the_metric_direction(spot_shar
     cfg["trainer"]["early_stopping"] = {"monitor": "val/loss", "patience": 2}
     trainer, _, _ = _build_trainer(cfg, tmp_path / "run", [])
     assert [c for c in trainer.callbacks if isinstance(c, EarlyStopping)][0].mode == "min"
+
+
+def test_ema_weights_are_checkpointed_and_exported(spot_shards, tmp_path):
+    """optim.ema_decay: checkpoints and their exports hold the moving average, not the raw weights."""
+    cfg = base_config(
+        spot_shards,
+        tmp_path / "run",
+        model={"name": "squall-tiny", "overrides": {**SPOT_MODEL, "stem": "conv", "init": "trunc_normal"}},
+        data={"val": str(spot_shards), "max_tiles": 8, "batch_size": 4},
+        optim={"ema_decay": 0.5},
+        trainer={"max_steps": 6},
+        checkpoint={"every_n_steps": 4, "best": "val/pearson"},
+        task={"type": "expression", "level": "spot", "standardize": "section"},
+    )
+    result = train.finetune(cfg)
+    ckdir = result.run_dir / "checkpoints"
+    # mid-run checkpoints keep both; at the end Lightning copies the average into the model, so the
+    # final last.ckpt holds the average twice
+    for name, mid_run in (("step=4", True), ("best", True), ("last", False)):
+        ck = torch.load(ckdir / f"{name}.ckpt", map_location="cpu", weights_only=False)
+        averaged, raw = ck["state_dict"], ck["current_model_state"]
+        weights = [k for k in averaged if k.startswith("model.") and averaged[k].is_floating_point()]
+        differ = [k for k in weights if not torch.equal(averaged[k], raw[k])]
+        assert weights and bool(differ) == mid_run, name
+        exported = squall.models.load(ckdir / name).state_dict()
+        for k in weights:
+            torch.testing.assert_close(exported[k[len("model."):]], averaged[k], rtol=0, atol=0)
+    # the run resumes from last.ckpt with its average (Lightning restores it) and goes on
+    cfg["trainer"]["max_steps"] = 8
+    assert max(h["step"] for h in train.finetune(cfg).history) == 8
+
+
+def test_ema_decay_is_checked():
+    from squall_sd.train._config import load_config
+
+    for bad in (1.0, 0, -0.5, "fast"):
+        with pytest.raises(ValueError, match="ema_decay"):
+            load_config({"optim": {"ema_decay": bad}})

@@ -35,6 +35,9 @@ writes beside its checkpoints.
       total_steps: null               # length of the cosine schedule; default trainer.max_steps
       lr_scale: {}                    # lr multipliers by parameter-name prefix, e.g.
                                       # {model.encoder.: 0.1} (longest matching prefix wins)
+      ema_decay: null                 # e.g. 0.998: keep an exponential moving average of the
+                                      # weights (Lightning's EMAWeightAveraging); validation,
+                                      # checkpoints and exports then use the averaged weights
     trainer:
       max_steps: 100
       max_epochs: null
@@ -126,6 +129,7 @@ DEFAULTS: dict[str, Any] = {
         "min_lr": 1.0e-6,
         "total_steps": None,
         "lr_scale": {},
+        "ema_decay": None,
     },
     "trainer": {
         "max_steps": 100,
@@ -306,6 +310,11 @@ def _validate(cfg: Mapping[str, Any]) -> None:
         )
     if task["outcome"] not in ("survival", "binary"):
         raise ValueError(f"task.outcome must be 'survival' or 'binary'; found {task['outcome']!r}.")
+    ema = cfg["optim"].get("ema_decay")
+    if ema is not None and not (isinstance(ema, (int, float)) and 0.0 < float(ema) < 1.0):
+        raise ValueError(
+            f"optim.ema_decay must be null or a number between 0 and 1 (e.g. 0.998); found {ema!r}."
+        )
     es = tr.get("early_stopping")
     if es is not None:
         if not isinstance(es, Mapping) or "monitor" not in es:

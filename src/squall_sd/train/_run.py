@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint, WeightAveraging
 
 from squall_sd._logging import logger
 from squall_sd._sdata import staged
@@ -154,7 +154,8 @@ class ExportCheckpoint(ModelCheckpoint):
         module = trainer.lightning_module
         if self.export:
             with staged(Path(filepath).with_suffix(""), mkdir=False) as tmp:
-                module.export(tmp)
+                # with optim.ema_decay the checkpoint holds the averaged weights: export those too
+                (_averaged_module(trainer) or module).export(tmp)
                 _write_beside(tmp, trainer, module)
         _write_beside(Path(filepath).parent, trainer, module)
 
@@ -163,6 +164,17 @@ class ExportCheckpoint(ModelCheckpoint):
         if trainer.global_step != self._last_step_saved and trainer.global_step > 0:
             monitor_candidates = self._monitor_candidates(trainer)
             self._save_last_checkpoint(trainer, monitor_candidates)
+
+
+def _averaged_module(trainer: pl.Trainer) -> SquallModule | None:
+    """Return the weight-averaged copy of the module kept by a WeightAveraging callback (EMA), if any."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, WeightAveraging):
+            # Lightning keeps the AveragedModel privately; it writes the same weights into every
+            # checkpoint's state_dict (tests/train/test_recipe_options.py checks the two agree)
+            averaged = getattr(cb, "_average_model", None)
+            return None if averaged is None else averaged.module
+    return None
 
 
 class _History(Callback):
@@ -276,6 +288,9 @@ def _build_trainer(
                 enable_version_counter=False,
             )
         )
+    ema = cfg["optim"].get("ema_decay")
+    if ema is not None:
+        extra.append(EMAWeightAveraging(decay=float(ema)))
     es = t.get("early_stopping")
     if es:
         from lightning.pytorch.callbacks import EarlyStopping
