@@ -100,6 +100,8 @@ def _load_section_package(root: Path, name: str) -> Section | None:
             image_scale=float(row["coord_scale_to_image"]) if image else None,
             section=name,
         )
+        if image:  # spots that are off their tissue are moved onto it (A2's PNG copy; see pp.register_spots)
+            squall_sd.pp.register_spots(sdata)
     except NotImplementedError:
         return None
     adata = sdata.tables["table"]
@@ -203,7 +205,7 @@ def cache_key(
     names: list[str], mpp: float, size: int, black_to_white: bool, extra: str = ""
 ) -> str:
     """Short hash of everything that determines a section's tiles."""
-    payload = json.dumps([sorted(names), round(mpp, 4), size, black_to_white, extra, 2])
+    payload = json.dumps([sorted(names), round(mpp, 4), size, black_to_white, extra, 3])  # 3: registered spots
     return hashlib.sha1(payload.encode()).hexdigest()[:10]
 
 

@@ -17,6 +17,7 @@ from squall_sd.pp._rasterize import (
     rasterize_expression,
     region_weights,
 )
+from squall_sd.pp._register import register_spots
 from squall_sd.pp._spots import make_spots
 from squall_sd.pp._stain import estimate_white_point, he_stain_jitter, normalize_stain
 from squall_sd.pp._tissue import detect_tissue
@@ -38,6 +39,7 @@ __all__ = [
     "normalize_gene_name",
     "normalize_stain",
     "pyramid_levels",
+    "register_spots",
     "rasterize_expression",
     "region_weights",
 ]
