@@ -16,9 +16,9 @@ SQUALL=${SQUALL:-squall}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 D=../../${DATA:-data/her2st-spots112}
 case $1 in
-  # A2 trains rather than validates the bundled model: in the A-only run no epoch improved r on A2 by
-  # more than noise (val r <= 0.02), and with A2 + C6 as validation the AC run stopped at epoch 8, before
-  # its C sections were fitted (training top-50 r 0.25-0.37); see configs/README.md
+  # A2 trains rather than validates the bundled model: with A2 + C6 as validation the AC run stopped at
+  # epoch 8, before its C sections were fitted (training top-50 r 0.25-0.37); that choice was made while
+  # A2's spots were still off its tissue (val r <= 0.02 then, 0.061 since); see configs/README.md
   AC) train="[$D/A1,$D/A2,$D/C2,$D/C3,$D/C4,$D/C5]"; val="[$D/C6]" ;;
   C) train="[$D/C2,$D/C3,$D/C4,$D/C5]"; val="[$D/C6]" ;;
   A) train="[$D/A1]"; val="[$D/A2]" ;;

@@ -31,6 +31,18 @@ def spot_shards(example_sdata, tmp_path_factory):
     )
 
 
+def _validated_expression_config(spot_shards, run_dir, **sections):
+    """The recipe's model (conv stem) on 8 spot tiles, validated on them, spot-level expression."""
+    return base_config(
+        spot_shards,
+        run_dir,
+        model={"name": "squall-tiny", "overrides": {**SPOT_MODEL, "stem": "conv", "init": "trunc_normal"}},
+        data={"val": str(spot_shards), "max_tiles": 8, "batch_size": 4},
+        task={"type": "expression", "level": "spot", "standardize": "section"},
+        **sections,
+    )
+
+
 def test_spot_centred_tiles_hold_their_spot_at_the_centre(example_sdata, spot_shards):
     man = read_manifest(spot_shards)
     n_spots = example_sdata.tables["table"].n_obs
@@ -83,14 +95,11 @@ def test_colour_and_blur_augmentation(spot_shards):
 
 
 def test_early_stopping_keeps_the_best_checkpoint(spot_shards, tmp_path):
-    cfg = base_config(
+    cfg = _validated_expression_config(
         spot_shards,
         tmp_path / "run",
-        model={"name": "squall-tiny", "overrides": {**SPOT_MODEL, "stem": "conv", "init": "trunc_normal"}},
-        data={"val": str(spot_shards), "max_tiles": 8, "batch_size": 4},
         trainer={"max_steps": 40, "early_stopping": {"monitor": "val/loss", "patience": 1, "min_delta": 10.0}},
         checkpoint={"every_n_steps": 0, "best": "val/loss"},
-        task={"type": "expression", "level": "spot", "standardize": "section"},
     )
     result = train.finetune(cfg)
     # max_tiles 8 / batch 4 = 2 steps an epoch; min_delta 10 means no epoch counts as an improvement, so
@@ -174,15 +183,12 @@ def test_early_stopping_and_best_checkpoint_share_the_metric_direction(spot_shar
 
 def test_ema_weights_are_checkpointed_and_exported(spot_shards, tmp_path):
     """optim.ema_decay: checkpoints and their exports hold the moving average, not the raw weights."""
-    cfg = base_config(
+    cfg = _validated_expression_config(
         spot_shards,
         tmp_path / "run",
-        model={"name": "squall-tiny", "overrides": {**SPOT_MODEL, "stem": "conv", "init": "trunc_normal"}},
-        data={"val": str(spot_shards), "max_tiles": 8, "batch_size": 4},
         optim={"ema_decay": 0.5},
         trainer={"max_steps": 6},
         checkpoint={"every_n_steps": 4, "best": "val/pearson"},
-        task={"type": "expression", "level": "spot", "standardize": "section"},
     )
     result = train.finetune(cfg)
     ckdir = result.run_dir / "checkpoints"
