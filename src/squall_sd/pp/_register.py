@@ -14,6 +14,7 @@ from spatialdata import SpatialData
 from squall_sd._logging import logger
 from squall_sd._sdata import affine_to_microns, apply_affine, check_key, check_positive
 from squall_sd.pp._tissue import MAX_WORKING_PIXELS, _closing, _fill_holes, coarse_image, tissue_mask
+from squall_sd.pp._utils import centers_from
 
 
 def register_spots(
@@ -85,8 +86,7 @@ def register_spots(
     shapes = check_key(sdata, spots_key, "shapes")
     check_key(sdata, image_key, "images")
     to_um = affine_to_microns(shapes)
-    c = shapes.geometry.centroid
-    xy_um = apply_affine(to_um, np.column_stack([c.x.to_numpy(), c.y.to_numpy()]))
+    xy_um = centers_from(sdata, spots_key)
     if len(xy_um) < 3:
         raise ValueError(f"`sdata.shapes[{spots_key!r}]` has {len(xy_um)} spots; registration needs at least 3.")
     dist, _ = cKDTree(xy_um).query(xy_um, k=2)
@@ -150,12 +150,14 @@ def register_spots(
         hit[ok] = tissue[p[ok, 1], p[ok, 0]]
         return float(hit.mean())
 
-    applied = bool(inplace and after - before >= min_gain)
+    moves = after - before >= min_gain
+    placed_um = move(xy_um) if moves else xy_um
+    applied = bool(inplace and moves)
     result = {
         "iou_before": before,
-        "iou_after": after if after - before >= min_gain else before,
+        "iou_after": after if moves else before,
         "on_tissue_before": on_tissue(xy_um),
-        "on_tissue_after": on_tissue(move(xy_um)) if after - before >= min_gain else on_tissue(xy_um),
+        "on_tissue_after": on_tissue(placed_um),
         "shift_um": (float(shift_um[0]), float(shift_um[1])),
         "scale": scale,
         "pitch_um": pitch_um,
@@ -164,7 +166,7 @@ def register_spots(
     }
     if not applied:
         return result
-    new_px = apply_affine(np.linalg.inv(to_um), move(xy_um))
+    new_px = apply_affine(np.linalg.inv(to_um), placed_um)
     moved = shapes.copy()  # keeps the radius column and the transformations (in .attrs)
     moved["geometry"] = gpd.GeoSeries(shapely.points(new_px), index=moved.index, crs=moved.crs)
     sdata.shapes[spots_key] = moved
