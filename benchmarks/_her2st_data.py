@@ -1,6 +1,6 @@
 """her2st data for the benchmarks: counts, spot centres, µm/px and spot-centred H&E tiles.
 
-Sections are read with the package's reader (``squall_sd.io.legacy_st``) and tiles cut with its
+Sections are read with the package's reader (``squall_sd.datasets.her2st``) and tiles cut with its
 patch extractor (``squall_sd.pp.extract_patches``) when those exist, so the benchmark exercises the
 package; otherwise (or with ``--no-package``) ../shared/data/her2st is read directly (pandas + PIL).
 Tiles and hand-made features are cached in ``benchmarks/results/cache/`` (gitignored).
@@ -84,24 +84,18 @@ def load_section_direct(root: Path, name: str) -> Section:
 
 
 def _load_section_package(root: Path, name: str) -> Section | None:
-    """Read one section with ``squall_sd.io.legacy_st``; None while the reader is not available."""
+    """Read one section with ``squall_sd.datasets.her2st`` (``io.legacy_st``, then ``pp.register_spots``:
+    spots that are off their tissue, as A2's in its PNG copy, are moved onto it); None while the
+    reader is not available."""
     try:
         import squall_sd
 
-        reader = getattr(squall_sd.io, "legacy_st", None)
+        reader = getattr(squall_sd.datasets, "her2st", None)
         if reader is None:
             return None
         row = pd.read_csv(root / "sections.csv", index_col=0).loc[name]
         image = row["image"] if isinstance(row["image"], str) else None
-        sdata = reader(
-            root / "counts" / f"{name}.tsv.gz",
-            root / "spots" / f"{name}_selection.tsv",
-            (root / image) if image else None,
-            image_scale=float(row["coord_scale_to_image"]) if image else None,
-            section=name,
-        )
-        if image:  # spots that are off their tissue are moved onto it (A2's PNG copy; see pp.register_spots)
-            squall_sd.pp.register_spots(sdata)
+        sdata = reader(name, root, labels=False)
     except NotImplementedError:
         return None
     adata = sdata.tables["table"]
@@ -116,7 +110,7 @@ def _load_section_package(root: Path, name: str) -> Section | None:
         centres_px=centres_um / mpp_img,
         image_path=(root / image) if image else None,
         image_mpp=mpp_img,
-        meta={"reader": "squall_sd.io.legacy_st", "sdata": sdata},
+        meta={"reader": "squall_sd.datasets.her2st", "sdata": sdata},
     )
     return sec
 
