@@ -15,11 +15,15 @@ set -euo pipefail
 SQUALL=${SQUALL:-squall}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 D=../../${DATA:-data/her2st-spots112}
+cap=()
 case $1 in
   # A2 trains rather than validates the bundled model: with A2 + C6 as validation the AC run stopped at
   # epoch 8, before its C sections were fitted (training top-50 r 0.25-0.37); that choice was made while
   # A2's spots were still off its tissue (val r <= 0.02 then, 0.061 since); see configs/README.md
-  AC) train="[$D/A1,$D/A2,$D/C2,$D/C3,$D/C4,$D/C5]"; val="[$D/C6]" ;;
+  # Its cap is 40 epochs (6,920 steps of its 5,538 tiles; the C model's run ended at 39 epochs): with the
+  # config's 4,000 steps (23 epochs) it ran to the end of its cosine schedule before early stopping could
+  # act (val r 0.136, still rising); with 40 epochs its last 8 did not improve on epoch 31 (val r 0.144; early stopping's patience)
+  AC) train="[$D/A1,$D/A2,$D/C2,$D/C3,$D/C4,$D/C5]"; val="[$D/C6]"; cap=(--set trainer.max_steps=6920) ;;
   C) train="[$D/C2,$D/C3,$D/C4,$D/C5]"; val="[$D/C6]" ;;
   A) train="[$D/A1]"; val="[$D/A2]" ;;
   C-refit) train="[$D/C2,$D/C3,$D/C4,$D/C5,$D/C6]"; val=null ;;
@@ -36,4 +40,4 @@ if [[ $val == null ]]; then  # no validation: a fixed number of epochs, the cosi
 fi
 nice -n ${NICE:-5} $SQUALL train finetune configs/her2st/spots_finetune_tiny.yaml \
   --set run_dir=$r/finetune --set "data.train=$train" --set "data.val=$val" \
-  --set task.genes=$D/panel.txt "${fixed[@]}" "$@"
+  --set task.genes=$D/panel.txt "${cap[@]}" "${fixed[@]}" "$@"
