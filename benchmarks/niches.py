@@ -12,6 +12,7 @@
     python benchmarks/niches.py --skip-cellcharter --seeds 3
     python benchmarks/niches.py --dev                # development sections E1, F1, G2, H1 (authors' clusters)
     python benchmarks/niches.py --from-he MODEL_DIR  # A1 from its H&E alone (predicted expression, embeddings)
+    python benchmarks/niches.py --from-he MODEL_DIR --dev  # the same on the model's validation sections (development check)
 
 ``--from-he`` scores niches found from the H&E alone on the labelled sections that have one (A1):
 expression predicted by a model that never saw the section's patient (e.g. one trained on patient C
@@ -280,9 +281,11 @@ def run_her2st(sections: tuple[str, ...], seeds: list[int], cc_seeds: list[int],
     return pd.DataFrame(rows)
 
 
-def he_inputs(sec: str, model_dir: str) -> dict[str, object]:
+def he_inputs(sec: str, model_dir: str, validation: bool = False) -> dict[str, object]:
     """The inputs of section ``sec`` for the H&E comparison: measured counts, predicted expression and
-    H&E embeddings from the model in ``model_dir``, each an AnnData with ``X_pca`` over the same spots."""
+    H&E embeddings from the model in ``model_dir``, each an AnnData with ``X_pca`` over the same spots.
+    ``sec`` must be of a patient the model never saw, or with ``validation=True`` one of its validation
+    sections (the development check of ``--from-he MODEL --dev``)."""
     import anndata as ad
     import scanpy as sc
 
@@ -292,7 +295,10 @@ def he_inputs(sec: str, model_dir: str) -> dict[str, object]:
     if not sdata.images:
         raise SystemExit(f"{sec} has no H&E in {SHARED / 'her2st' / 'images'}")
     seen = _trained_on(Path(model_dir)).split(", ")
-    if any(t[:1] == sec[:1] for t in seen):
+    if validation:
+        if sec not in _validated_on(Path(model_dir)):
+            raise SystemExit(f"{sec} is not a validation section of {model_dir}")
+    elif any(t[:1] == sec[:1] for t in seen):
         raise SystemExit(f"{model_dir} was trained on {', '.join(seen)}: patient {sec[:1]} is not held out.")
     model = squall.models.load(model_dir)
     table = sdata.tables["table"]
@@ -354,11 +360,21 @@ def _trained_on(model_dir: Path) -> str:
     return ", ".join(sections["train"]) or "unknown"
 
 
-def run_he(model_dir: str, seeds: list[int], cc_seeds: list[int], skip_cc: bool) -> pd.DataFrame:
-    """Every method on measured counts, predicted expression and embeddings of the sections with an H&E."""
+def _validated_on(model_dir: Path) -> list[str]:
+    """The validation sections of a model exported by ``squall train`` (empty if unknown)."""
+    from _her2st_data import run_sections
+
+    sections = run_sections(model_dir)
+    return [] if sections is None else list(sections["val"])
+
+
+def run_he(model_dir: str, seeds: list[int], cc_seeds: list[int], skip_cc: bool, dev: bool = False) -> pd.DataFrame:
+    """Every method on measured counts, predicted expression and embeddings of the sections with an H&E:
+    the labelled sections of :data:`SECTIONS`, or with ``dev`` the model's validation sections."""
     rows = []
-    for sec in [s for s in SECTIONS if any((SHARED / "her2st" / "images").glob(f"{s}.*"))]:
-        for inp, base in he_inputs(sec, model_dir).items():
+    candidates = _validated_on(Path(model_dir)) if dev else SECTIONS
+    for sec in [s for s in candidates if any((SHARED / "her2st" / "images").glob(f"{s}.*"))]:
+        for inp, base in he_inputs(sec, model_dir, validation=dev).items():
             for name, seed, a, labels, _ in each_method(base, seeds, cc_seeds, skip_cc):
                 rows.append({"input": inp, "method": name, "section": sec, "seed": seed, **_scores(a, labels)})
                 print(f"  {sec} {inp} {name} seed={seed}: ARI={rows[-1]['ari']:.3f} NMI={rows[-1]['nmi']:.3f} "
@@ -532,7 +548,8 @@ def main() -> None:
         "--dev",
         action="store_true",
         help="development sections E1, F1, G2, H1 (patients not in the evaluation) scored against the authors' "
-        "expression clusters instead of A1, C1, D1 against the pathologist; implies --skip-xenium",
+        "expression clusters instead of A1, C1, D1 against the pathologist; implies --skip-xenium. With "
+        "--from-he: the H&E comparison on the model's validation sections against those clusters",
     )
     args = ap.parse_args()
     global REFERENCE
@@ -540,7 +557,8 @@ def main() -> None:
     if args.dev:
         sections, REFERENCE, args.skip_xenium = DEV_SECTIONS, "her2st_cluster", True
     if args.out is None:
-        name = "niches_he.md" if args.from_he else "niches_dev.md" if args.dev else "niches.md"
+        name = ("niches_he_dev.md" if args.dev else "niches_he.md") if args.from_he else (
+            "niches_dev.md" if args.dev else "niches.md")
         args.out = str(HERE / "results" / name)
     if args.xenium_child:
         xenium_child(args.xenium_child, args.xenium_candidates)
@@ -568,21 +586,34 @@ def main() -> None:
             cc_ok = False
     if args.from_he:
         args.skip_her2st = args.skip_xenium = True
-        df = run_he(args.from_he, list(range(args.seeds)), list(range(args.cellcharter_seeds)), not cc_ok)
+        df = run_he(args.from_he, list(range(args.seeds)), list(range(args.cellcharter_seeds)), not cc_ok, args.dev)
         df.to_csv(Path(args.out).with_suffix(".csv"), index=False)
         model = json.loads((Path(args.from_he) / "config.json").read_text())["config"]
         trained = _trained_on(Path(args.from_he))
-        parts += [
-            "## her2st A1 from its H&E alone",
-            "",
-            f"Model: `{args.from_he}` (`{model['name']}`, trained on: {trained}). It must not have seen "
-            "patient A. Inputs over the same spots: the measured counts (CP10k + log1p → PCA), the expression it "
-            "predicts from the H&E (log1p(CP10k) → PCA) and its H&E embeddings (`tl.embed`, `X_squall` → PCA). "
-            "ARI / NMI against the pathologist's regions, mean ± sd over seeds; no method sees the labels.",
-            "",
-            he_table(df),
-            "",
-        ]
+        if args.dev:
+            secs = ", ".join(dict.fromkeys(df["section"]))
+            parts += [
+                f"## Development check: {secs} (validation sections of the model) from the H&E alone",
+                "",
+                f"Model: `{args.from_he}` (`{model['name']}`, trained on: {trained}; {secs} chose its epoch). "
+                "Inputs as in the A1 comparison; ARI / NMI against the her2st authors' expression clusters "
+                "(`clusters/`), not pathologist labels; mean ± sd over seeds.",
+                "",
+                he_table(df),
+                "",
+            ]
+        else:
+            parts += [
+                "## her2st A1 from its H&E alone",
+                "",
+                f"Model: `{args.from_he}` (`{model['name']}`, trained on: {trained}). It must not have seen "
+                "patient A. Inputs over the same spots: the measured counts (CP10k + log1p → PCA), the expression it "
+                "predicts from the H&E (log1p(CP10k) → PCA) and its H&E embeddings (`tl.embed`, `X_squall` → PCA). "
+                "ARI / NMI against the pathologist's regions, mean ± sd over seeds; no method sees the labels.",
+                "",
+                he_table(df),
+                "",
+            ]
     if not args.skip_her2st:
         df = run_her2st(sections, list(range(args.seeds)), list(range(args.cellcharter_seeds)), not cc_ok)
         df.to_csv(Path(args.out).with_suffix(".her2st.csv"), index=False)

@@ -51,3 +51,77 @@ def test_estimate_white_point(mob_raw):
     sdata = make_sdata(image=image_element(mob_raw[0], {"microns": microns_scale(3.0)}))
     wp = squall.pp.estimate_white_point(sdata)
     assert wp.shape == (3,) and (wp > 180).all() and (wp <= 255).all()
+
+
+@pytest.fixture
+def example():
+    return squall.datasets.example()
+
+
+def _scale0(sdata, key):
+    return np.asarray(sdata.images[key]["scale0"]["image"].data)
+
+
+def test_stain_statistics(example):
+    st = squall.pp.stain_statistics(example)
+    assert set(st) == {"lab_mean", "lab_std", "n_images"} and st["n_images"] == 1
+    # H&E tissue: mid lightness, pink-purple (a > 0, b < 0)
+    assert 30 < st["lab_mean"][0] < 80 and st["lab_mean"][1] > 5 and st["lab_mean"][2] < 0
+    both = squall.pp.stain_statistics([example, example])
+    assert both["n_images"] == 2
+    np.testing.assert_allclose(both["lab_mean"], st["lab_mean"])
+    white = make_sdata(image=image_element(np.full((3, 256, 256), 250, np.uint8), {"microns": microns_scale(4.0)}))
+    with pytest.raises(ValueError, match="too few for colour statistics"):
+        squall.pp.stain_statistics(white)
+    with pytest.raises(ValueError, match="background"):
+        squall.pp.stain_statistics(example, background=0)
+    with pytest.raises(KeyError):
+        squall.pp.stain_statistics(example, image_key="nope")
+
+
+def test_match_stain(example):
+    from spatialdata.transformations import get_transformation
+
+    original = _scale0(example, "he").copy()
+    ref = {"lab_mean": [62.0, 20.0, -14.0], "lab_std": [15.0, 6.5, 7.0]}
+    rec = squall.pp.match_stain(example, ref)
+    key = rec["image_key"]
+    assert key == "he_stain_matched"
+    # the new image has the reference's tissue statistics; the original is untouched
+    got = squall.pp.stain_statistics(example, image_key=key)
+    np.testing.assert_allclose(got["lab_mean"], ref["lab_mean"], atol=0.5)
+    np.testing.assert_allclose(got["lab_std"], ref["lab_std"], atol=0.5)
+    np.testing.assert_array_equal(_scale0(example, "he"), original)
+    # same pyramid, coordinates and transformations; background pixels as they were
+    assert list(example.images[key].children) == list(example.images["he"].children)
+    assert get_transformation(example.images[key], get_all=True) == get_transformation(
+        example.images["he"], get_all=True
+    )
+    new = _scale0(example, key)
+    assert new.shape == original.shape and new.dtype == original.dtype
+    bg = original.min(0) >= 220
+    assert bg.any() and (~bg).any()
+    np.testing.assert_array_equal(new[:, bg], original[:, bg])
+    assert np.abs(new[:, ~bg].astype(int) - original[:, ~bg]).mean() > 3
+    assert example.attrs["squall"]["stain_matching"][key]["reference"] == ref
+    # the matched image feeds the rest of the package
+    tiles = np.asarray(squall.pp.extract_patches(example, "spots", image_key=key, patch_px=32, mpp=4.0).get_batch())
+    assert tiles.shape == (187, 3, 32, 32)
+    # matched to its own statistics, an image stays (up to rounding through CIELAB)
+    squall.pp.match_stain(example, example, key_added="same")
+    assert np.abs(_scale0(example, "same").astype(int) - original).max() <= 2
+
+
+def test_match_stain_errors(example):
+    ref = squall.pp.stain_statistics(example)
+    with pytest.raises(ValueError, match="must differ"):
+        squall.pp.match_stain(example, ref, key_added="he")
+    squall.pp.match_stain(example, ref)
+    with pytest.raises(ValueError, match="already exists"):
+        squall.pp.match_stain(example, ref)
+    squall.pp.match_stain(example, ref, overwrite=True)
+    with pytest.raises(ValueError, match="stain_statistics"):
+        squall.pp.match_stain(example, {"lab_mean": [1, 2]}, key_added="x")
+    with pytest.raises(ValueError, match="non-positive"):
+        squall.pp.match_stain(example, {"lab_mean": [50, 0, 0], "lab_std": [1, 0, 1]}, key_added="x")
+    assert "x" not in example.images

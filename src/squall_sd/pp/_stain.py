@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+from typing import Any, Literal
 
 import numpy as np
 from skimage import color
@@ -210,3 +211,216 @@ def estimate_white_point(
         )
     logger.info("estimate_white_point(%r): %s", image_key, np.round(wp, 1).tolist())
     return wp.astype(np.float64)
+
+
+#: µm/px range and pixel budget of the image :func:`stain_statistics` measures (through
+#: :func:`~squall_sd.pp._tissue.coarse_image`): fine enough that nuclei and stroma are still separate
+#: colours, coarse enough that a whole slide stays a few million pixels.
+STAIN_MPP_RANGE = (3.0, 6.0)
+STAIN_MAX_PIXELS = 4_000_000
+#: fewest tissue pixels that make a colour statistic
+MIN_STAIN_PIXELS = 1_000
+
+
+def _tissue_pixels(rgb01: np.ndarray, background: float) -> np.ndarray:
+    """Mask of the stained tissue among pixels (..., 3) in [0, 1].
+
+    Tissue is darker than ``background`` (0–255) in some channel and not black (blacked-out
+    backgrounds, padding).
+    """
+    px = rgb01.reshape(-1, 3)
+    return (px.min(1) < background / 255.0) & (px.max(1) >= 16 / 255.0)
+
+
+def stain_statistics(
+    sdata: SpatialData | list[SpatialData],
+    *,
+    image_key: str = "he",
+    background: float = 220.0,
+) -> dict[str, list[float]]:
+    """Colour statistics of the stained tissue of an H&E image: mean and s.d. of its CIELAB values.
+
+    They are what :func:`match_stain` maps an image to (Reinhard et al., 2001, on tissue pixels only):
+    measure them once on the slides a model was trained on, and bring a new slide to the same colours
+    before predicting. The image is read at 3–6 µm/px (:data:`STAIN_MPP_RANGE`, at most
+    :data:`STAIN_MAX_PIXELS` pixels, block-averaged from the pyramid level below), so slides of any
+    resolution are measured alike and the whole slide never has to be in memory.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData holding the image, or several: then the statistics of each, averaged with equal
+        weight per image (``n_images`` in the result).
+    image_key
+        Key of the image in ``sdata.images``.
+    background
+        A pixel is tissue when some channel is darker than this (0–255 scale) and it is not black.
+
+    Returns
+    -------
+    ``{"lab_mean": [L, a, b], "lab_std": [L, a, b], "n_images": n}``.
+
+    """
+    from squall_sd._sdata import check_key
+    from squall_sd.pp._tissue import coarse_image
+
+    if isinstance(sdata, list | tuple):
+        if not sdata:
+            raise ValueError("`sdata` is an empty list: pass at least one SpatialData.")
+        each = [stain_statistics(s, image_key=image_key, background=background) for s in sdata]
+        return {
+            "lab_mean": np.mean([e["lab_mean"] for e in each], axis=0).tolist(),
+            "lab_std": np.mean([e["lab_std"] for e in each], axis=0).tolist(),
+            "n_images": len(each),
+        }
+    if not 0 < background <= 255:
+        raise ValueError(f"`background` must be in (0, 255], got {background!r}.")
+    check_key(sdata, image_key, "images")
+    rgb, _, _ = coarse_image(sdata, image_key, mpp_range=STAIN_MPP_RANGE, max_pixels=STAIN_MAX_PIXELS)
+    px = rgb.reshape(-1, 3)
+    tissue = _tissue_pixels(px, background)
+    if tissue.sum() < MIN_STAIN_PIXELS:
+        raise ValueError(
+            f"Image {image_key!r} has only {int(tissue.sum())} tissue pixels at 3-6 µm/px (darker than "
+            f"`background={background:g}` in some channel): too few for colour statistics. Check that it is "
+            "an H&E image with tissue, or raise `background` for a faint stain."
+        )
+    lab = color.rgb2lab(px[tissue][:, None, :].astype(np.float64)).reshape(-1, 3)
+    return {"lab_mean": lab.mean(0).tolist(), "lab_std": lab.std(0).tolist(), "n_images": 1}
+
+
+def _check_stats(stats: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        mu = np.asarray(stats["lab_mean"], dtype=np.float64).reshape(3)
+        sd = np.asarray(stats["lab_std"], dtype=np.float64).reshape(3)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"`{name}` must be the result of `squall.pp.stain_statistics` (a dict with 'lab_mean' and "
+            f"'lab_std', three values each), a SpatialData or a list of them; got {type(stats).__name__}."
+        ) from e
+    if not (np.isfinite(mu).all() and np.isfinite(sd).all() and (sd > 0).all()):
+        raise ValueError(f"`{name}` has non-finite values or a non-positive s.d.: {mu.tolist()}, {sd.tolist()}.")
+    return mu, sd
+
+
+def _reinhard_block(block: np.ndarray, *, src, ref, background: float) -> np.ndarray:
+    """Map the tissue pixels of a (3, h, w) block from ``src`` to ``ref`` LAB statistics; others as they are."""
+    hwc = np.moveaxis(block, 0, -1)
+    img = _as_float(hwc)
+    tissue = _tissue_pixels(img, background).reshape(img.shape[:2])
+    if not tissue.any():
+        return block
+    lab = color.rgb2lab(img[tissue][:, None, :]).reshape(-1, 3)
+    lab = (lab - src[0]) / src[1] * ref[1] + ref[0]
+    out = img.copy()
+    out[tissue] = color.lab2rgb(lab[:, None, :]).reshape(-1, 3)
+    return _from_float(out, hwc, True)
+
+
+def _map_image(element: Any, fn: Any) -> Any:
+    """Apply ``fn`` lazily to every (3, h, w) chunk of every scale of an image element.
+
+    ``element`` is a DataArray or a multiscale DataTree with dims (c, y, x); the result keeps its
+    coordinates, transformations and chunking.
+    """
+    import dask.array as da
+    import xarray as xr
+
+    def one(arr: xr.DataArray) -> xr.DataArray:
+        if tuple(arr.dims) != ("c", "y", "x") or arr.sizes["c"] != 3:
+            raise ValueError(f"Expected an RGB image with dims (c, y, x) and 3 channels, got {dict(arr.sizes)}.")
+        data = arr.data if isinstance(arr.data, da.Array) else da.from_array(np.asarray(arr.data))
+        data = data.rechunk({0: -1})
+        return arr.copy(data=data.map_blocks(fn, dtype=data.dtype))
+
+    if isinstance(element, xr.DataArray):
+        return one(element)
+    scales = {}
+    for name, node in element.children.items():
+        ds = node.to_dataset()
+        var = next(iter(ds.data_vars))
+        scales[name] = ds.assign({var: one(ds[var])})
+    return xr.DataTree.from_dict(scales)
+
+
+def match_stain(
+    sdata: SpatialData,
+    reference: Any,
+    *,
+    image_key: str = "he",
+    key_added: str | None = None,
+    background: float = 220.0,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Bring the colours of an H&E image to those of reference slides (Reinhard colour transfer on tissue).
+
+    Every tissue pixel's CIELAB value is shifted and scaled so that the image's tissue statistics
+    (:func:`stain_statistics`) become the reference's; background and black pixels are left as they
+    are. The result is a new image element, computed lazily chunk by chunk (dask) at every scale of
+    the pyramid, with the original's coordinates and transformations: pass ``image_key=key_added`` to
+    :func:`~squall_sd.tl.predict_expression`, :func:`~squall_sd.tl.embed` or
+    :func:`~squall_sd.pp.extract_patches`. The original image is never changed. Nothing is written to
+    a backed store: save the element with ``sdata.write_element(key_added)`` if you want it on disk.
+
+    Use it when a slide was stained or scanned differently from the slides a model was trained on:
+    the statistics of the training slides are the reference. On her2st the cross-patient benchmark
+    measures its effect (``docs/benchmarks/her2st_expression.md``).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData holding the image.
+    reference
+        The colours to match: the result of :func:`stain_statistics`, or a SpatialData (or a list of
+        them) to measure it on (their ``image_key`` images).
+    image_key
+        Key of the image in ``sdata.images``.
+    key_added
+        Key of the new image (default ``f"{image_key}_stain_matched"``).
+    background
+        See :func:`stain_statistics`.
+    overwrite
+        Replace an existing ``key_added`` image.
+
+    Returns
+    -------
+    ``{"image_key": key_added, "source": ..., "reference": ...}`` with both statistics. The same
+    record is stored in ``sdata.attrs["squall"]["stain_matching"][key_added]``.
+
+    """
+    from squall_sd._sdata import check_key
+
+    element = check_key(sdata, image_key, "images")
+    key = key_added or f"{image_key}_stain_matched"
+    if key == image_key:
+        raise ValueError("`key_added` must differ from `image_key`: the original image is never replaced.")
+    if key in sdata.images and not overwrite:
+        raise ValueError(
+            f"`key_added={key!r}` already exists in `sdata.images`. Pass `overwrite=True` to replace it, "
+            "or choose another `key_added`."
+        )
+    if isinstance(reference, SpatialData) or (
+        isinstance(reference, list | tuple) and reference and isinstance(reference[0], SpatialData)
+    ):
+        reference = stain_statistics(reference, image_key=image_key, background=background)
+    ref = _check_stats(reference, "reference")
+    source = stain_statistics(sdata, image_key=image_key, background=background)
+    src = _check_stats(source, "source")
+    fn = functools.partial(_reinhard_block, src=src, ref=ref, background=float(background))
+    sdata.images[key] = _map_image(element, fn)
+    record = {"image_key": key, "source": source, "reference": {k: reference[k] for k in ("lab_mean", "lab_std")}}
+    sdata.attrs.setdefault("squall", {}).setdefault("stain_matching", {})[key] = {
+        "from": image_key,
+        "source": record["source"],
+        "reference": record["reference"],
+    }
+    logger.info(
+        "match_stain: `sdata.images[%r]` = %r with its tissue's LAB mean %s / s.d. %s mapped to %s / %s",
+        key,
+        image_key,
+        np.round(src[0], 1).tolist(),
+        np.round(src[1], 1).tolist(),
+        np.round(ref[0], 1).tolist(),
+        np.round(ref[1], 1).tolist(),
+    )
+    return record
