@@ -12,7 +12,7 @@
     python benchmarks/niches.py --skip-cellcharter --seeds 3
     python benchmarks/niches.py --dev                # development sections E1, F1, G2, H1 (authors' clusters)
     python benchmarks/niches.py --from-he MODEL_DIR  # A1 from its H&E alone (predicted expression, embeddings)
-    python benchmarks/niches.py --from-he MODEL_DIR --dev  # the same on the model's validation sections (development check)
+    python benchmarks/niches.py --from-he MODEL_DIR --dev  # the same on its validation sections (development)
 
 ``--from-he`` scores niches found from the H&E alone on the labelled sections that have one (A1):
 expression predicted by a model that never saw the section's patient (e.g. one trained on patient C

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -313,7 +314,9 @@ def _reinhard_block(block: np.ndarray, *, src, ref, background: float) -> np.nda
     lab = color.rgb2lab(img[tissue][:, None, :]).reshape(-1, 3)
     lab = (lab - src[0]) / src[1] * ref[1] + ref[0]
     out = img.copy()
-    out[tissue] = color.lab2rgb(lab[:, None, :]).reshape(-1, 3)
+    with warnings.catch_warnings():  # colours mapped out of the sRGB gamut are clipped, as intended
+        warnings.filterwarnings("ignore", message="Conversion from CIE-LAB", category=UserWarning)
+        out[tissue] = color.lab2rgb(lab[:, None, :]).reshape(-1, 3)
     return _from_float(out, hwc, True)
 
 
