@@ -223,27 +223,31 @@ STAIN_MAX_PIXELS = 4_000_000
 MIN_STAIN_PIXELS = 1_000
 
 
-def _tissue_pixels(rgb01: np.ndarray, background: float) -> np.ndarray:
-    """Mask of the stained tissue among pixels (..., 3) in [0, 1].
+def _slide_threshold(sdata: SpatialData, image_key: str) -> float:
+    """Return the slide's tissue threshold (HSV saturation, Otsu; see ``pp._tissue.tissue_threshold``)."""
+    from squall_sd.pp._tissue import tissue_threshold
 
-    Tissue is darker than ``background`` (0–255) in some channel and not black (blacked-out
-    backgrounds, padding).
-    """
-    px = rgb01.reshape(-1, 3)
-    return (px.min(1) < background / 255.0) & (px.max(1) >= 16 / 255.0)
+    thr = tissue_threshold(sdata, image_key)
+    if thr is None:
+        raise ValueError(
+            f"Image {image_key!r} shows no tissue (its saturation has no Otsu split): there are no stained "
+            "pixels to take colour statistics from. Check that it is an H&E image with tissue."
+        )
+    return float(thr)
 
 
 def stain_statistics(
     sdata: SpatialData | list[SpatialData],
     *,
     image_key: str = "he",
-    background: float = 220.0,
 ) -> dict[str, list[float]]:
     """Colour statistics of the stained tissue of an H&E image: mean and s.d. of its CIELAB values.
 
     They are what :func:`match_stain` maps an image to (Reinhard et al., 2001, on tissue pixels only):
     measure them once on the slides a model was trained on, and bring a new slide to the same colours
-    before predicting. The image is read at 3–6 µm/px (:data:`STAIN_MPP_RANGE`, at most
+    before predicting. Tissue pixels are those more saturated than the slide's tissue threshold (the
+    Otsu threshold of :func:`detect_tissue`), so pale glass, slide background and blacked-out
+    backgrounds do not count. The image is read at 3–6 µm/px (:data:`STAIN_MPP_RANGE`, at most
     :data:`STAIN_MAX_PIXELS` pixels, block-averaged from the pyramid level below), so slides of any
     resolution are measured alike and the whole slide never has to be in memory.
 
@@ -254,8 +258,6 @@ def stain_statistics(
         weight per image (``n_images`` in the result).
     image_key
         Key of the image in ``sdata.images``.
-    background
-        A pixel is tissue when some channel is darker than this (0–255 scale) and it is not black.
 
     Returns
     -------
@@ -263,30 +265,27 @@ def stain_statistics(
 
     """
     from squall_sd._sdata import check_key
-    from squall_sd.pp._tissue import coarse_image
+    from squall_sd.pp._tissue import apply_tissue_threshold, coarse_image
 
     if isinstance(sdata, list | tuple):
         if not sdata:
             raise ValueError("`sdata` is an empty list: pass at least one SpatialData.")
-        each = [stain_statistics(s, image_key=image_key, background=background) for s in sdata]
+        each = [stain_statistics(s, image_key=image_key) for s in sdata]
         return {
             "lab_mean": np.mean([e["lab_mean"] for e in each], axis=0).tolist(),
             "lab_std": np.mean([e["lab_std"] for e in each], axis=0).tolist(),
             "n_images": len(each),
         }
-    if not 0 < background <= 255:
-        raise ValueError(f"`background` must be in (0, 255], got {background!r}.")
     check_key(sdata, image_key, "images")
+    thr = _slide_threshold(sdata, image_key)
     rgb, _, _ = coarse_image(sdata, image_key, mpp_range=STAIN_MPP_RANGE, max_pixels=STAIN_MAX_PIXELS)
-    px = rgb.reshape(-1, 3)
-    tissue = _tissue_pixels(px, background)
+    tissue = apply_tissue_threshold(np.moveaxis(rgb, -1, 0), thr)
     if tissue.sum() < MIN_STAIN_PIXELS:
         raise ValueError(
-            f"Image {image_key!r} has only {int(tissue.sum())} tissue pixels at 3-6 µm/px (darker than "
-            f"`background={background:g}` in some channel): too few for colour statistics. Check that it is "
-            "an H&E image with tissue, or raise `background` for a faint stain."
+            f"Image {image_key!r} has only {int(tissue.sum())} tissue pixels at 3-6 µm/px: too few for colour "
+            "statistics. Check that it is an H&E image with tissue."
         )
-    lab = color.rgb2lab(px[tissue][:, None, :].astype(np.float64)).reshape(-1, 3)
+    lab = color.rgb2lab(rgb[tissue][:, None, :].astype(np.float64)).reshape(-1, 3)
     return {"lab_mean": lab.mean(0).tolist(), "lab_std": lab.std(0).tolist(), "n_images": 1}
 
 
@@ -304,11 +303,13 @@ def _check_stats(stats: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     return mu, sd
 
 
-def _reinhard_block(block: np.ndarray, *, src, ref, background: float) -> np.ndarray:
+def _reinhard_block(block: np.ndarray, *, src, ref, threshold: float) -> np.ndarray:
     """Map the tissue pixels of a (3, h, w) block from ``src`` to ``ref`` LAB statistics; others as they are."""
+    from squall_sd.pp._tissue import apply_tissue_threshold
+
     hwc = np.moveaxis(block, 0, -1)
     img = _as_float(hwc)
-    tissue = _tissue_pixels(img, background).reshape(img.shape[:2])
+    tissue = apply_tissue_threshold(block, threshold)
     if not tissue.any():
         return block
     lab = color.rgb2lab(img[tissue][:, None, :]).reshape(-1, 3)
@@ -352,14 +353,14 @@ def match_stain(
     *,
     image_key: str = "he",
     key_added: str | None = None,
-    background: float = 220.0,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Bring the colours of an H&E image to those of reference slides (Reinhard colour transfer on tissue).
 
     Every tissue pixel's CIELAB value is shifted and scaled so that the image's tissue statistics
-    (:func:`stain_statistics`) become the reference's; background and black pixels are left as they
-    are. The result is a new image element, computed lazily chunk by chunk (dask) at every scale of
+    (:func:`stain_statistics`) become the reference's; pixels below the slide's tissue threshold
+    (background, glass, black) are left as they are, and colours pushed out of the sRGB gamut are
+    clipped. The result is a new image element, computed lazily chunk by chunk (dask) at every scale of
     the pyramid, with the original's coordinates and transformations: pass ``image_key=key_added`` to
     :func:`~squall_sd.tl.predict_expression`, :func:`~squall_sd.tl.embed` or
     :func:`~squall_sd.pp.extract_patches`. The original image is never changed. Nothing is written to
@@ -380,8 +381,6 @@ def match_stain(
         Key of the image in ``sdata.images``.
     key_added
         Key of the new image (default ``f"{image_key}_stain_matched"``).
-    background
-        See :func:`stain_statistics`.
     overwrite
         Replace an existing ``key_added`` image.
 
@@ -405,11 +404,11 @@ def match_stain(
     if isinstance(reference, SpatialData) or (
         isinstance(reference, list | tuple) and reference and isinstance(reference[0], SpatialData)
     ):
-        reference = stain_statistics(reference, image_key=image_key, background=background)
+        reference = stain_statistics(reference, image_key=image_key)
     ref = _check_stats(reference, "reference")
-    source = stain_statistics(sdata, image_key=image_key, background=background)
+    source = stain_statistics(sdata, image_key=image_key)
     src = _check_stats(source, "source")
-    fn = functools.partial(_reinhard_block, src=src, ref=ref, background=float(background))
+    fn = functools.partial(_reinhard_block, src=src, ref=ref, threshold=_slide_threshold(sdata, image_key))
     sdata.images[key] = _map_image(element, fn)
     record = {"image_key": key, "source": source, "reference": {k: reference[k] for k in ("lab_mean", "lab_std")}}
     sdata.attrs.setdefault("squall", {}).setdefault("stain_matching", {})[key] = {
