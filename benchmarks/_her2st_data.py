@@ -38,7 +38,6 @@ class Section:
     image_path: Path | None
     image_mpp: float  # µm per pixel of the image file (least-squares fit)
     patches: np.ndarray | None = None  # (n, size, size, 3) uint8
-    test_patches: np.ndarray | None = None  # the tiles used when the section is tested (default: patches)
     meta: dict = field(default_factory=dict)
 
     @property
@@ -163,7 +162,7 @@ def extract_tiles(
 
 
 def _extract_tiles_package(
-    sec: Section, mpp: float, size: int, black_to_white: bool, image_key: str = "he"
+    sec: Section, mpp: float, size: int, black_to_white: bool
 ) -> np.ndarray | None:
     """Tiles from ``squall_sd.pp.extract_patches`` when the section came from the package reader."""
     sdata = sec.meta.get("sdata")
@@ -175,7 +174,7 @@ def _extract_tiles_package(
         extract = getattr(squall_sd.pp, "extract_patches", None)
         if extract is None:
             return None
-        ds = extract(sdata, sec.centres_um, image_key=image_key, patch_px=size, mpp=mpp)
+        ds = extract(sdata, sec.centres_um, patch_px=size, mpp=mpp)
         tiles = np.asarray(ds.get_batch())
     except NotImplementedError:
         return None
@@ -245,51 +244,6 @@ def attach_tiles(
             f"({time.time() - t:.1f}s)"
         )
     return time.time() - t0
-
-
-def attach_matched_tiles(
-    sections: dict[str, Section],
-    train_of: dict[str, list[str]],
-    mpp: float,
-    size: int = 224,
-    black_to_white: bool = True,
-    cache: bool = True,
-    log=print,
-) -> dict[str, dict]:
-    """Fill ``sec.test_patches`` of every section in ``train_of``: its tiles cut from its image with the
-    tissue colours matched (``squall_sd.pp.match_stain``) to the stain statistics of the training
-    sections ``train_of[name]`` of the split that tests it. Returns the statistics used per section."""
-    import squall_sd
-
-    used = {}
-    refs: dict[tuple, dict] = {}
-    for name, train in train_of.items():
-        sec = sections[name]
-        sdata = sec.meta.get("sdata")
-        if sdata is None:
-            raise SystemExit("--stain-match needs the package reader (drop --no-package)")
-        if tuple(train) not in refs:
-            refs[tuple(train)] = squall_sd.pp.stain_statistics([sections[t].meta["sdata"] for t in train])
-        ref = refs[tuple(train)]
-        stats = json.dumps([round(v, 3) for v in ref["lab_mean"] + ref["lab_std"]])
-        key = cache_key([name], mpp, size, black_to_white, sec.meta.get("reader", "") + "pp,stain-matched" + stats)
-        path = CACHE / f"her2st_{name}_{mpp:g}mpp_{size}px_{key}.npz"
-        if cache and path.exists():
-            z = np.load(path, allow_pickle=False)
-            if list(z["spot_ids"]) == list(sec.counts.index):
-                sec.test_patches = z["patches"]
-                used[name] = {"reference": ref, "train": list(train)}
-                continue
-        t = time.time()
-        rec = squall_sd.pp.match_stain(sdata, ref, key_added="he_stain_matched", overwrite=True)
-        tiles = _extract_tiles_package(sec, mpp, size, black_to_white, image_key="he_stain_matched")
-        sec.test_patches = tiles
-        used[name] = {"reference": ref, "source": rec["source"], "train": list(train)}
-        if cache:
-            CACHE.mkdir(parents=True, exist_ok=True)
-            np.savez(path, patches=tiles, spot_ids=np.asarray(sec.counts.index, dtype=str))
-        log(f"  stain-matched tiles {name} (to {', '.join(train)}): {len(tiles)} ({time.time() - t:.1f}s)")
-    return used
 
 
 # ------------------------------------------------------------------------------ normalisation

@@ -132,11 +132,6 @@ def parse_args(argv=None):
     p.add_argument(
         "--no-black-to-white", action="store_true", help="keep A's blacked-out background black"
     )
-    p.add_argument(
-        "--stain-match", action="store_true",
-        help="test every method on tiles whose tissue colours are matched to the training sections' stain "
-        "statistics (squall.pp.match_stain; the test images only, never their expression); training tiles as read",
-    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=HERE / "results" / "her2st_expression.md")
     args = p.parse_args(argv)
@@ -209,18 +204,6 @@ def run(args) -> dict:
             s.counts = s.counts.iloc[keep]
             s.centres_px = s.centres_px[keep]
             s.patches = s.patches[keep]
-    stain = {}
-    if args.stain_match:  # each section is tested by one split: match it to that split's training sections
-        train_of = {}
-        for split in args.splits:
-            train_p, test_p = SPLITS[split]
-            for n in PATIENT_SECTIONS[test_p]:
-                if train_of.setdefault(n, PATIENT_SECTIONS[train_p]) != PATIENT_SECTIONS[train_p]:
-                    raise SystemExit(f"{n} is tested by two splits with different training sections")
-        stain = data.attach_matched_tiles(secs, train_of, args.mpp, args.tile, not args.no_black_to_white)
-    for s in secs.values():
-        if s.test_patches is None:
-            s.test_patches = s.patches
 
     common = reduce(lambda a, b: a.intersection(b), [s.counts.columns for s in secs.values()])
     hvg_all = [str(g) for g in np.load(args.root / "hvg785.npy", allow_pickle=True)]
@@ -231,10 +214,6 @@ def run(args) -> dict:
 
     feats_t = time.time()
     hand = {n: M.hand_features(s.patches, log=lambda *a: None) for n, s in secs.items()}
-    hand_te = {  # the features of the tiles a section is tested on (the same unless --stain-match)
-        n: hand[n] if s.test_patches is s.patches else M.hand_features(s.test_patches, log=lambda *a: None)
-        for n, s in secs.items()
-    }
     log(f"hand features: {time.time() - feats_t:.1f}s")
 
     # squall models: load once; embed all tiles once per model
@@ -246,14 +225,9 @@ def run(args) -> dict:
             model = SA.load_model(spec, seed=args.seed)
             t = time.time()
             emb = {n: SA.embed_tiles(model, s.patches, args.mpp) for n, s in secs.items()}
-            emb_te = {
-                n: emb[n] if s.test_patches is s.patches else SA.embed_tiles(model, s.test_patches, args.mpp)
-                for n, s in secs.items()
-            }
             model_rows[key] = {
                 "model": model,
                 "emb": emb,
-                "emb_te": emb_te,
                 "embed_s": time.time() - t,
                 "note": "",
                 "split": only,
@@ -327,7 +301,7 @@ def run(args) -> dict:
         # (a) ridge on hand features
         t = time.time()
         pipe, alpha, cv = M.ridge_cv(Xtr_hand, ytr, groups, ALPHAS, None, gidx["hvg"])
-        preds["ridge-hand"] = {n: pipe.predict(hand_te[n], alpha) for n in te_names}
+        preds["ridge-hand"] = {n: pipe.predict(hand[n], alpha) for n in te_names}
         timing["ridge-hand"] = time.time() - t
         notes["ridge-hand"] = (
             f"{Xtr_hand.shape[1]} features, alpha {alpha:.3g} (CV r in {train_p} {cv['cv_best_r']:.3f})"
@@ -336,10 +310,10 @@ def run(args) -> dict:
         # (a') the same, hand features z-scored within each section (train and test alike): a crude
         # stain/scanner normalisation that uses the test IMAGES only, never test expression
         t = time.time()
-        def zscore(h):
-            return (h - h.mean(0)) / np.where(h.std(0) > 1e-12, h.std(0), 1.0)
-
-        hz = {n: zscore(hand[n]) for n in tr_names} | {n: zscore(hand_te[n]) for n in te_names}
+        hz = {
+            n: (hand[n] - hand[n].mean(0)) / np.where(hand[n].std(0) > 1e-12, hand[n].std(0), 1.0)
+            for n in names
+        }
         zpipe, zalpha, zcv = M.ridge_cv(
             np.concatenate([hz[n] for n in tr_names]), ytr, groups, ALPHAS, None, gidx["hvg"]
         )
@@ -357,10 +331,10 @@ def run(args) -> dict:
         dpipe, dalpha, dcv = M.ridge_cv(Xtr_hand, dtr[:, None], groups, ALPHAS, None, None)
         slope, icpt = np.polyfit(dtr, ytr, 1)  # per-gene linear fit on measured training depth
         preds["depth-proxy (image → log UMI → genes)"] = {
-            n: icpt[None] + slope[None] * dpipe.predict(hand_te[n], dalpha) for n in te_names
+            n: icpt[None] + slope[None] * dpipe.predict(hand[n], dalpha) for n in te_names
         }
         dr = {
-            n: float(pearson_per_gene(te[n]["depth"], dpipe.predict(hand_te[n], dalpha)[:, 0])[0])
+            n: float(pearson_per_gene(te[n]["depth"], dpipe.predict(hand[n], dalpha)[:, 0])[0])
             for n in te_names
         }
         timing["depth-proxy (image → log UMI → genes)"] = time.time() - t
@@ -381,7 +355,7 @@ def run(args) -> dict:
             t = time.time()
             Xtr = np.concatenate([row["emb"][n] for n in tr_names])
             epipe, ealpha, ecv = M.ridge_cv(Xtr, ytr, groups, ALPHAS, 256, gidx["hvg"])
-            preds[key] = {n: epipe.predict(row["emb_te"][n], ealpha) for n in te_names}
+            preds[key] = {n: epipe.predict(row["emb"][n], ealpha) for n in te_names}
             timing[key] = time.time() - t + row["embed_s"]
             notes[key] = (
                 f"dim {Xtr.shape[1]} → PCA {min(256, Xtr.shape[1], len(Xtr) - 1)}, alpha {ealpha:.3g} "
@@ -398,7 +372,7 @@ def run(args) -> dict:
                     out = {}
                     for n in te_names:
                         p_, known, how = SA.predict_spots(
-                            row["model"], secs[n].test_patches, args.mpp, targets, tta=tta
+                            row["model"], secs[n].patches, args.mpp, targets, tta=tta
                         )
                         full = np.full((len(p_), len(targets)), np.nan)
                         full[:, [targets.index(g) for g in known]] = p_
@@ -428,10 +402,10 @@ def run(args) -> dict:
                 device=args.device,
                 log=log,
             )
-            preds[key] = {n: predict(secs[n].test_patches) for n in te_names}
+            preds[key] = {n: predict(secs[n].patches) for n in te_names}
             timing[key] = time.time() - t
             if args.tta:  # the same test-time augmentation as our model's TTA row
-                preds[f"{key} + TTA"] = {n: M.dihedral_mean(predict, secs[n].test_patches) for n in te_names}
+                preds[f"{key} + TTA"] = {n: M.dihedral_mean(predict, secs[n].patches) for n in te_names}
                 notes[f"{key} + TTA"] = "the same network, mean over the 8 rotations / mirror images of each tile"
             notes[key] = (
                 f"{rec['params_M']:.1f}M params, {rec['input_px']} px input ({args.tile} px tiles at "
@@ -513,7 +487,6 @@ def run(args) -> dict:
     results["tiles_s"] = t_tiles
     results["reader"] = sorted(str(r) for r in reader)
     results["tiler"] = sorted(str(t) for t in tiler)
-    results["stain_match"] = stain
     return results
 
 

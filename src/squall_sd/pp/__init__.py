@@ -19,7 +19,7 @@ from squall_sd.pp._rasterize import (
 )
 from squall_sd.pp._register import register_spots
 from squall_sd.pp._spots import make_spots
-from squall_sd.pp._stain import estimate_white_point, he_stain_jitter, match_stain, normalize_stain, stain_statistics
+from squall_sd.pp._stain import estimate_white_point, he_stain_jitter, normalize_stain
 from squall_sd.pp._tissue import detect_tissue
 from squall_sd.pp._utils import pyramid_levels
 
@@ -35,13 +35,11 @@ __all__ = [
     "gene_index",
     "he_stain_jitter",
     "make_spots",
-    "match_stain",
     "normalize_expression",
     "normalize_gene_name",
     "normalize_stain",
     "pyramid_levels",
     "register_spots",
-    "stain_statistics",
     "rasterize_expression",
     "region_weights",
 ]
