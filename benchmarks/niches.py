@@ -294,12 +294,13 @@ def he_inputs(sec: str, model_dir: str, validation: bool = False) -> dict[str, o
     sdata = squall.datasets.her2st(sec, SHARED / "her2st")
     if not sdata.images:
         raise SystemExit(f"{sec} has no H&E in {SHARED / 'her2st' / 'images'}")
-    seen = _trained_on(Path(model_dir)).split(", ")
     if validation:
         if sec not in _validated_on(Path(model_dir)):
             raise SystemExit(f"{sec} is not a validation section of {model_dir}")
-    elif any(t[:1] == sec[:1] for t in seen):
-        raise SystemExit(f"{model_dir} was trained on {', '.join(seen)}: patient {sec[:1]} is not held out.")
+    else:
+        seen = _trained_on(Path(model_dir)).split(", ")
+        if any(t[:1] == sec[:1] for t in seen):
+            raise SystemExit(f"{model_dir} was trained on {', '.join(seen)}: patient {sec[:1]} is not held out.")
     model = squall.models.load(model_dir)
     table = sdata.tables["table"]
     table.obs_names = [f"{sec}_{n}" for n in table.obs_names]

@@ -22,7 +22,8 @@ case $1 in
   # A2's spots were still off its tissue (val r <= 0.02 then, 0.061 since); see configs/README.md
   # Its cap is 40 epochs (6,920 steps of its 5,538 tiles; the C model's run ended at 39 epochs): with the
   # config's 4,000 steps (23 epochs) it ran to the end of its cosine schedule before early stopping could
-  # act (val r 0.136, still rising); with 40 epochs its last 8 did not improve on epoch 31 (val r 0.144; early stopping's patience)
+  # act (val r 0.136, still rising); with 40 epochs its last 8 did not improve on epoch 32 (val r 0.144;
+  # early stopping's patience; epochs counted from 1 as in scripts/her2st_curves.py --summary)
   AC) train="[$D/A1,$D/A2,$D/C2,$D/C3,$D/C4,$D/C5]"; val="[$D/C6]"; cap=(--set trainer.max_steps=6920) ;;
   C) train="[$D/C2,$D/C3,$D/C4,$D/C5]"; val="[$D/C6]" ;;
   A) train="[$D/A1]"; val="[$D/A2]" ;;
