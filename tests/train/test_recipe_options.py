@@ -214,3 +214,24 @@ def test_ema_decay_is_checked():
     for bad in (1.0, 0, -0.5, "fast"):
         with pytest.raises(ValueError, match="ema_decay"):
             load_config({"optim": {"ema_decay": bad}})
+
+
+def test_validation_pearson_per_section_and_collapsed_predictions():
+    from squall_sd.train._modules import section_pearson
+
+    rng = np.random.default_rng(0)
+    target = torch.tensor(rng.normal(size=(30, 5)))
+    pred = target + torch.tensor(rng.normal(size=(30, 5)))
+    slide = torch.tensor([0] * 12 + [1] * 16 + [2] * 2)  # section 2 has too few spots to score
+    expect = np.mean([
+        np.mean([np.corrcoef(pred[slide == s, g], target[slide == s, g])[0, 1] for g in range(5)]) for s in (0, 1)
+    ])
+    assert float(section_pearson(pred, target, slide)) == pytest.approx(expect, abs=1e-12)
+    # a model that collapsed to one output scores 0 (no skill), not "no value" that early stopping would skip
+    assert float(section_pearson(torch.ones_like(pred), target, slide)) == 0.0
+    flat = target.clone()
+    flat[:, 0] = 1.0  # a gene that does not vary is left out
+    assert float(section_pearson(pred, flat, slide)) == pytest.approx(
+        np.mean([np.mean([np.corrcoef(pred[slide == s, g], flat[slide == s, g])[0, 1] for g in range(1, 5)])
+                 for s in (0, 1)]), abs=1e-12)
+    assert section_pearson(pred[:2], target[:2], slide[:2]) is None

@@ -75,6 +75,30 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
     return n
 
 
+def section_pearson(pred: torch.Tensor, target: torch.Tensor, slide: torch.Tensor) -> torch.Tensor | None:
+    """Mean per-gene Pearson r within each section, averaged over genes, then over sections.
+
+    ``pred`` and ``target`` are (spots, genes), ``slide`` (spots,) the section of each spot. Sections
+    with fewer than 3 spots and genes whose measured values do not vary within a section are left out.
+    A gene whose prediction does not vary within a section counts as r = 0 (no skill), so a model that
+    collapses to a constant output scores 0 rather than dropping out of the metric. ``None`` when no
+    section has a gene to score.
+    """
+    pred, target = pred.double(), target.double()
+    rs = []
+    for sl in torch.unique(slide):
+        at = slide == sl
+        if int(at.sum()) < 3:
+            continue
+        p = pred[at] - pred[at].mean(0)
+        t = target[at] - target[at].mean(0)
+        r = (p * t).sum(0) / (p.norm(dim=0) * t.norm(dim=0)).clamp_min(1e-12)
+        ok = t.norm(dim=0) > 0
+        if ok.any():
+            rs.append(r[ok].mean())
+    return torch.stack(rs).mean() if rs else None
+
+
 class SquallModule(pl.LightningModule):
     """Base class: optimizer, per-step seeding, data position, logging and export.
 
@@ -361,30 +385,17 @@ class ExpressionFinetuneModule(_FinetuneBase):
         """Log ``val/pearson``, the mean per-gene Pearson r within the validation sections.
 
         Per section, r over its spots for each gene, averaged over genes, then over sections: the
-        metric of the her2st benchmark, on validation data.
+        metric of the her2st benchmark, on validation data (:func:`section_pearson`).
         """
         outs = getattr(self, "_val_outputs", [])
         if not outs:
             return
-        pred = torch.cat([o[0] for o in outs]).double()
-        target = torch.cat([o[1] for o in outs]).double()
-        slide = torch.cat([o[2] for o in outs])
-        rs = []
-        for sl in torch.unique(slide):
-            at = slide == sl
-            if int(at.sum()) < 3:
-                continue
-            p = pred[at] - pred[at].mean(0)
-            t = target[at] - target[at].mean(0)
-            den = (p.norm(dim=0) * t.norm(dim=0)).clamp_min(1e-12)
-            r = (p * t).sum(0) / den
-            ok = (p.norm(dim=0) > 0) & (t.norm(dim=0) > 0)
-            if ok.any():
-                rs.append(r[ok].mean())
+        value = section_pearson(
+            torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs])
+        )
         self._val_outputs = []
-        if rs:
-            value = torch.stack(rs).mean().float().to(self.device)
-            self.log("val/pearson", value, on_step=False, on_epoch=True, sync_dist=True)
+        if value is not None:
+            self.log("val/pearson", value.float().to(self.device), on_step=False, on_epoch=True, sync_dist=True)
 
     def losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # noqa: D102
         pred, target = self.predict_regions(batch)
