@@ -12,6 +12,10 @@ down-sampling of the tile, then bilinear up-sampling back to its size): patient 
 ≈3.2 µm/px copies, so the degraded C6 rows measure robustness to that resolution gap on a validation
 section of patient C, without looking at patient A.
 
+``--shift-um 150 50`` adds, per model and section, the top-50 r with every spot centre moved by
+(dx, dy) on a grid of ±150 µm in 50 µm steps: a check that a section's fit is not held back by where
+its spots sit on the image (a well-registered section scores best at or near (0, 0)).
+
     python benchmarks/her2st_training_fit.py src/squall_sd/models/weights/squall-tiny-her2st \
         runs/her2st-ms/C/bundle runs/her2st-ms/A/bundle --out benchmarks/results/her2st_training_fit.md
 """
@@ -19,6 +23,7 @@ section of patient C, without looking at patient A.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from functools import reduce
 from pathlib import Path
@@ -49,6 +54,13 @@ def degrade(patches: np.ndarray, mpp: float, to_mpp: float) -> np.ndarray:
     return out
 
 
+def shifted_tiles(sec: data.Section, dx_um: float, dy_um: float, mpp: float, size: int) -> np.ndarray:
+    """Spot tiles of ``sec`` with every spot centre moved by (dx, dy) µm, cut as the unshifted tiles are."""
+    moved = dataclasses.replace(sec, centres_px=sec.centres_px + np.array([dx_um, dy_um]) / sec.image_mpp, patches=None)
+    tiles = data._extract_tiles_package(moved, mpp, size, black_to_white=True)
+    return tiles if tiles is not None else data.extract_tiles(moved, mpp, size, black_to_white=True)
+
+
 def roles(model_dir: Path) -> dict[str, str]:
     """Section -> "train" / "validation" / "held out", from the run's config.yaml beside the model."""
     sections = data.run_sections(model_dir)
@@ -60,6 +72,32 @@ def roles(model_dir: Path) -> dict[str, str]:
     }
 
 
+def shift_grids(model, secs: dict, sections: list[str], top50: list[str], shift_um: list[float]) -> list[str]:
+    """Markdown tables: top-50 r of each section with its spot centres moved by (dx, dy) µm."""
+    c = model.config
+    top, step = shift_um
+    steps = np.arange(-top, top + step / 2, step)
+    lines = []
+    for s in sections:
+        grid = np.empty((len(steps), len(steps)))
+        for i, dy in enumerate(steps):
+            for j, dx in enumerate(steps):
+                tiles = shifted_tiles(secs[s], dx, dy, c.mpp, c.img_size)
+                pred, known, _ = SA.predict_spots(model, tiles, c.mpp, top50)
+                col = {g: k for k, g in enumerate(known)}
+                sel = [g for g in top50 if g in col]
+                grid[i, j] = np.nanmean(pearson_per_gene(data.normalised(secs[s], sel), pred[:, [col[g] for g in sel]]))
+        i, j = np.unravel_index(np.argmax(grid), grid.shape)
+        zero = int(np.argmin(np.abs(steps)))
+        lines += [f"{s}: top-50 r with the spot centres moved by (dx, dy) µm; best {grid[i, j]:.3f} at "
+                  f"({steps[j]:g}, {steps[i]:g}), {grid[zero, zero]:.3f} at (0, 0)", "",
+                  "| dy \\ dx | " + " | ".join(f"{v:g}" for v in steps) + " |",
+                  "|---:|" + "---:|" * len(steps)]
+        lines += [f"| {dy:g} | " + " | ".join(f"{v:.3f}" for v in grid[i_]) + " |" for i_, dy in enumerate(steps)]
+        lines.append("")
+    return lines
+
+
 def main(argv=None) -> None:  # noqa: D103
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", type=Path)
@@ -69,6 +107,8 @@ def main(argv=None) -> None:  # noqa: D103
                    help="also score the sections with their tiles degraded to this µm/px (e.g. 3.2)")
     p.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS, help="sections to score")
     p.add_argument("--tta", action="store_true", help="also rows with test-time augmentation (model.predict(tta=True))")
+    p.add_argument("--shift-um", nargs=2, type=float, metavar=("MAX", "STEP"), default=None,
+                   help="also the top-50 r with every spot centre moved over a ±MAX µm grid in STEP µm steps")
     args = p.parse_args(argv)
     import torch
 
@@ -116,6 +156,8 @@ def main(argv=None) -> None:  # noqa: D103
             cells = " | ".join(f"{v:.3f}" for v in row)
             lines.append(f"| {label} | {role[s]} | {len(secs[s].counts)} | {cells} |")
         lines.append("")
+        if args.shift_um:
+            lines += shift_grids(model, secs, args.sections, top50, args.shift_um)
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

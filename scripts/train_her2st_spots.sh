@@ -19,7 +19,8 @@ cap=()
 case $1 in
   # A2 trains rather than validates the bundled model: with A2 + C6 as validation the AC run stopped at
   # epoch 8, before its C sections were fitted (training top-50 r 0.25-0.37); that choice was made while
-  # A2's spots were still off its tissue (val r <= 0.02 then, 0.061 since); see configs/README.md
+  # A2's spots were still off its tissue (val r <= 0.02 then, 0.061 since); re-measured with A2 registered,
+  # A2 + C6 validation is still worse on every section (training top-50 r A1 0.26 vs 0.31); configs/README.md
   # Its cap is 40 epochs (6,920 steps of its 5,538 tiles; the C model's run ended at 39 epochs): with the
   # config's 4,000 steps (23 epochs) it ran to the end of its cosine schedule before early stopping could
   # act (val r 0.136, still rising); with 40 epochs its last 8 did not improve on epoch 32 (val r 0.144;
