@@ -1,0 +1,96 @@
+"""Mean ± sd over seeds of ``her2st_expression.py`` runs: is a lead or a gap bigger than the seed noise?
+
+One run of ``benchmarks/her2st_expression.py`` trains every learned method once (the ResNet-18 from
+scratch with ``--seed``, our model's run with its own training seed), so a difference of 0.01–0.02
+between two rows may be one seed's luck. Run the benchmark once per seed, each time with that seed's
+models of our recipe (``--seed N`` and ``--split-model`` pointing at the run trained with
+``--set seed=N``; the same ``--split-label``), then
+
+    python benchmarks/her2st_expression_seeds.py benchmarks/results/her2st_expression.json \
+        benchmarks/results/her2st_expression_seed1.json benchmarks/results/her2st_expression_seed2.json
+
+prints, per split, the mean over the test sections of each metric as mean ± sd over the runs, for the
+methods present in every run, and whether our model's head beats every image baseline on the mean
+over seeds and in how many of the runs. Deterministic methods (the ridges on hand-made features)
+have sd 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from her2st_expression import KEY_METRICS, section_means  # noqa: E402
+
+
+def seed_table(runs: list[dict], split: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Markdown lines for one split and, per method, its (runs × metrics) array of section means."""
+    per_run = [section_means(r["splits"][split]) for r in runs]
+    methods = [m for m in per_run[0] if all(m in p for p in per_run)]
+    names = [n for n, _, _ in KEY_METRICS]
+    vals = {m: np.array([[p[m][n] for n in names] for p in per_run]) for m in methods}
+    res = runs[0]["splits"][split]
+    lines = [
+        f"**{split}** (train {', '.join(res['train'])}; test {', '.join(res['test'])}; mean over the test "
+        f"sections, then mean ± sd over {len(runs)} runs)",
+        "",
+        "| method | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for m in methods:
+        cells = [
+            "—" if np.isnan(v).all() else f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}"
+            for v in vals[m].T
+        ]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("")
+    ours = [m for m in methods if m.startswith("squall head")]
+    base = [m for m in methods if not m.startswith(("squall head", "depth oracle"))]
+    for o in ours:
+        for k, name in enumerate(names[:2]):
+            best = max(base, key=lambda b: np.nanmean(vals[b][:, k]))
+            wins = int(sum(vals[o][i, k] > max(vals[b][i, k] for b in base) for i in range(len(runs))))
+            ours_m, best_m = np.nanmean(vals[o][:, k]), np.nanmean(vals[best][:, k])
+            verdict = "**beats every baseline**" if ours_m > best_m else "**does NOT beat every baseline**"
+            lines.append(
+                f"- {o}: {name} {ours_m:.3f} vs best baseline {best_m:.3f} ({best}) on the mean over runs: "
+                f"{verdict}; beats every baseline in {wins} of {len(runs)} runs"
+            )
+    lines.append("")
+    return lines, vals
+
+
+def main(argv=None) -> None:  # noqa: D103
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", type=Path, help="JSON files written by her2st_expression.py, one per seed")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "her2st_expression_seeds.md")
+    args = p.parse_args(argv)
+    if len(args.results) < 2:
+        raise SystemExit("Give at least two result files (one per seed): one run has no spread to report.")
+    runs = [json.loads(f.read_text()) for f in args.results]
+    splits = [s for s in runs[0]["splits"] if all(s in r["splits"] for r in runs)]
+    if not splits:
+        raise SystemExit("The result files have no split in common.")
+    lines = [
+        "# her2st virtual expression — mean ± sd over seeds",
+        "",
+        "Command: `python benchmarks/her2st_expression_seeds.py " + " ".join(str(f) for f in args.results) + "`",
+        "",
+    ]
+    for s in splits:
+        lines += seed_table(runs, s)[0]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
