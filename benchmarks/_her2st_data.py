@@ -273,3 +273,10 @@ def run_sections(model_dir: Path) -> dict[str, list[str]] | None:
             as_list = lambda v: [] if v is None else [v] if isinstance(v, str) else list(v)  # noqa: E731
             return {k: [Path(t).name for t in as_list(d.get(k))] for k in ("train", "val")}
     return None
+
+
+def emit_report(text: str, out: Path) -> None:
+    """Print a markdown report and write it to ``out`` (its folder is created)."""
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")

@@ -27,6 +27,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import _her2st_data as data  # noqa: E402
 from her2st_expression import KEY_METRICS, section_means  # noqa: E402
 
 
@@ -86,10 +87,7 @@ def main(argv=None) -> None:  # noqa: D103
     ]
     for s in splits:
         lines += seed_table(runs, s)[0]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    data.emit_report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

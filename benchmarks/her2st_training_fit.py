@@ -158,10 +158,7 @@ def main(argv=None) -> None:  # noqa: D103
         lines.append("")
         if args.shift_um:
             lines += shift_grids(model, secs, args.sections, top50, args.shift_um)
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    data.emit_report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
