@@ -538,6 +538,14 @@ def section_means(res: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+def ours_and_baselines(methods) -> tuple[list[str], list[str]]:
+    """Our model's head rows and the image baselines among ``methods`` (the depth oracle reads the
+    measured answer and is not a baseline)."""
+    ours = [m for m in methods if m.startswith("squall head")]
+    base = [m for m in methods if not m.startswith(("squall head", "depth oracle"))]
+    return ours, base
+
+
 def summary_for_split(split: str, res: dict) -> str:
     """The key metrics as the mean over test sections, and whether the model's own head beats every image
     baseline (the depth oracle reads the measured answer and is not a baseline)."""
@@ -550,8 +558,7 @@ def summary_for_split(split: str, res: dict) -> str:
     ]
     for meth, vals in means.items():
         lines.append(f"| {meth} | " + " | ".join(_f(vals[n]) for n, _, _ in KEY_METRICS) + " |")
-    ours = [m for m in means if m.startswith("squall head")]
-    base = [m for m in means if not m.startswith(("squall head", "depth oracle"))]
+    ours, base = ours_and_baselines(means)
     for o in ours:
         for name, _, _ in KEY_METRICS[:2]:
             best = max(base, key=lambda b: means[b][name]) if base else None

@@ -28,11 +28,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import _her2st_data as data  # noqa: E402
-from her2st_expression import KEY_METRICS, section_means  # noqa: E402
+from her2st_expression import KEY_METRICS, ours_and_baselines, section_means  # noqa: E402
 
 
-def seed_table(runs: list[dict], split: str) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Markdown lines for one split and, per method, its (runs × metrics) array of section means."""
+def seed_table(runs: list[dict], split: str) -> list[str]:
+    """Markdown lines for one split: per method, the mean ± sd over runs of its section means."""
     per_run = [section_means(r["splits"][split]) for r in runs]
     methods = [m for m in per_run[0] if all(m in p for p in per_run)]
     names = [n for n, _, _ in KEY_METRICS]
@@ -52,8 +52,7 @@ def seed_table(runs: list[dict], split: str) -> tuple[list[str], dict[str, np.nd
         ]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("")
-    ours = [m for m in methods if m.startswith("squall head")]
-    base = [m for m in methods if not m.startswith(("squall head", "depth oracle"))]
+    ours, base = ours_and_baselines(methods)
     for o in ours:
         for k, name in enumerate(names[:2]):
             best = max(base, key=lambda b: np.nanmean(vals[b][:, k]))
@@ -65,7 +64,7 @@ def seed_table(runs: list[dict], split: str) -> tuple[list[str], dict[str, np.nd
                 f"{verdict}; beats every baseline in {wins} of {len(runs)} runs"
             )
     lines.append("")
-    return lines, vals
+    return lines
 
 
 def main(argv=None) -> None:  # noqa: D103
@@ -86,7 +85,7 @@ def main(argv=None) -> None:  # noqa: D103
         "",
     ]
     for s in splits:
-        lines += seed_table(runs, s)[0]
+        lines += seed_table(runs, s)
     data.emit_report("\n".join(lines), args.out)
 
 
