@@ -1,10 +1,15 @@
-"""Train the ST-Net-style DenseNet-121 rows of the her2st benchmark from an exported pack.
+"""Train the from-scratch CNN rows of the her2st benchmark (ST-Net-style DenseNet-121, ResNet-18)
+from an exported pack.
 
 The main script writes the pack (``--cnn-export``: the same JPEG-q95-encoded tiles, training
 targets and splits) so that the from-scratch CNN can be trained where there is a GPU; its
-predictions come back with ``--cnn-preds``. Needs only numpy, pillow and torch:
+predictions come back with ``--cnn-preds``. Needs only numpy, pillow and torch (squall_sd need not
+be installed there):
 
-    python benchmarks/_cnn_job.py PACK.npz PREDS.npz --device cuda --epochs 30 --px 224
+    python benchmarks/_cnn_job.py PACK.npz PREDS.npz --device cuda --epochs 39 --px 112 --bf16 --tta
+
+``--tta`` also writes each test section's mean over the 8 rotations / mirror images of its tiles
+(the views of squall's ``predict(tta=True)``) as ``<tag>__<section>__tta``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ def main(argv=None):
     p.add_argument("pack")
     p.add_argument("out")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--arch", default="densenet121", choices=sorted(M.CNN_ARCHS))
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (as her2st_expression.py --cnn-bf16)")
+    p.add_argument("--tta", action="store_true", help="also the 8-view test-time augmentation")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--px", type=int, default=224)
     p.add_argument("--batch", type=int, default=32)
@@ -57,6 +65,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     import torch
 
+    if a.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     z = np.load(a.pack, allow_pickle=False)
     meta = json.loads(str(z["meta"]))
     tiles = decode_tiles(z["blob"], z["lens"])
@@ -71,6 +81,8 @@ def main(argv=None):
         predict, rec = M.train_densenet(
             tr,
             ytr,
+            arch=a.arch,
+            bf16=a.bf16,
             size=a.px,
             epochs=a.epochs,
             max_minutes=a.minutes,
@@ -81,7 +93,10 @@ def main(argv=None):
         )
         for s in sp["test"]:
             out[f"{sp['tag']}__{s}"] = predict(sec_tiles[s]).astype(np.float32)
+            if a.tta:
+                out[f"{sp['tag']}__{s}__tta"] = M.dihedral_mean(predict, sec_tiles[s]).astype(np.float32)
         rec["seconds"] = time.time() - t
+        rec["seed"] = a.seed
         rec["gpu"] = torch.cuda.get_device_name() if a.device.startswith("cuda") else ""
         records[split] = rec
         print(split, rec, flush=True)

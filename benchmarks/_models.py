@@ -335,12 +335,16 @@ def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.rot90(x, k % 4, dims=(-2, -1))
 
 
+#: The 8 views of ``squall`` ``model.predict(tta=True)``, as
+#: :data:`squall_sd.models._inference.DIHEDRAL` lists them (``k`` quarter turns, then mirrored
+#: left-right); written out so that ``_cnn_job.py`` runs where squall_sd is not installed (a test
+#: checks that the two agree).
+DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
+
+
 def dihedral_mean(predict: Callable[[np.ndarray], np.ndarray], tiles: np.ndarray) -> np.ndarray:
     """Test-time augmentation of a per-tile predictor: the mean of ``predict`` over the 8 rotations and
-    mirror images of the (n, H, W, 3) tiles, the views of ``squall`` ``model.predict(tta=True)``
-    (:data:`squall_sd.models._inference.DIHEDRAL`: ``k`` quarter turns, then mirrored left-right)."""
-    from squall_sd.models._inference import DIHEDRAL
-
+    mirror images (:data:`DIHEDRAL`) of the (n, H, W, 3) tiles."""
     views = []
     for k, flip in DIHEDRAL:
         v = np.rot90(tiles, k, axes=(1, 2))

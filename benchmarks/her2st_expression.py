@@ -115,7 +115,7 @@ def parse_args(argv=None):
         type=Path,
         action="append",
         default=[],
-        help="DenseNet predictions written by benchmarks/_cnn_job.py from a --cnn-export pack (repeatable)",
+        help="CNN predictions written by benchmarks/_cnn_job.py from a --cnn-export pack (repeatable)",
     )
     p.add_argument(
         "--tta", action="store_true",
@@ -420,21 +420,30 @@ def run(args) -> dict:
             rec = records.get(split)
             if rec is None:
                 continue
-            key = f"densenet121 (scratch, {rec['input_px']} px, {rec['device']})"
-            preds[key] = {}
-            for n in te_names:
-                a = arrs[f"{tag}__{n}"].astype(np.float64)
-                if a.shape != te[n]["y"].shape:
-                    raise ValueError(
-                        f"{path}: predictions for {n} have shape {a.shape}, expected {te[n]['y'].shape} "
-                        "(export the pack with the same options, e.g. without --quick)"
-                    )
-                preds[key][n] = a
+            key = f"{rec.get('arch', 'densenet121')} (scratch, {rec['input_px']} px, {rec['device']})"
+            has_tta = all(f"{tag}__{n}__tta" in arrs for n in te_names)
+            for k, suffix in [(key, "")] + ([(f"{key} + TTA", "__tta")] if has_tta else []):
+                preds[k] = {}
+                for n in te_names:
+                    a = arrs[f"{tag}__{n}{suffix}"].astype(np.float64)
+                    if a.shape != te[n]["y"].shape:
+                        raise ValueError(
+                            f"{path}: predictions for {n} have shape {a.shape}, expected {te[n]['y'].shape} "
+                            "(export the pack with the same options, e.g. without --quick)"
+                        )
+                    preds[k][n] = a
+            if has_tta:
+                notes[f"{key} + TTA"] = "the same network, mean over the 8 rotations / mirror images of each tile"
             timing[key] = rec["seconds"]
             notes[key] = (
                 f"{rec['params_M']:.1f}M params, {rec['input_px']} px input at "
                 f"{args.cnn_pack_mpp * args.tile / rec['input_px']:.2f} µm/px "
                 f"({args.tile * args.cnn_pack_mpp:.0f} µm tiles"
+                + (
+                    f": the {args.tile}-px tiles resized, no finer detail"
+                    if rec["input_px"] > args.tile
+                    else ""
+                )
                 + (
                     f" at {args.cnn_pack_mpp:g} µm/px, NOT this run's {args.mpp:g} µm/px tiles: indicative only"
                     if args.cnn_pack_mpp != args.mpp
@@ -444,7 +453,8 @@ def run(args) -> dict:
                 f"{rec['epochs_run']}/{rec['epochs_planned']} epochs"
                 + (" (time cap)" if rec["stopped_by_time_cap"] else "")
                 + f", batch {rec['batch_size']}, AdamW lr {rec['lr']:g} cosine, MSE on z-scored genes, "
-                f"dihedral aug, trained by benchmarks/_cnn_job.py on {rec.get('gpu') or rec['device']}"
+                f"dihedral aug, seed {rec.get('seed', 0)}, trained by benchmarks/_cnn_job.py on "
+                f"{rec.get('gpu') or rec['device']}" + (", bf16 autocast" if rec.get("bf16") else "")
             )
 
         # evaluation: per test section and pooled

@@ -13,6 +13,12 @@ prints, per split, the mean over the test sections of each metric as mean ± sd 
 methods present in every run, and whether our model's head beats every image baseline on the mean
 over seeds and in how many of the runs. Deterministic methods (the ridges on hand-made features)
 have sd 0.
+
+``RUN.json+EXTRA.json`` adds to a run the rows of a second run of the same seed on the same tiles, e.g.
+the CNN rows trained on a GPU from that run's ``--cnn-export`` pack and read back with ``--cnn-preds``
+(``her2st_expression.py --model none --cnn-epochs 0 --cnn-preds PREDS.npz --seed N``). The rows the two
+runs share (the ridges, the depth oracle) must agree exactly, which checks that both scored the same
+spots, genes and splits.
 """
 
 from __future__ import annotations
@@ -29,6 +35,50 @@ sys.path.insert(0, str(HERE))
 
 import _her2st_data as data  # noqa: E402
 from her2st_expression import KEY_METRICS, ours_and_baselines, section_means  # noqa: E402
+
+
+def _same(a, b) -> bool:
+    """Equal nested metrics, floats to 1e-9 (BLAS on another thread count changes the last digits)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and bool(np.isclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True))
+    return a == b
+
+
+def merge_runs(base: dict, extra: dict, name: str = "extra") -> dict:
+    """``base`` with the methods of ``extra`` added, split by split; the methods both hold must have the
+    same numbers (to 1e-9) and each split the same training and test sections and top-50 genes."""
+    out = json.loads(json.dumps(base))
+    for split, res in out["splits"].items():
+        other = extra["splits"].get(split)
+        if other is None:
+            raise SystemExit(f"{name}: has no split {split}")
+        for key in ("train", "test", "top50"):
+            if res[key] != other[key]:
+                raise SystemExit(f"{name}: split {split} has another {key}: {other[key]} vs {res[key]}")
+        for meth, vals in other["methods"].items():
+            if meth in res["methods"]:
+                if not _same(res["methods"][meth], vals):
+                    raise SystemExit(
+                        f"{name}: {meth!r} in split {split} differs between the two runs; they did not score "
+                        "the same tiles, genes and splits"
+                    )
+                continue
+            res["methods"][meth] = vals
+            res["notes"][meth] = other["notes"].get(meth, "")
+            if meth in other["timing_s"]:
+                res["timing_s"][meth] = other["timing_s"][meth]
+    return out
+
+
+def load_run(spec: str) -> dict:
+    """One run: ``RUN.json``, or ``RUN.json+EXTRA.json[+...]`` merged with :func:`merge_runs`."""
+    first, *rest = spec.split("+")
+    run = json.loads(Path(first).read_text())
+    for f in rest:
+        run = merge_runs(run, json.loads(Path(f).read_text()), name=f)
+    return run
 
 
 def seed_table(runs: list[dict], split: str) -> list[str]:
@@ -69,12 +119,16 @@ def seed_table(runs: list[dict], split: str) -> list[str]:
 
 def main(argv=None) -> None:  # noqa: D103
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", nargs="+", type=Path, help="JSON files written by her2st_expression.py, one per seed")
+    p.add_argument(
+        "results",
+        nargs="+",
+        help="JSON files written by her2st_expression.py, one per seed (RUN.json+EXTRA.json: add EXTRA's rows)",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results" / "her2st_expression_seeds.md")
     args = p.parse_args(argv)
     if len(args.results) < 2:
         raise SystemExit("Give at least two result files (one per seed): one run has no spread to report.")
-    runs = [json.loads(f.read_text()) for f in args.results]
+    runs = [load_run(f) for f in args.results]
     splits = [s for s in runs[0]["splits"] if all(s in r["splits"] for r in runs)]
     if not splits:
         raise SystemExit("The result files have no split in common.")

@@ -1,0 +1,102 @@
+"""The benchmark scripts' pieces that run away from this machine or join results of several runs.
+
+``benchmarks/_cnn_job.py`` trains the CNN rows where there is a GPU and squall_sd is not installed, and
+``her2st_expression_seeds.py`` joins its rows to the run they belong to; both can silently compare
+unlike things, so they are checked here on tiny synthetic inputs (no ../shared needed).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _cnn_job  # noqa: E402
+import _models  # noqa: E402
+import her2st_expression_seeds as seeds  # noqa: E402
+
+from squall_sd.models._inference import DIHEDRAL  # noqa: E402
+
+
+def test_cnn_job_tta_views_are_squalls():
+    assert _models.DIHEDRAL == DIHEDRAL
+
+
+def _pack(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    n = {"A1": 6, "A2": 5, "C2": 7}
+    tiles = rng.integers(0, 255, size=(sum(n.values()), 32, 32, 3), dtype=np.uint8)
+    blob, lens = _cnn_job.encode_tiles(tiles)
+    meta = {
+        "sections": list(n),
+        "n_per_section": list(n.values()),
+        "splits": {"A→C": {"tag": "A2C", "train": ["A1", "A2"], "test": ["C2"], "targets": ["g0", "g1", "g2"]}},
+    }
+    path = tmp_path / "pack.npz"
+    np.savez(path, blob=blob, lens=lens, meta=json.dumps(meta), ytr_A2C=rng.normal(size=(11, 3)).astype(np.float32))
+    return path
+
+
+def test_cnn_job_writes_predictions_tta_and_record(tmp_path):
+    out = tmp_path / "preds.npz"
+    _cnn_job.main(
+        [
+            str(_pack(tmp_path)),
+            str(out),
+            "--device",
+            "cpu",
+            "--arch",
+            "resnet18",
+            "--px",
+            "32",
+            "--epochs",
+            "1",
+            "--batch",
+            "4",
+            "--seed",
+            "3",
+            "--tta",
+        ]
+    )
+    z = np.load(out)
+    assert sorted(z.files) == ["A2C__C2", "A2C__C2__tta", "records"]
+    assert z["A2C__C2"].shape == z["A2C__C2__tta"].shape == (7, 3)
+    assert not np.allclose(z["A2C__C2"], z["A2C__C2__tta"])  # the mean over 8 views is another prediction
+    rec = json.loads(str(z["records"]))["A→C"]
+    assert (rec["arch"], rec["seed"], rec["input_px"], rec["epochs_run"]) == ("resnet18", 3, 32, 1)
+
+
+def _run(ridge: float) -> dict:
+    metrics = {"hvg": {"mean_r": ridge, "n": 10}, "top50": {"mean_r": 0.1, "n": 10}}
+    split = {
+        "train": ["A1", "A2"],
+        "test": ["C2"],
+        "top50": ["g0"],
+        "methods": {"ridge-hand": {"C2": metrics}},
+        "notes": {"ridge-hand": "r"},
+        "timing_s": {},
+    }
+    return {"splits": {"A→C": split}}
+
+
+def test_merge_runs_adds_rows_and_refuses_runs_that_differ():
+    base, extra = _run(0.02), _run(0.02 + 1e-15)  # another BLAS thread count: last digits differ
+    extra["splits"]["A→C"]["methods"]["densenet121 (scratch, 112 px, cuda)"] = copy.deepcopy(
+        extra["splits"]["A→C"]["methods"]["ridge-hand"]
+    )
+    merged = seeds.merge_runs(base, extra)
+    assert list(merged["splits"]["A→C"]["methods"]) == ["ridge-hand", "densenet121 (scratch, 112 px, cuda)"]
+    assert "densenet121 (scratch, 112 px, cuda)" not in base["splits"]["A→C"]["methods"]  # base untouched
+    with pytest.raises(SystemExit, match="differs"):
+        seeds.merge_runs(base, _run(0.03))
+    other = _run(0.02)
+    other["splits"]["A→C"]["test"] = ["C3"]
+    with pytest.raises(SystemExit, match="another test"):
+        seeds.merge_runs(base, other)
