@@ -91,12 +91,15 @@ def main(argv=None):
             seed=a.seed,
             device=a.device,
         )
+        degrade = sp.get("test_degrade", {})  # her2st_expression.py --match-resolution
         for s in sp["test"]:
-            out[f"{sp['tag']}__{s}"] = predict(sec_tiles[s]).astype(np.float32)
+            t_s = M.degrade(sec_tiles[s], sp["mpp"], degrade[s]) if s in degrade else sec_tiles[s]
+            out[f"{sp['tag']}__{s}"] = predict(t_s).astype(np.float32)
             if a.tta:
-                out[f"{sp['tag']}__{s}__tta"] = M.dihedral_mean(predict, sec_tiles[s]).astype(np.float32)
+                out[f"{sp['tag']}__{s}__tta"] = M.dihedral_mean(predict, t_s).astype(np.float32)
         rec["seconds"] = time.time() - t
         rec["seed"] = a.seed
+        rec["test_degrade"] = degrade
         rec["gpu"] = torch.cuda.get_device_name() if a.device.startswith("cuda") else ""
         records[split] = rec
         print(split, rec, flush=True)

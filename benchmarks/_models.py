@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 
@@ -315,7 +316,28 @@ class ResNet18(nn.Module):
         return self.head(h)
 
 
-CNN_ARCHS = {"densenet121": DenseNet121, "resnet18": ResNet18}
+class SquallTinyRegressor(nn.Module):
+    """The ViT of the ``squall-tiny-her2st`` recipe (squall-tiny at 2 µm/px, 112 px, convolutional
+    stem, trunc-normal init, drop path 0.1) as a plain regressor: the mean of its ``forward_rgb``
+    tokens → Linear. Trained in :func:`train_densenet`'s loop it isolates the backbone from the rest
+    of the recipe (phase 1, the spot-disc head, validation-based stopping). Needs squall_sd."""
+
+    def __init__(self, n_out: int):
+        super().__init__()
+        from squall_sd.models import create
+
+        self.vit = create(
+            "squall-tiny", mpp=2.0, img_size=112, expr_size=28, stem="conv", init="trunc_normal", drop_path_rate=0.1
+        )
+        self.head = nn.Linear(self.vit.config.embed_dim, n_out)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.vit.forward_rgb(x, 2.0).mean(dim=1))
+
+
+CNN_ARCHS = {"densenet121": DenseNet121, "resnet18": ResNet18, "squall-tiny": SquallTinyRegressor}
 
 
 def _to_input(
@@ -333,6 +355,17 @@ def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     if k >= 4:
         x = x.flip(-1)
     return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+def degrade(patches: np.ndarray, mpp: float, to_mpp: float) -> np.ndarray:
+    """Tiles (n, P, P, 3) uint8 at ``mpp`` as if read from an image of ``to_mpp`` µm/px (box down, bilinear up)."""
+    size = patches.shape[1]
+    small = max(1, round(size * mpp / to_mpp))
+    out = np.empty_like(patches)
+    for i, tile in enumerate(patches):
+        im = Image.fromarray(tile).resize((small, small), Image.Resampling.BOX)
+        out[i] = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR))
+    return out
 
 
 #: The 8 views of ``squall`` ``model.predict(tta=True)``, as

@@ -17,6 +17,10 @@ Methods (rows):
   densenet121       ST-Net-style DenseNet-121 regressor trained from scratch
   squall[M]         model M's own expression head (fine-tuned model), spot-disc aggregation
 Every ridge alpha is picked by leave-one-section-out CV inside the training patient.
+
+``--match-resolution`` scores every method on test tiles degraded to the training patient's image
+resolution where the test images are sharper (A→C: patient A's images are ≈3.2 µm/px copies, C's
+0.69 µm/px); ``her2st_validation.py --train-degrade-mpp 3.2`` measures on patient C alone why.
 """
 
 from __future__ import annotations
@@ -121,6 +125,13 @@ def parse_args(argv=None):
         "--tta", action="store_true",
         help="also rows with test-time augmentation (mean over the 8 rotations / mirror images of each tile) "
         "for our model's head and for every CNN",
+    )
+    p.add_argument(
+        "--match-resolution",
+        action="store_true",
+        help="score every method on test tiles degraded to the training patient's image µm/px where the test "
+        "images are sharper (A→C: C's tiles as if read from A's ≈3.2 µm/px images; box down, bilinear up); the "
+        "rule and its check on patient C alone: benchmarks/her2st_validation.py --train-degrade-mpp",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
@@ -276,6 +287,19 @@ def run(args) -> dict:
         }
         Xtr_hand = np.concatenate([hand[n] for n in tr_names])
         tiles_tr = np.concatenate([secs[n].patches for n in tr_names])
+        # the test sections' tiles and hand-made features as every method sees them in this split
+        tiles = {n: secs[n].patches for n in names}
+        feat = dict(hand)
+        degraded = {}  # test section -> the µm/px its tiles were degraded to (--match-resolution)
+        if args.match_resolution:
+            train_mpp = max(secs[n].image_mpp for n in tr_names)
+            for n in te_names:
+                if secs[n].image_mpp < train_mpp and train_mpp > args.mpp:
+                    degraded[n] = round(float(train_mpp), 3)
+                    tiles[n] = M.degrade(secs[n].patches, args.mpp, degraded[n])
+                    feat[n] = M.hand_features(tiles[n], log=lambda *a: None)
+            if degraded:
+                log(f"--match-resolution: test tiles of {sorted(degraded)} degraded to {train_mpp:.2f} µm/px")
         preds: dict[str, dict[str, np.ndarray]] = {}
         notes: dict[str, str] = {}
         timing: dict[str, float] = {}
@@ -285,6 +309,8 @@ def run(args) -> dict:
             "train": tr_names,
             "test": te_names,
             "targets": targets,
+            "mpp": args.mpp,
+            "test_degrade": degraded,
         }
         pack_arrays[f"ytr_{tag}"] = ytr.astype(np.float32)
 
@@ -301,7 +327,7 @@ def run(args) -> dict:
         # (a) ridge on hand features
         t = time.time()
         pipe, alpha, cv = M.ridge_cv(Xtr_hand, ytr, groups, ALPHAS, None, gidx["hvg"])
-        preds["ridge-hand"] = {n: pipe.predict(hand[n], alpha) for n in te_names}
+        preds["ridge-hand"] = {n: pipe.predict(feat[n], alpha) for n in te_names}
         timing["ridge-hand"] = time.time() - t
         notes["ridge-hand"] = (
             f"{Xtr_hand.shape[1]} features, alpha {alpha:.3g} (CV r in {train_p} {cv['cv_best_r']:.3f})"
@@ -311,7 +337,7 @@ def run(args) -> dict:
         # stain/scanner normalisation that uses the test IMAGES only, never test expression
         t = time.time()
         hz = {
-            n: (hand[n] - hand[n].mean(0)) / np.where(hand[n].std(0) > 1e-12, hand[n].std(0), 1.0)
+            n: (feat[n] - feat[n].mean(0)) / np.where(feat[n].std(0) > 1e-12, feat[n].std(0), 1.0)
             for n in names
         }
         zpipe, zalpha, zcv = M.ridge_cv(
@@ -331,10 +357,10 @@ def run(args) -> dict:
         dpipe, dalpha, dcv = M.ridge_cv(Xtr_hand, dtr[:, None], groups, ALPHAS, None, None)
         slope, icpt = np.polyfit(dtr, ytr, 1)  # per-gene linear fit on measured training depth
         preds["depth-proxy (image → log UMI → genes)"] = {
-            n: icpt[None] + slope[None] * dpipe.predict(hand[n], dalpha) for n in te_names
+            n: icpt[None] + slope[None] * dpipe.predict(feat[n], dalpha) for n in te_names
         }
         dr = {
-            n: float(pearson_per_gene(te[n]["depth"], dpipe.predict(hand[n], dalpha)[:, 0])[0])
+            n: float(pearson_per_gene(te[n]["depth"], dpipe.predict(feat[n], dalpha)[:, 0])[0])
             for n in te_names
         }
         timing["depth-proxy (image → log UMI → genes)"] = time.time() - t
@@ -353,9 +379,11 @@ def run(args) -> dict:
                 notes[key] = "skipped: " + row["note"]
                 continue
             t = time.time()
-            Xtr = np.concatenate([row["emb"][n] for n in tr_names])
+            emb = dict(row["emb"])
+            emb.update({n: SA.embed_tiles(row["model"], tiles[n], args.mpp) for n in degraded})
+            Xtr = np.concatenate([emb[n] for n in tr_names])
             epipe, ealpha, ecv = M.ridge_cv(Xtr, ytr, groups, ALPHAS, 256, gidx["hvg"])
-            preds[key] = {n: epipe.predict(row["emb"][n], ealpha) for n in te_names}
+            preds[key] = {n: epipe.predict(emb[n], ealpha) for n in te_names}
             timing[key] = time.time() - t + row["embed_s"]
             notes[key] = (
                 f"dim {Xtr.shape[1]} → PCA {min(256, Xtr.shape[1], len(Xtr) - 1)}, alpha {ealpha:.3g} "
@@ -372,7 +400,7 @@ def run(args) -> dict:
                     out = {}
                     for n in te_names:
                         p_, known, how = SA.predict_spots(
-                            row["model"], secs[n].patches, args.mpp, targets, tta=tta
+                            row["model"], tiles[n], args.mpp, targets, tta=tta
                         )
                         full = np.full((len(p_), len(targets)), np.nan)
                         full[:, [targets.index(g) for g in known]] = p_
@@ -402,10 +430,10 @@ def run(args) -> dict:
                 device=args.device,
                 log=log,
             )
-            preds[key] = {n: predict(secs[n].patches) for n in te_names}
+            preds[key] = {n: predict(tiles[n]) for n in te_names}
             timing[key] = time.time() - t
             if args.tta:  # the same test-time augmentation as our model's TTA row
-                preds[f"{key} + TTA"] = {n: M.dihedral_mean(predict, secs[n].patches) for n in te_names}
+                preds[f"{key} + TTA"] = {n: M.dihedral_mean(predict, tiles[n]) for n in te_names}
                 notes[f"{key} + TTA"] = "the same network, mean over the 8 rotations / mirror images of each tile"
             notes[key] = (
                 f"{rec['params_M']:.1f}M params, {rec['input_px']} px input ({args.tile} px tiles at "
@@ -420,6 +448,12 @@ def run(args) -> dict:
             rec = records.get(split)
             if rec is None:
                 continue
+            if rec.get("test_degrade", {}) != degraded:
+                raise ValueError(
+                    f"{path}: its {split} predictions were made on test tiles degraded as "
+                    f"{rec.get('test_degrade', {})}, this run degrades {degraded}; export the pack with the same "
+                    "--match-resolution and train again"
+                )
             key = f"{rec.get('arch', 'densenet121')} (scratch, {rec['input_px']} px, {rec['device']})"
             has_tta = all(f"{tag}__{n}__tta" in arrs for n in te_names)
             for k, suffix in [(key, "")] + ([(f"{key} + TTA", "__tta")] if has_tta else []):
@@ -466,6 +500,8 @@ def run(args) -> dict:
             "notes": notes,
             "timing_s": timing,
         }
+        if degraded:
+            split_res["test_degrade"] = degraded
         for meth, pm in preds.items():
             res = {}
             for label, secs_ in [*[(n, [n]) for n in te_names], (f"pooled {test_p}", te_names)]:
@@ -506,7 +542,13 @@ def _f(x, nd=3):
 
 def table_for_split(split: str, res: dict, n_hvg: int) -> str:
     lines = [
-        f"\n**Split {split}: train {', '.join(res['train'])} → test {', '.join(res['test'])}**\n",
+        f"\n**Split {split}: train {', '.join(res['train'])} → test {', '.join(res['test'])}**"
+        + (
+            f" (test tiles degraded to the training images' µm/px: {res['test_degrade']})"
+            if res.get("test_degrade")
+            else ""
+        )
+        + "\n",
         f"| method | test | spots | mean r ({n_hvg}) | median r | r>0 sig. (BH q<0.05) | mean partial r | "
         "mean r (top 50) | median r (top 50) | sig. (top 50) | mean partial r (top 50) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -562,7 +604,9 @@ def summary_for_split(split: str, res: dict) -> str:
     means = section_means(res)
     lines = [
         f"\n**{split}** (train {', '.join(res['train'])}; test {', '.join(res['test'])}; "
-        "mean over the test sections)\n",
+        "mean over the test sections"
+        + (f"; test tiles degraded to the training images' µm/px: {d}" if (d := res.get("test_degrade")) else "")
+        + ")\n",
         "| method | " + " | ".join(n for n, _, _ in KEY_METRICS) + " |",
         "|---|" + "---:|" * len(KEY_METRICS),
     ]
@@ -595,7 +639,14 @@ def write_report(args, results: dict, argv: list[str]) -> str:
         f"reader: {', '.join(results['reader'])}; "
         f"tiles: {', '.join(results['tiler'])}; {args.tile}-px tiles at {args.mpp} µm/px "
         f"({args.tile * args.mpp:.0f} µm field, spot = 100 µm disc at the centre)"
-        f"{'' if args.no_black_to_white else '; near-black (max channel < 16) pixels set to white'}.  ",
+        f"{'' if args.no_black_to_white else '; near-black (max channel < 16) pixels set to white'}"
+        + (
+            "; --match-resolution: where the test patient's images are sharper than the training patient's, every "
+            "method sees the test tiles degraded to the training images' µm/px"
+            if args.match_resolution
+            else ""
+        )
+        + ".  ",
         f"Genes: {results['genes']['hvg785_in_data']} of the 785 published genes (all measured in every section) "
         "and the 50 with the highest mean CP10k+log1p in the TRAINING patient. "
         "Normalisation CP10k + log1p over all genes.  ",

@@ -35,23 +35,11 @@ sys.path.insert(0, str(HERE))
 
 import _her2st_data as data  # noqa: E402
 import _squall_adapter as SA  # noqa: E402
+from _models import degrade  # noqa: E402
 
 from squall_sd.tl._evaluate import partial_pearson_per_gene, pearson_per_gene  # noqa: E402
 
 SECTIONS = ["A1", "A2", "C2", "C3", "C4", "C5", "C6"]
-
-
-def degrade(patches: np.ndarray, mpp: float, to_mpp: float) -> np.ndarray:
-    """Tiles (n, P, P, 3) uint8 at ``mpp`` as if read from an image of ``to_mpp`` µm/px (box down, bilinear up)."""
-    from PIL import Image
-
-    size = patches.shape[1]
-    small = max(1, round(size * mpp / to_mpp))
-    out = np.empty_like(patches)
-    for i, tile in enumerate(patches):
-        im = Image.fromarray(tile).resize((small, small), Image.Resampling.BOX)
-        out[i] = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR))
-    return out
 
 
 def shifted_tiles(sec: data.Section, dx_um: float, dy_um: float, mpp: float, size: int) -> np.ndarray:
@@ -59,6 +47,21 @@ def shifted_tiles(sec: data.Section, dx_um: float, dy_um: float, mpp: float, siz
     moved = dataclasses.replace(sec, centres_px=sec.centres_px + np.array([dx_um, dy_um]) / sec.image_mpp, patches=None)
     tiles = data._extract_tiles_package(moved, mpp, size, black_to_white=True)
     return tiles if tiles is not None else data.extract_tiles(moved, mpp, size, black_to_white=True)
+
+
+def section_scores(
+    sec: data.Section, pred: np.ndarray, known: list[str], hvg: list[str], top50: list[str]
+) -> list[float]:
+    """Mean r and partial r (log total UMI) over the ``hvg`` genes, then over the ``top50``, of a
+    section's spot predictions (columns ``known``) with its measured log1p(CP10k)."""
+    col = {g: i for i, g in enumerate(known)}
+    depth = np.log1p(sec.total_umi)
+    row = []
+    for genes in (hvg, top50):
+        sel = [g for g in genes if g in col]
+        y, p_ = data.normalised(sec, sel), pred[:, [col[g] for g in sel]]
+        row += [np.nanmean(pearson_per_gene(y, p_)), np.nanmean(partial_pearson_per_gene(y, p_, depth))]
+    return row
 
 
 def roles(model_dir: Path) -> dict[str, str]:
@@ -146,14 +149,7 @@ def main(argv=None) -> None:  # noqa: D103
         for s, patches, label, tta in runs:
             # one forward pass per section for both gene sets
             pred, known, _ = SA.predict_spots(model, patches, c.mpp, list(dict.fromkeys(hvg + top50)), tta=tta)
-            col = {g: i for i, g in enumerate(known)}
-            depth = np.log1p(secs[s].total_umi)
-            row = []
-            for genes in (hvg, top50):
-                sel = [g for g in genes if g in col]
-                y, p_ = data.normalised(secs[s], sel), pred[:, [col[g] for g in sel]]
-                row += [np.nanmean(pearson_per_gene(y, p_)), np.nanmean(partial_pearson_per_gene(y, p_, depth))]
-            cells = " | ".join(f"{v:.3f}" for v in row)
+            cells = " | ".join(f"{v:.3f}" for v in section_scores(secs[s], pred, known, hvg, top50))
             lines.append(f"| {label} | {role[s]} | {len(secs[s].counts)} | {cells} |")
         lines.append("")
         if args.shift_um:

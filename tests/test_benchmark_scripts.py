@@ -29,7 +29,7 @@ def test_cnn_job_tta_views_are_squalls():
     assert _models.DIHEDRAL == DIHEDRAL
 
 
-def _pack(tmp_path: Path) -> Path:
+def _pack(tmp_path: Path, test_degrade: dict | None = None) -> Path:
     rng = np.random.default_rng(0)
     n = {"A1": 6, "A2": 5, "C2": 7}
     tiles = rng.integers(0, 255, size=(sum(n.values()), 32, 32, 3), dtype=np.uint8)
@@ -39,7 +39,9 @@ def _pack(tmp_path: Path) -> Path:
         "n_per_section": list(n.values()),
         "splits": {"A→C": {"tag": "A2C", "train": ["A1", "A2"], "test": ["C2"], "targets": ["g0", "g1", "g2"]}},
     }
-    path = tmp_path / "pack.npz"
+    if test_degrade is not None:  # her2st_expression.py --match-resolution
+        meta["splits"]["A→C"].update(mpp=2.0, test_degrade=test_degrade)
+    path = tmp_path / f"pack{'_degraded' if test_degrade else ''}.npz"
     np.savez(path, blob=blob, lens=lens, meta=json.dumps(meta), ytr_A2C=rng.normal(size=(11, 3)).astype(np.float32))
     return path
 
@@ -100,3 +102,13 @@ def test_merge_runs_adds_rows_and_refuses_runs_that_differ():
     other["splits"]["A→C"]["test"] = ["C3"]
     with pytest.raises(SystemExit, match="another test"):
         seeds.merge_runs(base, other)
+
+
+def test_cnn_job_degrades_the_test_tiles_it_is_told_to(tmp_path):
+    args = ["--device", "cpu", "--arch", "resnet18", "--px", "32", "--epochs", "1", "--batch", "4"]
+    _cnn_job.main([str(_pack(tmp_path)), str(tmp_path / "sharp.npz"), *args])
+    _cnn_job.main([str(_pack(tmp_path, {"C2": 3.2})), str(tmp_path / "matched.npz"), *args])
+    sharp, matched = np.load(tmp_path / "sharp.npz"), np.load(tmp_path / "matched.npz")
+    assert json.loads(str(sharp["records"]))["A→C"]["test_degrade"] == {}
+    assert json.loads(str(matched["records"]))["A→C"]["test_degrade"] == {"C2": 3.2}
+    assert not np.allclose(sharp["A2C__C2"], matched["A2C__C2"])  # same network (seed), other test tiles
