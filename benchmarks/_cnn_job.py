@@ -48,6 +48,20 @@ def decode_tiles(blob: np.ndarray, lens: np.ndarray) -> np.ndarray:
     )
 
 
+def write_pack(path: Path, tiles: np.ndarray, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Write a pack for this job: every section's tiles in ``meta["sections"]`` order (JPEG q95),
+    ``meta`` (sections, tiles per section, splits) and the training targets ``ytr_<tag>``."""
+    blob, lens = encode_tiles(tiles)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, blob=blob, lens=lens, meta=json.dumps(meta), **arrays)
+
+
+def read_preds(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The per-split records and the prediction arrays (``<tag>__<section>[__tta]``) this job wrote."""
+    z = np.load(path, allow_pickle=False)
+    return json.loads(str(z["records"])), {k: z[k] for k in z.files if k != "records"}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("pack")

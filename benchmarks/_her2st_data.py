@@ -253,6 +253,12 @@ def cp10k_log1p(counts: np.ndarray) -> np.ndarray:
     return np.log1p(counts / np.maximum(tot, 1.0) * 1e4)
 
 
+def top_expressed(sections: dict[str, Section], names: list[str], genes, k: int = 50) -> list[str]:
+    """The ``k`` genes with the highest mean CP10k+log1p over the spots of sections ``names``."""
+    y = np.concatenate([normalised(sections[n], list(genes)) for n in names])
+    return [genes[i] for i in np.argsort(-y.mean(0), kind="stable")[:k]]
+
+
 def normalised(sec: Section, genes: list[str]) -> np.ndarray:
     """CP10k + log1p computed on ALL genes of the section, then restricted to ``genes``."""
     full = cp10k_log1p(sec.counts.to_numpy())

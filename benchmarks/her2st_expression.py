@@ -40,12 +40,14 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import _cnn_job  # noqa: E402
 import _her2st_data as data  # noqa: E402
 import _models as M  # noqa: E402
 import _squall_adapter as SA  # noqa: E402
 
 from squall_sd.tl._evaluate import bh_adjust, partial_pearson_per_gene, pearson_per_gene  # noqa: E402
 
+TTA_NOTE = "the same network, mean over the 8 rotations / mirror images of each tile"
 PATIENT_SECTIONS = {"A": ["A1", "A2"], "C": ["C2", "C3", "C4", "C5", "C6"]}
 SPLITS = {"C→A": ("C", "A"), "A→C": ("A", "C")}
 ALPHAS = np.logspace(-1, 6, 22)
@@ -260,19 +262,12 @@ def run(args) -> dict:
         "splits": {},
     }
     pack_arrays: dict[str, np.ndarray] = {}
-    cnn_preds = []
-    for path in args.cnn_preds:
-        z = np.load(path, allow_pickle=False)
-        cnn_preds.append(
-            (path, json.loads(str(z["records"])), {k: z[k] for k in z.files if k != "records"})
-        )
+    cnn_preds = [(path, *_cnn_job.read_preds(path)) for path in args.cnn_preds]
     for split in args.splits:
         train_p, test_p = SPLITS[split]
         tr_names, te_names = PATIENT_SECTIONS[train_p], PATIENT_SECTIONS[test_p]
         log(f"\n=== split {split}: train {tr_names} → test {te_names}")
-        # training-set top-50 by mean CP10k+log1p
-        ytr_common = np.concatenate([data.normalised(secs[n], list(common)) for n in tr_names])
-        top50 = [common[i] for i in np.argsort(-ytr_common.mean(0), kind="stable")[:50]]
+        top50 = data.top_expressed(secs, tr_names, common)  # training-set top-50 by mean CP10k+log1p
         targets = list(dict.fromkeys(hvg + top50))
         gidx = {
             "hvg": np.array([targets.index(g) for g in hvg]),
@@ -434,7 +429,7 @@ def run(args) -> dict:
             timing[key] = time.time() - t
             if args.tta:  # the same test-time augmentation as our model's TTA row
                 preds[f"{key} + TTA"] = {n: M.dihedral_mean(predict, tiles[n]) for n in te_names}
-                notes[f"{key} + TTA"] = "the same network, mean over the 8 rotations / mirror images of each tile"
+                notes[f"{key} + TTA"] = TTA_NOTE
             notes[key] = (
                 f"{rec['params_M']:.1f}M params, {rec['input_px']} px input ({args.tile} px tiles at "
                 f"{args.mpp} µm/px resized → {args.mpp * args.tile / rec['input_px']:.2f} µm/px), "
@@ -467,7 +462,7 @@ def run(args) -> dict:
                         )
                     preds[k][n] = a
             if has_tta:
-                notes[f"{key} + TTA"] = "the same network, mean over the 8 rotations / mirror images of each tile"
+                notes[f"{key} + TTA"] = TTA_NOTE
             timing[key] = rec["seconds"]
             notes[key] = (
                 f"{rec['params_M']:.1f}M params, {rec['input_px']} px input at "
@@ -520,11 +515,7 @@ def run(args) -> dict:
         log(table_for_split(split, split_res, len(hvg)))
 
     if args.cnn_export is not None:
-        import _cnn_job
-
-        blob, lens = _cnn_job.encode_tiles(np.concatenate([secs[n].patches for n in names]))
-        args.cnn_export.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.cnn_export, blob=blob, lens=lens, meta=json.dumps(pack), **pack_arrays)
+        _cnn_job.write_pack(args.cnn_export, np.concatenate([secs[n].patches for n in names]), pack, pack_arrays)
         log(
             f"pack for benchmarks/_cnn_job.py written to {args.cnn_export} "
             f"({args.cnn_export.stat().st_size / 1e6:.1f} MB)"

@@ -135,8 +135,7 @@ def main(argv=None) -> None:  # noqa: D103
         data.attach_tiles(secs, c.mpp, c.img_size, black_to_white=True, log=lambda *a: None)
         role = roles(model_dir)
         train = [s for s in SECTIONS if role[s] == "train"]
-        y_tr = np.concatenate([data.normalised(secs[s], list(common)) for s in train])
-        top50 = [common[i] for i in np.argsort(-y_tr.mean(0), kind="stable")[:50]]
+        top50 = data.top_expressed(secs, train, common)
         lines += [f"## `{model_dir}` (trained on {', '.join(train)})", "",
                   "| section | role | spots | r (785) | partial r (785) | r (top 50) | partial r (top 50) |",
                   "|---|---|---:|---:|---:|---:|---:|"]

@@ -32,6 +32,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import _cnn_job  # noqa: E402
 import _her2st_data as data  # noqa: E402
 import _models as M  # noqa: E402
 import _squall_adapter as SA  # noqa: E402
@@ -92,17 +93,13 @@ def run(args) -> tuple[list[str], dict]:
     data.attach_tiles(secs, MPP, TILE, black_to_white=True, log=lambda *a: None)
     common = reduce(lambda a, b: a.intersection(b), [s.counts.columns for s in secs.values()])
     hvg = [str(g) for g in np.load(args.root / "hvg785.npy", allow_pickle=True) if str(g) in common]
-    preds_in = []
-    for path in args.cnn_preds:
-        z = np.load(path, allow_pickle=False)
-        preds_in.append((json.loads(str(z["records"])), {k: z[k] for k in z.files if k != "records"}))
+    preds_in = [_cnn_job.read_preds(path) for path in args.cnn_preds]
     pack = {"sections": SECTIONS, "n_per_section": [len(secs[s].counts) for s in SECTIONS], "splits": {}}
     pack_arrays = {}
     lines, numbers = [], {}
     for split in args.splits:
         train, val, tag = VAL_SPLITS[split]
-        y_tr = np.concatenate([data.normalised(secs[s], list(common)) for s in train])
-        top50 = [common[i] for i in np.argsort(-y_tr.mean(0), kind="stable")[:50]]
+        top50 = data.top_expressed(secs, train, common)
         targets = list(dict.fromkeys(hvg + top50))
         ytr = np.concatenate([data.normalised(secs[s], targets) for s in train])
         pack["splits"][split] = {"tag": tag, "train": train, "test": val, "targets": targets}
@@ -177,11 +174,7 @@ def run(args) -> tuple[list[str], dict]:
         lines += [""] + [f"- {k}: {v}" for k, v in notes.items()] + [""]
         numbers[split] = rows
     if args.cnn_export is not None:
-        import _cnn_job
-
-        blob, lens = _cnn_job.encode_tiles(np.concatenate([secs[s].patches for s in SECTIONS]))
-        args.cnn_export.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.cnn_export, blob=blob, lens=lens, meta=json.dumps(pack), **pack_arrays)
+        _cnn_job.write_pack(args.cnn_export, np.concatenate([secs[s].patches for s in SECTIONS]), pack, pack_arrays)
         print(f"pack written to {args.cnn_export} ({args.cnn_export.stat().st_size / 1e6:.1f} MB)")
     return lines, numbers
 

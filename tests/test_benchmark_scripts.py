@@ -33,7 +33,6 @@ def _pack(tmp_path: Path, test_degrade: dict | None = None) -> Path:
     rng = np.random.default_rng(0)
     n = {"A1": 6, "A2": 5, "C2": 7}
     tiles = rng.integers(0, 255, size=(sum(n.values()), 32, 32, 3), dtype=np.uint8)
-    blob, lens = _cnn_job.encode_tiles(tiles)
     meta = {
         "sections": list(n),
         "n_per_section": list(n.values()),
@@ -42,7 +41,7 @@ def _pack(tmp_path: Path, test_degrade: dict | None = None) -> Path:
     if test_degrade is not None:  # her2st_expression.py --match-resolution
         meta["splits"]["A→C"].update(mpp=2.0, test_degrade=test_degrade)
     path = tmp_path / f"pack{'_degraded' if test_degrade else ''}.npz"
-    np.savez(path, blob=blob, lens=lens, meta=json.dumps(meta), ytr_A2C=rng.normal(size=(11, 3)).astype(np.float32))
+    _cnn_job.write_pack(path, tiles, meta, {"ytr_A2C": rng.normal(size=(11, 3)).astype(np.float32)})
     return path
 
 
@@ -67,11 +66,11 @@ def test_cnn_job_writes_predictions_tta_and_record(tmp_path):
             "--tta",
         ]
     )
-    z = np.load(out)
-    assert sorted(z.files) == ["A2C__C2", "A2C__C2__tta", "records"]
+    records, z = _cnn_job.read_preds(out)
+    assert sorted(z) == ["A2C__C2", "A2C__C2__tta"]
     assert z["A2C__C2"].shape == z["A2C__C2__tta"].shape == (7, 3)
     assert not np.allclose(z["A2C__C2"], z["A2C__C2__tta"])  # the mean over 8 views is another prediction
-    rec = json.loads(str(z["records"]))["A→C"]
+    rec = records["A→C"]
     assert (rec["arch"], rec["seed"], rec["input_px"], rec["epochs_run"]) == ("resnet18", 3, 32, 1)
 
 
