@@ -120,12 +120,11 @@ def run(args) -> tuple[list[str], dict]:
                     pred, known, _ = SA.predict_spots(model, secs[s].patches, MPP, targets, tta=tta)
                     rows[key][s] = section_scores(secs[s], pred, known, hvg, top50)
         tiles_tr = np.concatenate([secs[s].patches for s in train])
-        scored = {s: secs[s].patches for s in val}  # label -> tiles of a validation section
+        scored = {s: (secs[s], secs[s].patches) for s in val}  # row label -> (validation section, its tiles)
         if args.train_degrade_mpp:
             to = args.train_degrade_mpp
             tiles_tr = degrade(tiles_tr, MPP, to)
-            scored.update({f"{s} @ {to:g} µm/px": degrade(secs[s].patches, MPP, to) for s in val})
-        sec_of = {label: secs[label.split(" ")[0]] for label in scored}
+            scored.update({f"{s} @ {to:g} µm/px": (secs[s], degrade(secs[s].patches, MPP, to)) for s in val})
         for arch in args.cnn_arch:
             t = time.time()
             predict, rec = M.train_densenet(
@@ -135,11 +134,11 @@ def run(args) -> tuple[list[str], dict]:
             key = f"{arch} (scratch, seed {args.seed})" + (
                 f", trained at {args.train_degrade_mpp:g} µm/px" if args.train_degrade_mpp else ""
             )
-            rows[key] = {s: section_scores(sec_of[s], predict(t), targets, hvg, top50) for s, t in scored.items()}
+            rows[key] = {s: section_scores(sec, predict(t), targets, hvg, top50) for s, (sec, t) in scored.items()}
             if args.tta:
                 rows[key + " + TTA"] = {
-                    s: section_scores(sec_of[s], M.dihedral_mean(predict, t), targets, hvg, top50)
-                    for s, t in scored.items()
+                    s: section_scores(sec, M.dihedral_mean(predict, t), targets, hvg, top50)
+                    for s, (sec, t) in scored.items()
                 }
             notes[key] = (
                 f"{rec['params_M']:.2f}M params, {rec['epochs_run']} epochs, batch {rec['batch_size']}, AdamW lr "
