@@ -358,7 +358,10 @@ def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def degrade(patches: np.ndarray, mpp: float, to_mpp: float) -> np.ndarray:
-    """Tiles (n, P, P, 3) uint8 at ``mpp`` as if read from an image of ``to_mpp`` µm/px (box down, bilinear up)."""
+    """Tiles (n, P, P, 3) uint8 at ``mpp`` as if read from an image of ``to_mpp`` µm/px (box down, bilinear up).
+
+    ``squall_sd.pp.degrade_patches`` (channels first) written out for ``_cnn_job.py``, which runs where
+    squall_sd is not installed; a test checks that the two agree pixel for pixel."""
     size = patches.shape[1]
     small = max(1, round(size * mpp / to_mpp))
     out = np.empty_like(patches)

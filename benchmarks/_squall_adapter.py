@@ -34,6 +34,22 @@ def load_model(spec: str, seed: int = 0):
     return model
 
 
+def model_view(model, secs: dict, mpp: float) -> dict[str, np.ndarray]:
+    """Each section's (n, P, P, 3) tiles as ``model`` sees them: degraded to its
+    ``config.effective_mpp`` where the section's image is sharper (as ``tl.predict_expression`` and
+    training with ``data.effective_mpp`` do); the tiles themselves for a model without one."""
+    from squall_sd.pp import degrade_patches, is_sharper
+
+    eff = getattr(model.config, "effective_mpp", None)
+    out = {}
+    for n, s in secs.items():
+        if eff is not None and eff > mpp and is_sharper(s.image_mpp, eff):
+            out[n] = degrade_patches(s.patches.transpose(0, 3, 1, 2), mpp, eff).transpose(0, 2, 3, 1)
+        else:
+            out[n] = s.patches
+    return out
+
+
 @torch.no_grad()
 def embed_tiles(model, tiles: np.ndarray, mpp: float, batch: int = 64) -> np.ndarray:
     """Mean-pooled ``forward_rgb`` tokens per tile (the model's ``embed``)."""

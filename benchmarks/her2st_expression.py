@@ -237,9 +237,11 @@ def run(args) -> dict:
         try:
             model = SA.load_model(spec, seed=args.seed)
             t = time.time()
-            emb = {n: SA.embed_tiles(model, s.patches, args.mpp) for n, s in secs.items()}
+            own = SA.model_view(model, secs, args.mpp)
+            emb = {n: SA.embed_tiles(model, own[n], args.mpp) for n in secs}
             model_rows[key] = {
                 "model": model,
+                "tiles": own,
                 "emb": emb,
                 "embed_s": time.time() - t,
                 "note": "",
@@ -395,7 +397,7 @@ def run(args) -> dict:
                     out = {}
                     for n in te_names:
                         p_, known, how = SA.predict_spots(
-                            row["model"], tiles[n], args.mpp, targets, tta=tta
+                            row["model"], tiles[n] if n in degraded else row["tiles"][n], args.mpp, targets, tta=tta
                         )
                         full = np.full((len(p_), len(targets)), np.nan)
                         full[:, [targets.index(g) for g in known]] = p_

@@ -86,6 +86,7 @@ def shift_grids(model, secs: dict, sections: list[str], top50: list[str], shift_
         for i, dy in enumerate(steps):
             for j, dx in enumerate(steps):
                 tiles = shifted_tiles(secs[s], dx, dy, c.mpp, c.img_size)
+                tiles = SA.model_view(model, {s: dataclasses.replace(secs[s], patches=tiles)}, c.mpp)[s]
                 pred, known, _ = SA.predict_spots(model, tiles, c.mpp, top50)
                 col = {g: k for k, g in enumerate(known)}
                 sel = [g for g in top50 if g in col]
@@ -139,7 +140,8 @@ def main(argv=None) -> None:  # noqa: D103
         lines += [f"## `{model_dir}` (trained on {', '.join(train)})", "",
                   "| section | role | spots | r (785) | partial r (785) | r (top 50) | partial r (top 50) |",
                   "|---|---|---:|---:|---:|---:|---:|"]
-        runs = [(s, secs[s].patches, s, False) for s in args.sections]
+        own = SA.model_view(model, {s: secs[s] for s in args.sections}, c.mpp)  # degraded to its effective_mpp
+        runs = [(s, own[s], s, False) for s in args.sections]
         if args.degrade_mpp:
             runs += [(s, degrade(secs[s].patches, c.mpp, args.degrade_mpp), f"{s} @ {args.degrade_mpp:g} µm/px", False)
                      for s in args.sections if s.startswith("C")]  # A is ≈3.2 µm/px already

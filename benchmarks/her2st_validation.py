@@ -113,11 +113,12 @@ def run(args) -> tuple[list[str], dict]:
             if sections is not None and (sections["train"] != train or sections["val"] != val):
                 raise SystemExit(f"{model_dir} was trained on {sections}, not on {train} / validated on {val}")
             model = SA.load_model(str(model_dir))
+            own = SA.model_view(model, {s: secs[s] for s in val}, MPP)  # degraded to its effective_mpp
             for tta in (False, True) if args.tta else (False,):
                 key = f"squall head [{model_dir}]" + (" + TTA" if tta else "")
                 rows[key] = {}
                 for s in val:
-                    pred, known, _ = SA.predict_spots(model, secs[s].patches, MPP, targets, tta=tta)
+                    pred, known, _ = SA.predict_spots(model, own[s], MPP, targets, tta=tta)
                     rows[key][s] = section_scores(secs[s], pred, known, hvg, top50)
         tiles_tr = np.concatenate([secs[s].patches for s in train])
         scored = {s: (secs[s], secs[s].patches) for s in val}  # row label -> (validation section, its tiles)

@@ -29,6 +29,34 @@ def test_cnn_job_tta_views_are_squalls():
     assert _models.DIHEDRAL == DIHEDRAL
 
 
+def test_benchmark_degrade_is_squalls():
+    """The GPU job's ``_models.degrade`` (channels last, no squall_sd) is ``squall_sd.pp.degrade_patches``."""
+    from squall_sd.pp import degrade_patches
+
+    tiles = np.random.default_rng(0).integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8)
+    want = degrade_patches(tiles.transpose(0, 3, 1, 2), 2.0, 3.202).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(_models.degrade(tiles, 2.0, 3.202), want)
+
+
+def test_models_see_test_tiles_at_their_effective_mpp():
+    """``_squall_adapter.model_view``: the benchmark scores a model on tiles as tl.predict_expression cuts them."""
+    from types import SimpleNamespace
+
+    import _squall_adapter as SA
+
+    from squall_sd.pp import degrade_patches
+
+    tiles = np.random.default_rng(1).integers(0, 256, size=(2, 40, 40, 3), dtype=np.uint8)
+    secs = {"C2": SimpleNamespace(patches=tiles, image_mpp=0.69), "A1": SimpleNamespace(patches=tiles, image_mpp=3.18)}
+    soft = SimpleNamespace(config=SimpleNamespace(effective_mpp=3.202))
+    view = SA.model_view(soft, secs, 2.0)
+    assert view["A1"] is tiles  # A's scans are at the model's resolution already
+    want = degrade_patches(tiles.transpose(0, 3, 1, 2), 2.0, 3.202).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(view["C2"], want)
+    sharp = SimpleNamespace(config=SimpleNamespace(effective_mpp=None))
+    assert all(v is tiles for v in SA.model_view(sharp, secs, 2.0).values())
+
+
 def _pack(tmp_path: Path, test_degrade: dict | None = None) -> Path:
     rng = np.random.default_rng(0)
     n = {"A1": 6, "A2": 5, "C2": 7}

@@ -63,6 +63,15 @@ class SquallConfig:
         Probability that a token carries the RGB embedding in pretraining.
     mpp
         Default micrometres per pixel of the input tiles (the model's ``res`` input).
+    effective_mpp
+        The optical resolution the model was trained at, in µm per pixel, when it is coarser than
+        ``mpp`` (``None``: as sharp as ``mpp`` allows). A model trained on soft scans (e.g. her2st
+        copies at 3.2 µm/px read at 2 µm/px) sees sharper detail in a 0.5 µm/px scan read at the same
+        ``mpp``; with ``effective_mpp`` set, tiles cut from images sharper than it are degraded to
+        it (box-averaged to ``effective_mpp`` and bilinearly resampled back to ``mpp``,
+        :func:`squall_sd.pp.degrade_patches`) before the model sees them, in training
+        (``data.effective_mpp``) and in :func:`~squall_sd.tl.predict_expression` /
+        :func:`~squall_sd.tl.embed` alike.
     input_range
         Input normalisation contract: ``"0-1"`` means RGB divided by 255, no mean/std.
     init
@@ -104,6 +113,7 @@ class SquallConfig:
     drop_path_rate: float = 0.1
     mask_ratio: float = 0.5
     mpp: float = 0.5
+    effective_mpp: float | None = None
     input_range: Literal["0-1"] = "0-1"
     init: Literal["squall", "trunc_normal"] = "squall"
     stem: Literal["patchify", "conv"] = "patchify"
@@ -146,6 +156,14 @@ class SquallConfig:
             raise ValueError(
                 f"`merge_layer_depth` must lie in [0, depth={self.depth}], found {self.merge_layer_depth}."
             )
+        if self.effective_mpp is not None:
+            eff = float(self.effective_mpp)
+            if not eff > float(self.mpp):
+                raise ValueError(
+                    f"`effective_mpp` ({self.effective_mpp}) must be coarser than `mpp` ({self.mpp}) µm/px, "
+                    "or None for a model trained on images as sharp as `mpp`."
+                )
+            object.__setattr__(self, "effective_mpp", eff)
         if self.input_range != "0-1":
             raise ValueError(f"Only input_range='0-1' is supported, found {self.input_range!r}.")
         if self.stem not in ("patchify", "conv"):

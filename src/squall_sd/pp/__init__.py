@@ -18,6 +18,7 @@ from squall_sd.pp._rasterize import (
     region_weights,
 )
 from squall_sd.pp._register import register_spots
+from squall_sd.pp._resolution import degrade_patches, is_sharper
 from squall_sd.pp._spots import make_spots
 from squall_sd.pp._stain import estimate_white_point, he_stain_jitter, normalize_stain
 from squall_sd.pp._tissue import detect_tissue
@@ -29,11 +30,13 @@ __all__ = [
     "RegionGrid",
     "TileRegions",
     "align_genes",
+    "degrade_patches",
     "detect_tissue",
     "estimate_white_point",
     "extract_patches",
     "gene_index",
     "he_stain_jitter",
+    "is_sharper",
     "make_spots",
     "normalize_expression",
     "normalize_gene_name",

@@ -18,6 +18,7 @@ from spatialdata import SpatialData
 from squall_sd._docs import d
 from squall_sd._logging import logger
 from squall_sd._sdata import Level, check_positive, image_levels, is_axis_aligned, pick_level
+from squall_sd.pp._resolution import degrade_patches, is_sharper
 from squall_sd.pp._utils import centers_from
 
 #: Value of pixels outside the image (white, like an empty slide).
@@ -51,6 +52,10 @@ class PatchDataset:
         it and clipped (Visium white balance, see :func:`estimate_white_point`).
     transform
         Optional callable applied to each ``uint8`` patch before it is returned (augmentation).
+    effective_mpp
+        Optional optical resolution in µm/px (coarser than ``mpp``) that the patches should carry:
+        when the level read is sharper (:func:`~squall_sd.pp.is_sharper`), every patch is degraded to
+        it with :func:`~squall_sd.pp.degrade_patches` (before ``transform``). ``None``: as read.
     cache_mb
         Decoded chunks of the level are kept in a least-recently-used cache of at most this many
         megabytes, so each chunk is decoded about once however many patches overlap it (small JPEG /
@@ -72,6 +77,7 @@ class PatchDataset:
         mpp: float = 0.5,
         white_point: Sequence[float] | None = None,
         transform: Callable[[np.ndarray], Any] | None = None,
+        effective_mpp: float | None = None,
         cache_mb: float = 24.0,
     ) -> None:
         self.level = level
@@ -92,6 +98,11 @@ class PatchDataset:
                 )
             self.white_point = wp
         self.transform = transform
+        self.effective_mpp = None if effective_mpp is None else check_positive(effective_mpp, "effective_mpp")
+        #: µm/px every patch is degraded to (``effective_mpp`` when the level is sharper than it, else ``None``)
+        self.degrade_to = None
+        if is_sharper(level.mpp, self.effective_mpp) and self.effective_mpp > self.mpp:
+            self.degrade_to = self.effective_mpp
         self._inv = np.linalg.inv(level.affine)  # microns (x, y) -> level intrinsic (x, y)
         ratio = self.mpp / level.mpp
         #: integer block-average factor applied before the bilinear resampling (anti-aliasing).
@@ -123,7 +134,9 @@ class PatchDataset:
     def __repr__(self) -> str:
         return (
             f"PatchDataset(n={len(self)}, patch_px={self.patch_px}, mpp={self.mpp:g}, "
-            f"level={self.level.name!r} at {self.level.mpp:.4g} µm/px, block={self.block})"
+            f"level={self.level.name!r} at {self.level.mpp:.4g} µm/px, block={self.block}"
+            + ("" if self.degrade_to is None else f", degraded to {self.degrade_to:g} µm/px")
+            + ")"
         )
 
     # ------------------------------------------------------------------ batch access
@@ -256,6 +269,11 @@ class PatchDataset:
         return win, (x0, y0)
 
     def _resample(self, data: np.ndarray, x0: int, y0: int, cx: float, cy: float) -> np.ndarray:
+        """Cut the patch at ``(cx, cy)`` µm from the window ``data`` at pixel origin ``(x0, y0)``."""
+        patch = self._resample_window(data, x0, y0, cx, cy)
+        return patch if self.degrade_to is None else degrade_patches(patch, self.mpp, self.degrade_to)
+
+    def _resample_window(self, data: np.ndarray, x0: int, y0: int, cx: float, cy: float) -> np.ndarray:
         f = self.block
         data = np.asarray(data)
         # uint8 times float32 weights computes in float32: the same values as converting first
@@ -416,6 +434,7 @@ def extract_patches(  # noqa: D417 - parameters from squall_sd._docs
     scale: str | int | None = "auto",
     white_point: Sequence[float] | None = None,
     transform: Callable[[np.ndarray], Any] | None = None,
+    effective_mpp: float | None = None,
     cache_mb: float = 24.0,
 ) -> PatchDataset:
     """Return a lazy dataset of RGB patches of ``patch_px`` pixels at ``mpp`` µm/px around centres.
@@ -450,6 +469,10 @@ def extract_patches(  # noqa: D417 - parameters from squall_sd._docs
         balance); see :func:`estimate_white_point`.
     transform
         Optional callable applied to each patch in ``__getitem__`` (e.g. :func:`he_stain_jitter`).
+    effective_mpp
+        Optional µm/px the patches should look as if scanned at (a model's
+        :attr:`~squall_sd.models.SquallConfig.effective_mpp`): patches read from a level sharper than
+        it are degraded to it (:func:`degrade_patches`); ``None`` leaves them as read.
     cache_mb
         Keep decoded chunks of the chosen level in a least-recently-used cache of at most this many
         megabytes, so each chunk is decoded about once (a level of at most ``cache_mb`` is read
@@ -478,6 +501,7 @@ def extract_patches(  # noqa: D417 - parameters from squall_sd._docs
         mpp=mpp,
         white_point=white_point,
         transform=transform,
+        effective_mpp=effective_mpp,
         cache_mb=cache_mb,
     )
     logger.info("extract_patches: %r", ds)

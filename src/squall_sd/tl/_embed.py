@@ -267,7 +267,9 @@ def _embed_tiles(
     from squall_sd.pp import extract_patches
 
     cfg = model.config
-    patches = extract_patches(sdata, plan.centers, image_key=image_key, patch_px=cfg.img_size, mpp=mpp)
+    patches = extract_patches(
+        sdata, plan.centers, image_key=image_key, patch_px=cfg.img_size, mpp=mpp, effective_mpp=cfg.effective_mpp
+    )
     loader = make_loader(
         TileDataset(
             patches, shapes, plan, patch_px=cfg.img_size, mpp=mpp, grid=cfg.expr_size, region_grid=region_grid

@@ -78,7 +78,9 @@ def predict_tiles(
 
     cfg = model.config
     tile_um = cfg.img_size * mpp
-    patches = extract_patches(sdata, plan.centers, image_key=image_key, patch_px=cfg.img_size, mpp=mpp)
+    patches = extract_patches(
+        sdata, plan.centers, image_key=image_key, patch_px=cfg.img_size, mpp=mpp, effective_mpp=cfg.effective_mpp
+    )
     dataset = TileDataset(
         patches, shapes, plan, patch_px=cfg.img_size, mpp=mpp, grid=cfg.expr_size, region_grid=region_grid
     )

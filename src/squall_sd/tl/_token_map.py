@@ -78,7 +78,9 @@ def token_map(
     )
     canvas = Canvas((cfg.embed_dim, int(size[1]), int(size[0])), fill=0.0)
     count = np.zeros((int(size[1]), int(size[0])), dtype=np.float32)
-    patches = extract_patches(sdata, win_centers, image_key=image_key, patch_px=cfg.img_size, mpp=mpp)
+    patches = extract_patches(
+        sdata, win_centers, image_key=image_key, patch_px=cfg.img_size, mpp=mpp, effective_mpp=cfg.effective_mpp
+    )
     loader = make_loader(_Windows(patches), batch_size=batch_size, num_workers=num_workers, device=device,
                          collate=_collate_patches)
 

@@ -23,6 +23,9 @@ writes beside its checkpoints.
       shuffle_buffer: 512             # tiles; shuffling happens within this window
       max_tiles: null                 # use only the first N tiles (debugging / tests)
       in_memory: false                # read all shards into RAM once (small data, CPU training)
+      effective_mpp: null             # e.g. 3.2: degrade tiles of slides scanned sharper than this
+                                      # µm/px to it (train and val); written into the exported
+                                      # model, so inference does the same; null: the starting model's
       augment: {flips: true, rot90: true, stain_jitter: 0.0, color_jitter: 0.0, blur: 0.0}
     optim:
       lr: 1.0e-4
@@ -118,6 +121,7 @@ DEFAULTS: dict[str, Any] = {
         "max_tiles": None,
         "drop_last": True,
         "in_memory": False,
+        "effective_mpp": None,
         "augment": {"flips": True, "rot90": True, "stain_jitter": 0.0, "color_jitter": 0.0, "blur": 0.0},
     },
     "optim": {

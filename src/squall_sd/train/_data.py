@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from squall_sd._logging import logger
+from squall_sd.pp._resolution import degrade_patches, is_sharper
 from squall_sd.train._augment import augment_tile
 from squall_sd.train._shards import _Shard, read_manifest
 
@@ -66,6 +67,12 @@ class ShardDataset(IterableDataset):
         Read every shard fully into RAM on first use and keep it (instead of streaming tiles from
         disk with at most two shards open). Same samples, same order; for small datasets (e.g. a
         few sections) where decompressing tiles again every epoch dominates CPU training.
+    effective_mpp
+        Optional µm/px: tiles of slides scanned sharper than it (each slide's ``mpp_image`` in the
+        manifest, :func:`~squall_sd.pp.is_sharper`) are degraded to it with
+        :func:`~squall_sd.pp.degrade_patches` before augmentation, as
+        :func:`~squall_sd.tl.predict_expression` does for a model with that
+        :attr:`~squall_sd.models.SquallConfig.effective_mpp` (config key ``data.effective_mpp``).
 
     Notes
     -----
@@ -93,6 +100,7 @@ class ShardDataset(IterableDataset):
         world_size: int | None = None,
         tiles: Sequence[int] | None = None,
         in_memory: bool = False,
+        effective_mpp: float | None = None,
     ) -> None:
         super().__init__()
         if isinstance(sources, (str, os.PathLike)):
@@ -127,6 +135,18 @@ class ShardDataset(IterableDataset):
                 self.shard_slide_offset.append(off)
                 counts.append(int(sh["n_tiles"]))
         self.shard_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.effective_mpp = None if effective_mpp is None else float(effective_mpp)
+        #: per slide: degrade its tiles to ``effective_mpp`` (scanned sharper than it)
+        self.slide_degrade = np.zeros(len(self.slides), dtype=bool)
+        if self.effective_mpp is not None:
+            for k, sl in enumerate(self.slides):
+                if sl.get("mpp_image") is None:
+                    raise ValueError(
+                        f"Slide {sl.get('id')!r} of {sl['source']!r} does not record the µm/px of its image "
+                        "(`mpp_image`), so data.effective_mpp cannot tell whether to degrade its tiles; "
+                        "prepare it again with `squall prepare` (or set data.effective_mpp: null)."
+                    )
+                self.slide_degrade[k] = is_sharper(sl["mpp_image"], self.effective_mpp)
         n_all = int(self.shard_start[-1])
         self.tiles = None if tiles is None else np.asarray(tiles, dtype=np.int64)
         if self.tiles is not None and (
@@ -288,6 +308,8 @@ class ShardDataset(IterableDataset):
         }
         if "expr_dense" in g:
             sample["expr"] = np.asarray(g["expr_dense"][i]).astype(np.float32)
+        if self.slide_degrade[sample["slide"]] and self.effective_mpp > sample["res"]:
+            sample["rgb"] = degrade_patches(sample["rgb"], float(sample["res"]), self.effective_mpp)
         if augment and self.augment:
             rng = _rng(self.seed, self.epoch, index, 0xA06)
             sample = augment_tile(
@@ -462,7 +484,7 @@ class ShardDataModule(pl.LightningDataModule):
     cfg
         Resolved configuration (see :func:`squall_sd.train.load_config`); uses ``seed`` and
         ``data.{train, val, batch_size, num_workers, shuffle_buffer, augment, drop_last,
-        max_tiles, in_memory}``.
+        max_tiles, in_memory, effective_mpp}``.
 
     """
 
@@ -487,6 +509,7 @@ class ShardDataModule(pl.LightningDataModule):
             drop_last=bool(d["drop_last"]) if train else False,
             max_tiles=d["max_tiles"],
             in_memory=bool(d.get("in_memory", False)),
+            effective_mpp=d.get("effective_mpp"),
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -247,7 +247,27 @@ def _build_model(cfg: Mapping[str, Any], genes: list[str] | None) -> Any:
                 "The prepared data were made for a different gene vocabulary than the model's. Run "
                 "`squall prepare` with this model (model_config_or_name=<the model or its folder>)."
             )
+    _settle_effective_mpp(cfg, model)
     return model
+
+
+def _settle_effective_mpp(cfg: Any, model: Any) -> None:
+    """Give the run's tiles and the exported model one optical resolution.
+
+    ``data.effective_mpp``, when set, is written into the model's config (so inference degrades sharper
+    images the same way); unset, the run inherits the starting model's (a model trained on soft tiles
+    stays soft).
+    """
+    eff = cfg["data"].get("effective_mpp")
+    if eff is None:
+        cfg["data"]["effective_mpp"] = model.config.effective_mpp
+    elif model.config.effective_mpp != float(eff):
+        if model.config.effective_mpp is not None:
+            logger.warning(
+                "data.effective_mpp=%g replaces the starting model's effective_mpp=%g",
+                float(eff), model.config.effective_mpp,
+            )
+        model.config = model.config.replace(effective_mpp=float(eff))
 
 
 def monitor_mode(metric: str) -> str:
