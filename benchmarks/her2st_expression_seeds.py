@@ -48,12 +48,16 @@ def _same(a, b) -> bool:
 
 def merge_runs(base: dict, extra: dict, name: str = "extra") -> dict:
     """``base`` with the methods of ``extra`` added, split by split; the methods both hold must have the
-    same numbers (to 1e-9) and each split the same training and test sections and top-50 genes."""
+    same numbers (to 1e-9) and each split the same training and test sections and top-50 genes.
+    ``extra`` may hold only some of ``base``'s splits (a run of one split), but not one of its own."""
     out = json.loads(json.dumps(base))
+    unknown = sorted(set(extra["splits"]) - set(out["splits"]))
+    if unknown or not extra["splits"]:
+        raise SystemExit(f"{name}: splits {unknown or 'none'} are not in the run it is added to")
     for split, res in out["splits"].items():
         other = extra["splits"].get(split)
         if other is None:
-            raise SystemExit(f"{name}: has no split {split}")
+            continue
         for key in ("train", "test", "top50"):
             if res[key] != other[key]:
                 raise SystemExit(f"{name}: split {split} has another {key}: {other[key]} vs {res[key]}")

@@ -129,6 +129,14 @@ def test_merge_runs_adds_rows_and_refuses_runs_that_differ():
     other["splits"]["A→C"]["test"] = ["C3"]
     with pytest.raises(SystemExit, match="another test"):
         seeds.merge_runs(base, other)
+    # a run of one split joins a run of both; a split the base does not have is refused
+    both = copy.deepcopy(base)
+    both["splits"]["C→A"] = copy.deepcopy(base["splits"]["A→C"]) | {"train": ["C2"], "test": ["A1"]}
+    merged = seeds.merge_runs(both, extra)
+    assert "densenet121 (scratch, 112 px, cuda)" in merged["splits"]["A→C"]["methods"]
+    assert list(merged["splits"]["C→A"]["methods"]) == ["ridge-hand"]
+    with pytest.raises(SystemExit, match="not in the run"):
+        seeds.merge_runs(base, both)
 
 
 def test_cnn_job_degrades_the_test_tiles_it_is_told_to(tmp_path):
