@@ -25,8 +25,9 @@ DESCRIPTION = (
     "squall-tiny with a convolutional stem, pretrained by masked-token RGB reconstruction on the H&E of "
     "her2st C2-C5 and four mouse olfactory bulb sections, then trained on her2st patients A and C "
     "(Andersson et al. 2021) by spot-level expression regression on spot-centred 224 um tiles (112 px at "
-    "2 um/px), best epoch on a held-out section kept; the 848 output channels predict log1p(CP10k) of the "
-    "hvg785 + top-50 panel (fine-tuning head folded into fc2). See the model card README.md."
+    "2 um/px; tiles of scans sharper than 3.202 um/px degraded to it, effective_mpp), best epoch on a held-out "
+    "section kept; the 848 output channels predict log1p(CP10k) of the hvg785 + top-50 panel (fine-tuning "
+    "head folded into fc2). See the model card README.md."
 )
 
 

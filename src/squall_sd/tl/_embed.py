@@ -115,6 +115,8 @@ def embed(  # noqa: D417 - parameters from squall_sd._docs
         ``"region"`` or ``"tile"`` (see above).
     mpp
         µm per pixel of the tiles (default ``model.config.mpp``).
+        Tiles cut from an image sharper than the model's ``config.effective_mpp`` (when it has
+        one) are degraded to it first, as in the model's training (:func:`squall_sd.pp.degrade_patches`).
     layout
         Tile layout for ``pool="region"`` (see :func:`~squall_sd.tl.predict_expression`).
     token_map

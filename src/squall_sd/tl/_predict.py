@@ -122,6 +122,8 @@ def predict_expression(  # noqa: D417 - parameters from squall_sd._docs
         :class:`KeyError`.
     mpp
         µm per pixel of the tiles fed to the model; default ``model.config.mpp``.
+        Tiles cut from an image sharper than the model's ``config.effective_mpp`` (when it has
+        one) are degraded to it first, as in the model's training (:func:`squall_sd.pp.degrade_patches`).
     layout
         ``"auto"``, ``"tiles"`` or ``"shapes"`` (see above). Dense maps need ``"tiles"`` (forced).
     reduce
