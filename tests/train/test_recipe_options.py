@@ -235,3 +235,28 @@ def test_validation_pearson_per_section_and_collapsed_predictions():
         np.mean([np.mean([np.corrcoef(pred[slide == s, g], flat[slide == s, g])[0, 1] for g in range(1, 5)])
                  for s in (0, 1)]), abs=1e-12)
     assert section_pearson(pred[:2], target[:2], slide[:2]) is None
+
+
+def test_each_validation_section_has_its_own_curve(example_sdata, tmp_path):
+    """With several validation sections, val/pearson/<slide id> per section (their mean is val/pearson),
+    and early stopping / the best checkpoint can follow one of them."""
+    folders = [
+        train.prepare(example_sdata, tmp_path / sid, model_config_or_name="squall-tiny", slide_ids=[sid],
+                      tile_centers="spots", tiles_per_spot=1, min_tissue=0.0, **SPOT_MODEL)
+        for sid in ("s1", "s2")
+    ]
+    cfg = base_config(
+        folders[0],
+        tmp_path / "run",
+        model={"name": "squall-tiny", "overrides": {**SPOT_MODEL, "stem": "conv", "init": "trunc_normal"}},
+        data={"val": [str(f) for f in folders], "max_tiles": None, "batch_size": 8},
+        task={"type": "expression", "level": "spot", "standardize": "section"},
+        trainer={"max_steps": 2, "val_check_interval": 2, "early_stopping": {"monitor": "val/pearson/s2",
+                                                                              "patience": 3}},
+        checkpoint={"every_n_steps": 0, "best": "val/pearson/s2"},
+    )
+    result = train.finetune(cfg)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    per = [metrics["val/pearson/s1"], metrics["val/pearson/s2"]]
+    assert all(np.isfinite(per)) and metrics["val/pearson"] == pytest.approx(np.mean(per), abs=1e-6)
+    assert (result.run_dir / "checkpoints" / "best" / "model.safetensors").is_file()

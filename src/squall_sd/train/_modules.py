@@ -84,8 +84,14 @@ def section_pearson(pred: torch.Tensor, target: torch.Tensor, slide: torch.Tenso
     collapses to a constant output scores 0 rather than dropping out of the metric. ``None`` when no
     section has a gene to score.
     """
+    per = per_section_pearson(pred, target, slide)
+    return torch.stack(list(per.values())).mean() if per else None
+
+
+def per_section_pearson(pred: torch.Tensor, target: torch.Tensor, slide: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Section index -> its mean per-gene Pearson r (the terms :func:`section_pearson` averages)."""
     pred, target = pred.double(), target.double()
-    rs = []
+    rs = {}
     for sl in torch.unique(slide):
         at = slide == sl
         if int(at.sum()) < 3:
@@ -95,8 +101,8 @@ def section_pearson(pred: torch.Tensor, target: torch.Tensor, slide: torch.Tenso
         r = (p * t).sum(0) / (p.norm(dim=0) * t.norm(dim=0)).clamp_min(1e-12)
         ok = t.norm(dim=0) > 0
         if ok.any():
-            rs.append(r[ok].mean())
-    return torch.stack(rs).mean() if rs else None
+            rs[int(sl)] = r[ok].mean()
+    return rs
 
 
 class SquallModule(pl.LightningModule):
@@ -385,17 +391,35 @@ class ExpressionFinetuneModule(_FinetuneBase):
         """Log ``val/pearson``, the mean per-gene Pearson r within the validation sections.
 
         Per section, r over its spots for each gene, averaged over genes, then over sections: the
-        metric of the her2st benchmark, on validation data (:func:`section_pearson`).
+        metric of the her2st benchmark, on validation data (:func:`section_pearson`). With several
+        validation sections each one's r is also logged as ``val/pearson/<slide id>`` (one process;
+        usable as ``trainer.early_stopping.monitor`` or ``checkpoint.best``, e.g. to stop on one section
+        and watch the others).
         """
         outs = getattr(self, "_val_outputs", [])
         if not outs:
             return
-        value = section_pearson(
+        per = per_section_pearson(
             torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs])
         )
         self._val_outputs = []
-        if value is not None:
-            self.log("val/pearson", value.float().to(self.device), on_step=False, on_epoch=True, sync_dist=True)
+        if not per:
+            return
+        value = torch.stack(list(per.values())).mean()
+        self.log("val/pearson", value.float().to(self.device), on_step=False, on_epoch=True, sync_dist=True)
+        # one curve per validation section, val/pearson/<slide id> (e.g. val/pearson/C6), on one process:
+        # under DDP each rank holds other sections, and metrics logged by some ranks only cannot be synced
+        if len(per) > 1 and self.trainer.world_size == 1:
+            ids = self._val_slide_ids()
+            for sl, r in per.items():
+                name = ids[sl] if sl < len(ids) else str(sl)
+                self.log(f"val/pearson/{name}", r.float().to(self.device), on_step=False, on_epoch=True)
+
+    def _val_slide_ids(self) -> list[str]:
+        """Slide ids of the validation data, in the order of its ``slide`` field (empty if unknown)."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        ds = getattr(dm, "val_ds", None)
+        return [str(s.get("id", k)) for k, s in enumerate(ds.slides)] if ds is not None else []
 
     def losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # noqa: D102
         pred, target = self.predict_regions(batch)
