@@ -147,3 +147,12 @@ def test_cnn_job_degrades_the_test_tiles_it_is_told_to(tmp_path):
     assert json.loads(str(sharp["records"]))["A→C"]["test_degrade"] == {}
     assert json.loads(str(matched["records"]))["A→C"]["test_degrade"] == {"C2": 3.2}
     assert not np.allclose(sharp["A2C__C2"], matched["A2C__C2"])  # same network (seed), other test tiles
+
+
+def test_stopping_rules_replay_early_stopping():
+    import her2st_stopping_rules as rules
+
+    r = np.array([0.1, 0.3, 0.2, 0.25, 0.29, 0.5, 0.1])
+    assert rules.patience_pick(r, 3) == 1  # three epochs without beating 0.3: stops before the 0.5
+    assert rules.patience_pick(r, 4) == 5
+    np.testing.assert_allclose(rules.trailing_mean(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
