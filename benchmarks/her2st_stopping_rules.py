@@ -8,10 +8,10 @@ monitored validation section and C4–C6 as watched sections (``val/pearson/<sec
 by ``squall train`` when there are several validation sections), run for a fixed number of epochs
 without stopping, so that every rule can be replayed on the same curves:
 
+    D=data/her2st-spots112
     squall train finetune configs/her2st/spots_finetune_tiny.yaml --set run_dir=runs/stopsim/seed0 \
-        --set "data.train=[data/her2st-spots112/C2]" \
-        --set "data.val=[data/her2st-spots112/C3,data/her2st-spots112/C4,data/her2st-spots112/C5,data/her2st-spots112/C6]" \
-        --set task.genes=data/her2st-spots112/panel.txt --set model.init_from=runs/her2st-pretrain/C-ms/checkpoints/last \
+        --set "data.train=[$D/C2]" --set "data.val=[$D/C3,$D/C4,$D/C5,$D/C6]" --set task.genes=$D/panel.txt \
+        --set model.init_from=runs/her2st-pretrain/C-ms/checkpoints/last \
         --set seed=0 --set trainer.max_steps=-1 --set trainer.max_epochs=40 --set trainer.early_stopping=null \
         --set checkpoint.best=null
     python benchmarks/her2st_stopping_rules.py runs/stopsim/seed* --monitor C3 --watch C4 C5 C6
@@ -84,11 +84,15 @@ def main(argv=None) -> None:  # noqa: D103
         t = epoch_table(run)
         mon = t[f"val/pearson/{args.monitor}"].to_numpy()
         held = t[[f"val/pearson/{s}" for s in args.watch]].mean(axis=1).to_numpy()
-        for rule, pick in {**RULES, "oracle: best watched epoch (not a rule)": lambda m, h=held: int(np.argmax(h))}.items():
+        rules = {**RULES, "oracle: best watched epoch (not a rule)": lambda m, h=held: int(np.argmax(h))}
+        for rule, pick in rules.items():
             i = pick(mon)
-            rows.append({"rule": rule, "run": Path(run).name, "epoch": i + 1, "monitor r": mon[i], "watched r": held[i]})
+            rows.append(
+                {"rule": rule, "run": Path(run).name, "epoch": i + 1, "monitor r": mon[i], "watched r": held[i]}
+            )
     df = pd.DataFrame(rows)
-    print(f"Monitor {args.monitor}; watched {', '.join(args.watch)} (mean r at the kept epoch); {len(args.runs)} runs\n")
+    watched = ", ".join(args.watch)
+    print(f"Monitor {args.monitor}; watched {watched} (mean r at the kept epoch); {len(args.runs)} runs\n")
     print("| rule | epochs kept | monitor r | watched r, mean ± sd | per run |")
     print("|---|---|---:|---:|---|")
     for rule, d in df.groupby("rule", sort=False):
