@@ -21,6 +21,9 @@ Every ridge alpha is picked by leave-one-section-out CV inside the training pati
 ``--match-resolution`` scores every method on test tiles degraded to the training patient's image
 resolution where the test images are sharper (A→C: patient A's images are ≈3.2 µm/px copies, C's
 0.69 µm/px); ``her2st_validation.py --train-degrade-mpp 3.2`` measures on patient C alone why.
+Without it, each of our models still sees the tiles as ``tl.predict_expression`` would cut them for it:
+degraded to its ``config.effective_mpp`` where a section's image is sharper (``_squall_adapter.model_view``;
+the shipped recipe's 3.202), for its embeddings and its head; the baselines see the tiles as read.
 """
 
 from __future__ import annotations
