@@ -38,15 +38,17 @@ def model_view(model, secs: dict, mpp: float) -> dict[str, np.ndarray]:
     """Each section's (n, P, P, 3) tiles as ``model`` sees them: degraded to its
     ``config.effective_mpp`` where the section's image is sharper (as ``tl.predict_expression`` and
     training with ``data.effective_mpp`` do); the tiles themselves for a model without one."""
-    from squall_sd.pp import degrade_patches, is_sharper
+    from squall_sd.pp import degrade_patches
+    from squall_sd.pp._resolution import degrade_target
 
     eff = getattr(model.config, "effective_mpp", None)
     out = {}
     for n, s in secs.items():
-        if eff is not None and eff > mpp and is_sharper(s.image_mpp, eff):
-            out[n] = degrade_patches(s.patches.transpose(0, 3, 1, 2), mpp, eff).transpose(0, 2, 3, 1)
-        else:
+        to = degrade_target(s.image_mpp, mpp, eff)
+        if to is None:
             out[n] = s.patches
+        else:
+            out[n] = degrade_patches(s.patches.transpose(0, 3, 1, 2), mpp, to).transpose(0, 2, 3, 1)
     return out
 
 

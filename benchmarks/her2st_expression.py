@@ -379,8 +379,9 @@ def run(args) -> dict:
                 notes[key] = "skipped: " + row["note"]
                 continue
             t = time.time()
-            emb = dict(row["emb"])
-            emb.update({n: SA.embed_tiles(row["model"], tiles[n], args.mpp) for n in degraded})
+            # the tiles this model sees: its own view, or the split's --match-resolution tiles where degraded
+            seen = {**row["tiles"], **{n: tiles[n] for n in degraded}}
+            emb = {**row["emb"], **{n: SA.embed_tiles(row["model"], seen[n], args.mpp) for n in degraded}}
             Xtr = np.concatenate([emb[n] for n in tr_names])
             epipe, ealpha, ecv = M.ridge_cv(Xtr, ytr, groups, ALPHAS, 256, gidx["hvg"])
             preds[key] = {n: epipe.predict(emb[n], ealpha) for n in te_names}
@@ -400,7 +401,7 @@ def run(args) -> dict:
                     out = {}
                     for n in te_names:
                         p_, known, how = SA.predict_spots(
-                            row["model"], tiles[n] if n in degraded else row["tiles"][n], args.mpp, targets, tta=tta
+                            row["model"], seen[n], args.mpp, targets, tta=tta
                         )
                         full = np.full((len(p_), len(targets)), np.nan)
                         full[:, [targets.index(g) for g in known]] = p_

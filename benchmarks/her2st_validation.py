@@ -36,7 +36,7 @@ import _cnn_job  # noqa: E402
 import _her2st_data as data  # noqa: E402
 import _models as M  # noqa: E402
 import _squall_adapter as SA  # noqa: E402
-from her2st_training_fit import SECTIONS, degrade, section_scores  # noqa: E402
+from her2st_training_fit import SECTIONS, section_scores  # noqa: E402
 
 #: split -> (training sections, validation sections, pack tag): the recipe's C and A models
 VAL_SPLITS = {"C": (["C2", "C3", "C4", "C5"], ["C6"], "Cval"), "A": (["A1"], ["A2"], "Aval")}
@@ -124,8 +124,8 @@ def run(args) -> tuple[list[str], dict]:
         scored = {s: (secs[s], secs[s].patches) for s in val}  # row label -> (validation section, its tiles)
         if args.train_degrade_mpp:
             to = args.train_degrade_mpp
-            tiles_tr = degrade(tiles_tr, MPP, to)
-            scored.update({f"{s} @ {to:g} µm/px": (secs[s], degrade(secs[s].patches, MPP, to)) for s in val})
+            tiles_tr = M.degrade(tiles_tr, MPP, to)
+            scored.update({f"{s} @ {to:g} µm/px": (secs[s], M.degrade(secs[s].patches, MPP, to)) for s in val})
         for arch in args.cnn_arch:
             t = time.time()
             predict, rec = M.train_densenet(

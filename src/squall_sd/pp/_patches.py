@@ -18,7 +18,7 @@ from spatialdata import SpatialData
 from squall_sd._docs import d
 from squall_sd._logging import logger
 from squall_sd._sdata import Level, check_positive, image_levels, is_axis_aligned, pick_level
-from squall_sd.pp._resolution import degrade_patches, is_sharper
+from squall_sd.pp._resolution import degrade_patches, degrade_target
 from squall_sd.pp._utils import centers_from
 
 #: Value of pixels outside the image (white, like an empty slide).
@@ -100,9 +100,7 @@ class PatchDataset:
         self.transform = transform
         self.effective_mpp = None if effective_mpp is None else check_positive(effective_mpp, "effective_mpp")
         #: µm/px every patch is degraded to (``effective_mpp`` when the level is sharper than it, else ``None``)
-        self.degrade_to = None
-        if is_sharper(level.mpp, self.effective_mpp) and self.effective_mpp > self.mpp:
-            self.degrade_to = self.effective_mpp
+        self.degrade_to = degrade_target(level.mpp, self.mpp, self.effective_mpp)
         self._inv = np.linalg.inv(level.affine)  # microns (x, y) -> level intrinsic (x, y)
         ratio = self.mpp / level.mpp
         #: integer block-average factor applied before the bilinear resampling (anti-aliasing).

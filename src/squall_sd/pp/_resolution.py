@@ -6,7 +6,7 @@ import numpy as np
 
 from squall_sd._sdata import check_positive
 
-__all__ = ["degrade_patches", "is_sharper"]
+__all__ = ["degrade_patches", "degrade_target", "is_sharper"]
 
 #: Images within this relative margin of ``effective_mpp`` count as scanned at it: her2st's patient-A
 #: copies measure 3.18-3.20 µm/px, and re-blurring them by half a percent would only add resampling noise.
@@ -32,6 +32,17 @@ def is_sharper(image_mpp: float, effective_mpp: float | None) -> bool:
     if effective_mpp is None:
         return False
     return float(image_mpp) < float(effective_mpp) * (1.0 - SAME_RESOLUTION_RTOL)
+
+
+def degrade_target(image_mpp: float, mpp: float, effective_mpp: float | None) -> float | None:
+    """Return the µm/px to degrade tiles at ``mpp`` cut from an image of ``image_mpp`` to.
+
+    ``effective_mpp`` when the image is sharper than it (:func:`is_sharper`) and it is coarser than
+    ``mpp``; else ``None`` (the tiles are used as read).
+    """
+    if is_sharper(image_mpp, effective_mpp) and float(effective_mpp) > float(mpp):
+        return float(effective_mpp)
+    return None
 
 
 def degrade_patches(patches: np.ndarray, mpp: float, effective_mpp: float) -> np.ndarray:

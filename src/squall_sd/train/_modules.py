@@ -417,8 +417,7 @@ class ExpressionFinetuneModule(_FinetuneBase):
 
     def _val_slide_ids(self) -> list[str]:
         """Slide ids of the validation data, in the order of its ``slide`` field (empty if unknown)."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        ds = getattr(dm, "val_ds", None)
+        ds = getattr(self.trainer.datamodule, "val_ds", None)
         return [str(s.get("id", k)) for k, s in enumerate(ds.slides)] if ds is not None else []
 
     def losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # noqa: D102
