@@ -26,6 +26,9 @@ writes beside its checkpoints.
       effective_mpp: null             # e.g. 3.2: degrade tiles of slides scanned sharper than this
                                       # µm/px to it (train and val); written into the exported
                                       # model, so inference does the same; null: the starting model's
+      target_smoothing_um: null       # finetune expression: e.g. 100: train on each spot's values
+                                      # averaged with its neighbours' (Gaussian σ in µm); validation
+                                      # stays on the measured values
       augment: {flips: true, rot90: true, stain_jitter: 0.0, color_jitter: 0.0, blur: 0.0}
     optim:
       lr: 1.0e-4
@@ -122,6 +125,7 @@ DEFAULTS: dict[str, Any] = {
         "drop_last": True,
         "in_memory": False,
         "effective_mpp": None,
+        "target_smoothing_um": None,
         "augment": {"flips": True, "rot90": True, "stain_jitter": 0.0, "color_jitter": 0.0, "blur": 0.0},
     },
     "optim": {
@@ -314,6 +318,11 @@ def _validate(cfg: Mapping[str, Any]) -> None:
         )
     if task["outcome"] not in ("survival", "binary"):
         raise ValueError(f"task.outcome must be 'survival' or 'binary'; found {task['outcome']!r}.")
+    sm = data.get("target_smoothing_um")
+    if sm is not None and not (isinstance(sm, (int, float)) and not isinstance(sm, bool) and float(sm) > 0):
+        raise ValueError(
+            f"data.target_smoothing_um must be null or a positive σ in µm (e.g. 100); found {sm!r}."
+        )
     ema = cfg["optim"].get("ema_decay")
     if ema is not None and not (isinstance(ema, (int, float)) and 0.0 < float(ema) < 1.0):
         raise ValueError(

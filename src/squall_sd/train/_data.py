@@ -73,6 +73,12 @@ class ShardDataset(IterableDataset):
         :func:`~squall_sd.pp.degrade_patches` before augmentation, as
         :func:`~squall_sd.tl.predict_expression` does for a model with that
         :attr:`~squall_sd.models.SquallConfig.effective_mpp` (config key ``data.effective_mpp``).
+    target_smoothing_um
+        Optional Gaussian σ in µm: replace each spot's log1p(CP10k) by the weighted mean over the spots
+        of its slide within 3σ (weight ``exp(-d² / 2σ²)``, the spot itself weight 1), from the spot
+        centres stored in the shards (config key ``data.target_smoothing_um``; training targets only:
+        the module validates against the measured values). Low-count spot profiles are noisy, and
+        neighbouring spots share most of their tissue.
 
     Notes
     -----
@@ -101,6 +107,7 @@ class ShardDataset(IterableDataset):
         tiles: Sequence[int] | None = None,
         in_memory: bool = False,
         effective_mpp: float | None = None,
+        target_smoothing_um: float | None = None,
     ) -> None:
         super().__init__()
         if isinstance(sources, (str, os.PathLike)):
@@ -147,6 +154,15 @@ class ShardDataset(IterableDataset):
                         "prepare it again with `squall prepare` (or set data.effective_mpp: null)."
                     )
                 self.slide_degrade[k] = is_sharper(sl["mpp_image"], self.effective_mpp)
+        self.target_smoothing_um = None if target_smoothing_um is None else float(target_smoothing_um)
+        if self.target_smoothing_um is not None and not self.target_smoothing_um > 0:
+            raise ValueError(
+                f"target_smoothing_um must be a positive σ in µm (e.g. 100), found {target_smoothing_um!r}."
+            )
+        #: per shard: its spot table with smoothed values (``target_smoothing_um``), else read as stored
+        self._spot_tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = (
+            None if self.target_smoothing_um is None else self._smoothed_spot_tables(self.target_smoothing_um)
+        )
         n_all = int(self.shard_start[-1])
         self.tiles = None if tiles is None else np.asarray(tiles, dtype=np.int64)
         if self.tiles is not None and (
@@ -277,7 +293,7 @@ class ShardDataset(IterableDataset):
         local = np.full(cell_spot.shape, -1, dtype=np.int64)
         for k, u in enumerate(uniq):
             local[cell_spot == u] = k
-        indptr, indices, vals = sh.spots()
+        indptr, indices, vals = sh.spots() if self._spot_tables is None else self._spot_tables[s]
         rows_ptr = [0]
         rows_idx, rows_val = [], []
         for u in uniq:
@@ -323,11 +339,72 @@ class ShardDataset(IterableDataset):
             )
         return sample
 
+    def _smoothed_spot_tables(self, sigma_um: float) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Every shard's spot table (CSR) with each spot's values smoothed over its slide's spots."""
+        import scipy.sparse as sp
+        import zarr
+
+        groups = [zarr.open_group(p, mode="r") for p in self.shard_paths]
+        keys, centers, rows = [], [], []
+        for path, g, off in zip(self.shard_paths, groups, self.shard_slide_offset, strict=True):
+            if "spot_obs" not in g or "spot_center_um" not in g:
+                raise ValueError(
+                    f"Shard {str(path)!r} does not store its spots' positions (older format), so "
+                    "data.target_smoothing_um cannot find their neighbours; prepare it again with "
+                    "`squall prepare` (or set data.target_smoothing_um: null)."
+                )
+            indptr = np.asarray(g["spot_indptr"][:])
+            n_sp = len(indptr) - 1
+            keys.append(np.stack([np.asarray(g["spot_slide"][:]).astype(np.int64) + off,
+                                  np.asarray(g["spot_obs"][:]).astype(np.int64)], axis=1))
+            centers.append(np.asarray(g["spot_center_um"][:], dtype=np.float64).reshape(n_sp, 2))
+            rows.append(sp.csr_matrix(
+                (np.asarray(g["spot_log1p"][:], dtype=np.float64), np.asarray(g["spot_indices"][:]), indptr),
+                shape=(n_sp, len(self.genes)),
+            ))
+        all_keys = np.concatenate(keys) if keys else np.zeros((0, 2), np.int64)
+        # one row per spot of a slide (shards may repeat a spot: each holds the spots its tiles touch)
+        uniq, first, inverse = np.unique(all_keys, axis=0, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        x = sp.vstack(rows, format="csr")[first] if rows else sp.csr_matrix((0, len(self.genes)))
+        xy = np.concatenate(centers)[first] if centers else np.zeros((0, 2))
+        smoothed = sp.csr_matrix(x.shape, dtype=np.float64)
+        blocks = []
+        for slide in np.unique(uniq[:, 0]).tolist():
+            at = np.flatnonzero(uniq[:, 0] == slide)
+            blocks.append((at, _gaussian_weights(xy[at], sigma_um) @ x[at]))
+        if blocks:
+            order = np.concatenate([at for at, _ in blocks])
+            smoothed = sp.vstack([b for _, b in blocks], format="csr")[np.argsort(order)]
+        out, start = [], 0
+        for k in keys:
+            m = smoothed[inverse[start : start + len(k)]].tocsr()
+            m.sort_indices()
+            out.append((m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data.astype(np.float32)))
+            start += len(k)
+        logger.info("data: spot targets smoothed over neighbours (σ = %g µm, %d spots)", sigma_um, len(uniq))
+        return out
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         # zarr handles are reopened in each worker; in-memory shards already loaded travel along
         state["_open"] = OrderedDict(self._open) if self.in_memory else OrderedDict()
         return state
+
+
+def _gaussian_weights(xy: np.ndarray, sigma_um: float):
+    """Row-normalised sparse Gaussian weights between points ``xy`` (µm) within 3σ."""
+    import scipy.sparse as sp
+    from scipy.spatial import cKDTree
+
+    pairs = cKDTree(xy).query_pairs(3.0 * sigma_um, output_type="ndarray") if len(xy) else np.zeros((0, 2), int)
+    d2 = np.sum((xy[pairs[:, 0]] - xy[pairs[:, 1]]) ** 2, axis=1)
+    w = np.exp(-d2 / (2.0 * sigma_um**2))
+    n = len(xy)
+    i = np.concatenate([pairs[:, 0], pairs[:, 1], np.arange(n)])
+    j = np.concatenate([pairs[:, 1], pairs[:, 0], np.arange(n)])
+    mat = sp.csr_matrix((np.concatenate([w, w, np.ones(n)]), (i, j)), shape=(n, n))
+    return sp.diags(1.0 / np.asarray(mat.sum(axis=1)).reshape(-1)) @ mat
 
 
 def _buffer_shuffle(stream: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -484,7 +561,7 @@ class ShardDataModule(pl.LightningDataModule):
     cfg
         Resolved configuration (see :func:`squall_sd.train.load_config`); uses ``seed`` and
         ``data.{train, val, batch_size, num_workers, shuffle_buffer, augment, drop_last,
-        max_tiles, in_memory, effective_mpp}``.
+        max_tiles, in_memory, effective_mpp, target_smoothing_um}`` (the last for the training data only).
 
     """
 
@@ -510,6 +587,7 @@ class ShardDataModule(pl.LightningDataModule):
             max_tiles=d["max_tiles"],
             in_memory=bool(d.get("in_memory", False)),
             effective_mpp=d.get("effective_mpp"),
+            target_smoothing_um=d.get("target_smoothing_um") if train else None,
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -413,6 +413,15 @@ def _seed(cfg: Mapping[str, Any]) -> None:
     pl.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
 
 
+def _only_for_expression(cfg: Mapping[str, Any], phase: str) -> None:
+    """Refuse ``data.target_smoothing_um`` outside expression fine-tuning (it changes log1p targets)."""
+    if cfg["data"].get("target_smoothing_um") is not None:
+        raise ValueError(
+            f"data.target_smoothing_um smooths spot expression targets, which {phase} does not regress; "
+            "set it only for `squall train finetune` with task.type: expression (or set it to null)."
+        )
+
+
 def _data_genes(cfg: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
     src = cfg["data"]["train"]
     if src is None:
@@ -452,6 +461,7 @@ def pretrain_image(
 
     """
     cfg = load_config(config, overrides)
+    _only_for_expression(cfg, "pretrain_image")
     _seed(cfg)
     genes, _ = _data_genes(cfg)
     model = _build_model(cfg, genes)
@@ -483,6 +493,7 @@ def align(
 
     """
     cfg = load_config(config, overrides)
+    _only_for_expression(cfg, "align")
     _seed(cfg)
     genes, _ = _data_genes(cfg)
     model = _build_model(cfg, genes)
@@ -542,6 +553,8 @@ def finetune(
     genes, man = _data_genes(cfg)
     model = _build_model(cfg, genes)
     task = cfg["task"]
+    if task["type"] != "expression":
+        _only_for_expression(cfg, f"finetune with task.type: {task['type']}")
     if task["type"] == "expression":
         module: SquallModule = ExpressionFinetuneModule(model, cfg, _panel(task, model))
         return _fit(module, cfg, ShardDataModule(cfg), resume)
