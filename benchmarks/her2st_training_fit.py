@@ -147,11 +147,18 @@ def main(argv=None) -> None:  # noqa: D103
                      for s in args.sections if s.startswith("C")]  # A is ≈3.2 µm/px already
         if args.tta:
             runs += [(s, p, f"{label}, TTA", True) for s, p, label, _ in list(runs)]
+        fit = []  # the training sections as the model sees them (no TTA, no extra degradation)
         for s, patches, label, tta in runs:
             # one forward pass per section for both gene sets
             pred, known, _ = SA.predict_spots(model, patches, c.mpp, list(dict.fromkeys(hvg + top50)), tta=tta)
-            cells = " | ".join(f"{v:.3f}" for v in section_scores(secs[s], pred, known, hvg, top50))
+            scores = section_scores(secs[s], pred, known, hvg, top50)
+            cells = " | ".join(f"{v:.3f}" for v in scores)
             lines.append(f"| {label} | {role[s]} | {len(secs[s].counts)} | {cells} |")
+            if role[s] == "train" and label == s:
+                fit.append((len(secs[s].counts), scores))
+        if fit:
+            cells = " | ".join(f"{v:.3f}" for v in np.mean([sc for _, sc in fit], axis=0))
+            lines.append(f"| mean over training sections ({len(fit)}) | train | {sum(n for n, _ in fit)} | {cells} |")
         lines.append("")
         if args.shift_um:
             lines += shift_grids(model, secs, args.sections, top50, args.shift_um)
