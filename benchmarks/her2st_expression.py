@@ -48,6 +48,7 @@ import _her2st_data as data  # noqa: E402
 import _models as M  # noqa: E402
 import _squall_adapter as SA  # noqa: E402
 
+from squall_sd.pp._resolution import degrade_target  # noqa: E402
 from squall_sd.tl._evaluate import bh_adjust, partial_pearson_per_gene, pearson_per_gene  # noqa: E402
 
 TTA_NOTE = "the same network, mean over the 8 rotations / mirror images of each tile"
@@ -137,6 +138,15 @@ def parse_args(argv=None):
         help="score every method on test tiles degraded to the training patient's image µm/px where the test "
         "images are sharper (A→C: C's tiles as if read from A's ≈3.2 µm/px images; box down, bilinear up); the "
         "rule and its check on patient C alone: benchmarks/her2st_validation.py --train-degrade-mpp",
+    )
+    p.add_argument(
+        "--train-degrade-mpp",
+        type=float,
+        default=None,
+        metavar="MPP",
+        help="every baseline learns from training tiles degraded to MPP µm/px where the training image is sharper "
+        "(as a model trained with data.effective_mpp=MPP does; ridge features and CNNs alike; our models keep "
+        "their own view)",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
@@ -285,8 +295,6 @@ def run(args) -> dict:
             n: {"y": data.normalised(secs[n], targets), "depth": np.log1p(secs[n].total_umi)}
             for n in te_names
         }
-        Xtr_hand = np.concatenate([hand[n] for n in tr_names])
-        tiles_tr = np.concatenate([secs[n].patches for n in tr_names])
         # the test sections' tiles and hand-made features as every method sees them in this split
         tiles = {n: secs[n].patches for n in names}
         feat = dict(hand)
@@ -300,6 +308,19 @@ def run(args) -> dict:
                     feat[n] = M.hand_features(tiles[n], log=lambda *a: None)
             if degraded:
                 log(f"--match-resolution: test tiles of {sorted(degraded)} degraded to {train_mpp:.2f} µm/px")
+        train_degraded = {}  # training section -> the µm/px its tiles were degraded to (--train-degrade-mpp)
+        if args.train_degrade_mpp:
+            for n in tr_names:
+                to = degrade_target(secs[n].image_mpp, args.mpp, args.train_degrade_mpp)
+                if to is not None:
+                    train_degraded[n] = round(float(to), 3)
+                    tiles[n] = M.degrade(secs[n].patches, args.mpp, to)
+                    feat[n] = M.hand_features(tiles[n], log=lambda *a: None)
+            if train_degraded:
+                log(f"--train-degrade-mpp: training tiles of {sorted(train_degraded)} degraded to "
+                    f"{args.train_degrade_mpp:g} µm/px")
+        Xtr_hand = np.concatenate([feat[n] for n in tr_names])
+        tiles_tr = np.concatenate([tiles[n] for n in tr_names])
         preds: dict[str, dict[str, np.ndarray]] = {}
         notes: dict[str, str] = {}
         timing: dict[str, float] = {}
@@ -311,6 +332,7 @@ def run(args) -> dict:
             "targets": targets,
             "mpp": args.mpp,
             "test_degrade": degraded,
+            "train_degrade": train_degraded,
         }
         pack_arrays[f"ytr_{tag}"] = ytr.astype(np.float32)
 
@@ -503,6 +525,8 @@ def run(args) -> dict:
         }
         if degraded:
             split_res["test_degrade"] = degraded
+        if train_degraded:
+            split_res["train_degrade"] = train_degraded
         for meth, pm in preds.items():
             res = {}
             for label, secs_ in [*[(n, [n]) for n in te_names], (f"pooled {test_p}", te_names)]:
@@ -543,6 +567,11 @@ def table_for_split(split: str, res: dict, n_hvg: int) -> str:
         + (
             f" (test tiles degraded to the training images' µm/px: {res['test_degrade']})"
             if res.get("test_degrade")
+            else ""
+        )
+        + (
+            f" (the baselines' training tiles degraded to: {res['train_degrade']})"
+            if res.get("train_degrade")
             else ""
         )
         + "\n",
@@ -603,6 +632,7 @@ def summary_for_split(split: str, res: dict) -> str:
         f"\n**{split}** (train {', '.join(res['train'])}; test {', '.join(res['test'])}; "
         "mean over the test sections"
         + (f"; test tiles degraded to the training images' µm/px: {d}" if (d := res.get("test_degrade")) else "")
+        + (f"; the baselines' training tiles degraded to: {d}" if (d := res.get("train_degrade")) else "")
         + ")\n",
         "| method | " + " | ".join(n for n, _, _ in KEY_METRICS) + " |",
         "|---|" + "---:|" * len(KEY_METRICS),
@@ -641,6 +671,12 @@ def write_report(args, results: dict, argv: list[str]) -> str:
             "; --match-resolution: where the test patient's images are sharper than the training patient's, every "
             "method sees the test tiles degraded to the training images' µm/px"
             if args.match_resolution
+            else ""
+        )
+        + (
+            f"; --train-degrade-mpp {args.train_degrade_mpp:g}: every baseline learns from training tiles degraded "
+            "to it where the training image is sharper (our models keep their own view)"
+            if args.train_degrade_mpp
             else ""
         )
         + ".  ",
