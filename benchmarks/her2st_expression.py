@@ -192,6 +192,12 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------------- metrics
+def softened(patches: np.ndarray, mpp: float, to: float) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles at ``mpp`` as if read from a ``to`` µm/px image, and their hand-made features."""
+    tiles = M.degrade(patches, mpp, to)
+    return tiles, M.hand_features(tiles, log=lambda *a: None)
+
+
 def metrics(y: np.ndarray, pred: np.ndarray, depth: np.ndarray) -> dict:
     r, p = pearson_per_gene(y, pred, return_pvalue=True)
     q = bh_adjust(p)
@@ -295,7 +301,7 @@ def run(args) -> dict:
             n: {"y": data.normalised(secs[n], targets), "depth": np.log1p(secs[n].total_umi)}
             for n in te_names
         }
-        # the test sections' tiles and hand-made features as every method sees them in this split
+        # each section's tiles and hand-made features as the baselines see them in this split
         tiles = {n: secs[n].patches for n in names}
         feat = dict(hand)
         degraded = {}  # test section -> the µm/px its tiles were degraded to (--match-resolution)
@@ -304,8 +310,7 @@ def run(args) -> dict:
             for n in te_names:
                 if secs[n].image_mpp < train_mpp and train_mpp > args.mpp:
                     degraded[n] = round(float(train_mpp), 3)
-                    tiles[n] = M.degrade(secs[n].patches, args.mpp, degraded[n])
-                    feat[n] = M.hand_features(tiles[n], log=lambda *a: None)
+                    tiles[n], feat[n] = softened(secs[n].patches, args.mpp, degraded[n])
             if degraded:
                 log(f"--match-resolution: test tiles of {sorted(degraded)} degraded to {train_mpp:.2f} µm/px")
         train_degraded = {}  # training section -> the µm/px its tiles were degraded to (--train-degrade-mpp)
@@ -314,8 +319,7 @@ def run(args) -> dict:
                 to = degrade_target(secs[n].image_mpp, args.mpp, args.train_degrade_mpp)
                 if to is not None:
                     train_degraded[n] = round(float(to), 3)
-                    tiles[n] = M.degrade(secs[n].patches, args.mpp, to)
-                    feat[n] = M.hand_features(tiles[n], log=lambda *a: None)
+                    tiles[n], feat[n] = softened(secs[n].patches, args.mpp, to)
             if train_degraded:
                 log(f"--train-degrade-mpp: training tiles of {sorted(train_degraded)} degraded to "
                     f"{args.train_degrade_mpp:g} µm/px")

@@ -362,20 +362,17 @@ class ShardDataset(IterableDataset):
                 (np.asarray(g["spot_log1p"][:], dtype=np.float64), np.asarray(g["spot_indices"][:]), indptr),
                 shape=(n_sp, len(self.genes)),
             ))
-        all_keys = np.concatenate(keys) if keys else np.zeros((0, 2), np.int64)
-        # one row per spot of a slide (shards may repeat a spot: each holds the spots its tiles touch)
-        uniq, first, inverse = np.unique(all_keys, axis=0, return_index=True, return_inverse=True)
+        if not keys:
+            return []
+        # one row per spot of a slide (shards may repeat a spot: each holds the spots its tiles touch);
+        # np.unique sorts the (slide, obs) keys, so each slide's spots form one block of rows
+        uniq, first, inverse = np.unique(np.concatenate(keys), axis=0, return_index=True, return_inverse=True)
         inverse = inverse.reshape(-1)
-        x = sp.vstack(rows, format="csr")[first] if rows else sp.csr_matrix((0, len(self.genes)))
-        xy = np.concatenate(centers)[first] if centers else np.zeros((0, 2))
-        smoothed = sp.csr_matrix(x.shape, dtype=np.float64)
-        blocks = []
-        for slide in np.unique(uniq[:, 0]).tolist():
-            at = np.flatnonzero(uniq[:, 0] == slide)
-            blocks.append((at, _gaussian_weights(xy[at], sigma_um) @ x[at]))
-        if blocks:
-            order = np.concatenate([at for at, _ in blocks])
-            smoothed = sp.vstack([b for _, b in blocks], format="csr")[np.argsort(order)]
+        x = sp.vstack(rows, format="csr")[first]
+        xy = np.concatenate(centers)[first]
+        blocks = [_gaussian_weights(xy[uniq[:, 0] == slide], sigma_um) for slide in np.unique(uniq[:, 0])]
+        weights = sp.block_diag(blocks, format="csr") if blocks else sp.csr_matrix((0, 0))
+        smoothed = (weights @ x).tocsr()
         out, start = [], 0
         for k in keys:
             m = smoothed[inverse[start : start + len(k)]].tocsr()
