@@ -218,7 +218,9 @@ def attach_tiles(
         if sec.image_path is None:
             continue
         tiler = "pp" if sec.meta.get("sdata") is not None and _has_pp() else "direct"
-        key = cache_key([name], mpp, size, black_to_white, sec.meta.get("reader", "") + tiler)
+        # the spot centres are part of the key: a change of registration (A2's, 2026-12-03 and -05) cuts new tiles
+        centres = hashlib.sha1(np.round(np.asarray(sec.centres_px, dtype=float), 3).tobytes()).hexdigest()[:10]
+        key = cache_key([name], mpp, size, black_to_white, sec.meta.get("reader", "") + tiler + centres)
         path = CACHE / f"her2st_{name}_{mpp:g}mpp_{size}px_{key}.npz"
         if cache and path.exists():
             z = np.load(path, allow_pickle=False)

@@ -182,8 +182,8 @@ def her2st(
     register_spots
         Check that the spots sit on the tissue of the H&E and move them there when they clearly do
         not (:func:`squall_sd.pp.register_spots`). Of the sections with an image here only A2 moves:
-        its PNG copy is offset from its spot table by about (346, -512) µm (IoU of spots and tissue
-        0.51 → 0.74; A1 and C2–C6 stay as read, bit for bit).
+        its PNG copy is offset from its spot table by about (359, -499) µm and turned by 5° (IoU of
+        spots and tissue 0.51 → 0.76; A1 and C2–C6 stay as read, bit for bit).
 
     Returns
     -------
