@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import geopandas as gpd
@@ -134,7 +135,7 @@ def register_spots(
             return d
         return d @ (np.linalg.inv(lin) @ _rotation(angle) @ lin).T
 
-    def cells(scale: float, angle: float = 0.0) -> np.ndarray:
+    def cells(scale: float, angle: float) -> np.ndarray:
         m = np.zeros(canvas.shape, dtype=np.float32)
         p = centre_px + turned(angle) * scale + pad
         h = half * scale
@@ -144,7 +145,8 @@ def register_spots(
             m[max(a, 0) : max(b, 0), max(e, 0) : max(f, 0)] = 1.0
         return m
 
-    def iou_map(scale: float, angle: float = 0.0) -> np.ndarray:
+    @functools.cache  # the rotation search meets placements of the scale search again (angle 0)
+    def iou_map(scale: float, angle: float) -> np.ndarray:
         m = cells(scale, angle)
         # inter[dy, dx] = sum over pixels of cells(y, x) * tissue(y + dy, x + dx)
         full = signal.correlate(canvas, m, mode="full", method="fft")
@@ -158,7 +160,7 @@ def register_spots(
     # nearest to 0 first, so that a tie keeps the smaller rotation
     angles = sorted((rotation_step_deg * np.arange(-n_rot, n_rot + 1)).tolist(), key=lambda a: (abs(a), a))
     best = (-1.0, 1.0, 0, 0, 0.0)
-    before = float(iou_map(1.0)[max_shift, max_shift])
+    before = float(iou_map(1.0, 0.0)[max_shift, max_shift])
 
     def search(candidates: list[tuple[float, float]]) -> None:
         nonlocal best
