@@ -371,7 +371,7 @@ class ShardDataset(IterableDataset):
         x = sp.vstack(rows, format="csr")[first]
         xy = np.concatenate(centers)[first]
         blocks = [_gaussian_weights(xy[uniq[:, 0] == slide], sigma_um) for slide in np.unique(uniq[:, 0])]
-        weights = sp.block_diag(blocks, format="csr") if blocks else sp.csr_matrix((0, 0))
+        weights = sp.block_diag(blocks, format="csr")  # keys is not empty: at least one slide
         smoothed = (weights @ x).tocsr()
         out, start = [], 0
         for k in keys:
