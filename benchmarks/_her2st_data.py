@@ -196,9 +196,12 @@ def _has_pp() -> bool:
 
 
 def cache_key(
-    names: list[str], mpp: float, size: int, black_to_white: bool, extra: str = ""
+    names: list[str], mpp: float, size: int, black_to_white: bool, extra: str = "", centres=None
 ) -> str:
-    """Short hash of everything that determines a section's tiles."""
+    """Short hash of everything that determines a section's tiles (with ``centres``, the spot centres:
+    a change of registration, such as A2's, cuts new tiles)."""
+    if centres is not None:
+        extra += hashlib.sha1(np.round(np.asarray(centres, dtype=float), 3).tobytes()).hexdigest()[:10]
     payload = json.dumps([sorted(names), round(mpp, 4), size, black_to_white, extra, 3])  # 3: registered spots
     return hashlib.sha1(payload.encode()).hexdigest()[:10]
 
@@ -218,9 +221,7 @@ def attach_tiles(
         if sec.image_path is None:
             continue
         tiler = "pp" if sec.meta.get("sdata") is not None and _has_pp() else "direct"
-        # the spot centres are part of the key: a change of registration (A2's, 2026-12-03 and -05) cuts new tiles
-        centres = hashlib.sha1(np.round(np.asarray(sec.centres_px, dtype=float), 3).tobytes()).hexdigest()[:10]
-        key = cache_key([name], mpp, size, black_to_white, sec.meta.get("reader", "") + tiler + centres)
+        key = cache_key([name], mpp, size, black_to_white, sec.meta.get("reader", "") + tiler, centres=sec.centres_px)
         path = CACHE / f"her2st_{name}_{mpp:g}mpp_{size}px_{key}.npz"
         if cache and path.exists():
             z = np.load(path, allow_pickle=False)
