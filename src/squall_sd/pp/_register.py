@@ -181,7 +181,7 @@ def register_spots(
         if best[0] < flat[0] + min_rotation_gain:
             best = flat
     after, scale, dx, dy, angle = best
-    shift_um = affine[:2, :2] @ np.array([dx, dy], dtype=float)
+    shift_um = lin @ np.array([dx, dy], dtype=float)
     centre_um = xy_um.mean(0)
     rot = _rotation(angle)
 
